@@ -1,0 +1,111 @@
+"""The lab is real: replication, PgBouncer, read-only refusals, promotion, teardown."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import psycopg2
+import pytest
+
+from srht_readonly.ops import sql
+
+
+def _exec(dsn: str, statement: str, params: tuple = ()) -> list[tuple]:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(statement, params)
+        rows = cur.fetchall() if cur.description else []
+    conn.close()
+    return rows
+
+
+def test_write_on_primary_is_readable_on_standby_within_one_second(srht_lab):
+    _exec(srht_lab.primary.dsn, "CREATE TABLE IF NOT EXISTS lab_rep (v text)")
+    marker = f"m{time.monotonic_ns()}"
+    _exec(srht_lab.primary.dsn, "INSERT INTO lab_rep VALUES (%s)", (marker,))
+    written = time.monotonic()
+    while time.monotonic() - written < 1.0:
+        if _exec(srht_lab.standby.dsn, "SELECT 1 FROM lab_rep WHERE v = %s", (marker,)):
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the standby did not show the primary's write within 1 s")
+
+
+def test_write_through_pgbouncer_lands_on_primary(srht_lab):
+    (port,) = _exec(srht_lab.pgbouncer.dsn, "SELECT inet_server_port()")[0]
+    assert port == srht_lab.primary.port
+    _exec(srht_lab.pgbouncer.dsn, "CREATE TABLE IF NOT EXISTS lab_bouncer (v text)")
+    _exec(srht_lab.pgbouncer.dsn, "INSERT INTO lab_bouncer VALUES ('through-pgbouncer')")
+    assert _exec(srht_lab.primary.dsn, "SELECT count(*) FROM lab_bouncer WHERE v = 'through-pgbouncer'")[0][0] >= 1
+
+
+def test_pgbouncer_pools_in_transaction_mode(srht_lab):
+    assert srht_lab.pgbouncer.admin.config()["pool_mode"] == "transaction"
+
+
+def test_standby_refuses_writes_with_25006(srht_lab):
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction) as info:
+        _exec(srht_lab.standby.dsn, "CREATE TABLE refused (v int)")
+    assert info.value.pgcode == "25006"
+
+
+def test_readonly_db_fixture_refuses_writes_with_25006(srht_readonly_db):
+    with pytest.raises(psycopg2.Error) as info:
+        _exec(srht_readonly_db.dsn, "CREATE TABLE refused (v int)")
+    assert info.value.pgcode == "25006"
+    assert _exec(srht_readonly_db.dsn, "SELECT 1") == [(1,)]
+
+
+def test_promotion_makes_standby_writable_and_bumps_timeline(srht_fresh_lab):
+    lab = srht_fresh_lab
+    standby = lab.standby
+    before = sql.timeline(standby.admin_dsn)
+    promotion = lab.promote(standby)
+    assert promotion.timeline_before == before
+    assert promotion.timeline_after == before + 1
+    assert standby.role() == "primary"
+    _exec(standby.dsn, "CREATE TABLE after_promotion (v int)")
+    _exec(standby.dsn, "INSERT INTO after_promotion VALUES (1)")
+
+
+def test_pgbouncer_follows_a_repoint(srht_fresh_lab):
+    lab = srht_fresh_lab
+    new = lab.standby
+    lab.promote(new)
+    lab.pgbouncer.point_at(new)
+    assert _exec(lab.pgbouncer.dsn, "SELECT inet_server_port()")[0][0] == new.port
+
+
+def test_killed_primary_rejoins_as_standby_with_pg_rewind(srht_fresh_lab):
+    lab = srht_fresh_lab
+    old, new = lab.primary, lab.standby
+    _exec(old.dsn, "CREATE TABLE diverge (v int)")
+    old.kill()
+    assert old.role() == "down"
+    lab.promote(new)
+    _exec(new.dsn, "CREATE TABLE IF NOT EXISTS diverge (v int)")
+    _exec(new.dsn, "INSERT INTO diverge VALUES (42)")
+    lab.rejoin(old)
+    assert old.role() == "standby"
+    deadline = time.monotonic() + 5
+    while not _exec(old.dsn, "SELECT 1 FROM diverge WHERE v = 42"):
+        assert time.monotonic() < deadline, "the rejoined node did not replay the new primary's write"
+        time.sleep(0.05)
+
+
+def test_teardown_after_a_failing_test_leaves_nothing_running(pytester, tmp_path):
+    marker = tmp_path / "lab-dir"
+    pytester.makepyfile(
+        f"""
+        def test_fails(srht_fresh_lab):
+            open({str(marker)!r}, "w").write(str(srht_fresh_lab.directory))
+            assert False, "deliberate"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    directory = marker.read_text()
+    leftovers = subprocess.run(["pgrep", "-f", directory], capture_output=True, text=True).stdout
+    assert leftovers == "", f"processes left running from {directory}: {leftovers}"
+    assert not __import__("os").path.exists(directory)
