@@ -8,7 +8,8 @@ bootstrap:
 	VENV=$(VENV) ./scripts/bootstrap
 
 drill: bootstrap
-	$(VENV)/bin/srht-readonly lab demo
+	$(VENV)/bin/srht-readonly lab up
+	$(VENV)/bin/srht-readonly lab down
 
 test: bootstrap
 	$(VENV)/bin/ruff check .

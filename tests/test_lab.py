@@ -109,3 +109,22 @@ def test_teardown_after_a_failing_test_leaves_nothing_running(pytester, tmp_path
     leftovers = subprocess.run(["pgrep", "-f", directory], capture_output=True, text=True).stdout
     assert leftovers == "", f"processes left running from {directory}: {leftovers}"
     assert not __import__("os").path.exists(directory)
+
+
+def test_base_backup_reports_progress_to_its_callback(srht_lab, tmp_path):
+    from srht_readonly.ops import replication
+    from srht_readonly.ops.postgres import PostgresServer
+
+    target = PostgresServer(srht_lab.directory / "extra-backup", bin=srht_lab.bin, os_user=srht_lab.os_user)
+    seen: list[tuple[int, int]] = []
+    try:
+        replication.base_backup(target, srht_lab.replication_conninfo(srht_lab.primary) % "extra",
+                                progress=lambda done, total: seen.append((done, total)))
+        assert seen, "pg_basebackup reported no progress"
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        assert seen[-1][0] == seen[-1][1] > 0
+        assert (target.data / "PG_VERSION").exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(target.data, ignore_errors=True)

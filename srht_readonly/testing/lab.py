@@ -269,6 +269,7 @@ class Lab:
         say = progress or (lambda _msg: None)
         t0 = time.monotonic()
         self.hostos.make_dir(self.directory, owner=self.os_user, mode=0o755)
+        self._check_reachable()
         first, second = NODE_NAMES
         primary = self._add_node(first)
         say(f"initdb {first}")
@@ -293,6 +294,14 @@ class Lab:
         self.timings["total"] = time.monotonic() - t0
         self.save()
         logger.info("lab up in %.2f s: %s", self.timings["total"], self.describe())
+
+    def _check_reachable(self) -> None:
+        """The servers run as ``os_user``: every directory above ours must let it through."""
+        if self.hostos.run(["test", "-w", str(self.directory)], user=self.os_user, check=False).returncode:
+            raise OpsError(
+                f"the lab's OS user {self.os_user} cannot write {self.directory} (a parent directory is "
+                f"not searchable by it); choose a directory it can reach, e.g. under /tmp"
+            )
 
     def _add_node(self, name: str) -> LabNode:
         node = LabNode(self, name, free_port())
