@@ -1,0 +1,1 @@
+"""A stand-in of git.sr.ht: its schema, web front and SSH pipeline."""
