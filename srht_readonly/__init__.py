@@ -12,7 +12,22 @@ from __future__ import annotations
 import logging
 
 from ._root import SrhtReadOnlyError
+from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, ReadOnlyError, classify
+from .monitor import ReadOnlyMonitor
+from .policies import Deadline, abort_on_read_only, drop_on_read_only, retry_until_writable
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["SrhtReadOnlyError"]
+__all__ = [
+    "DatabaseUnavailable",
+    "Deadline",
+    "DeadlineExceeded",
+    "Failure",
+    "ReadOnlyError",
+    "ReadOnlyMonitor",
+    "SrhtReadOnlyError",
+    "abort_on_read_only",
+    "classify",
+    "drop_on_read_only",
+    "retry_until_writable",
+]

@@ -1,0 +1,224 @@
+"""The *retry* policy: block until the write succeeds, with exponential backoff and full jitter.
+
+Re-exported by :mod:`srht_readonly.policies`; see ``retry_until_writable`` there.
+
+The waits come from backoff's strategies (``backoff.expo`` and ``backoff.full_jitter`` by
+default, any backoff wait generator and jitter can be passed). The loop is ours, not
+``backoff.on_exception``: that decorator measures time with the wall clock from the start of
+each call, cannot share one deadline across calls, cannot cap a wait at the time left after a
+slow attempt, and cannot drive the body of a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypedDict, TypeVar
+
+import backoff
+
+from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, classify, mark_commit
+
+logger = logging.getLogger("srht_readonly.policies")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Deadline:
+    """A point in time (monotonic clock) by which writes must have succeeded.
+
+    Create one per unit of work (a build, say) and pass it to every ``retry_until_writable``
+    of that unit: they share the time left.
+    """
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if seconds < 0:
+            raise ValueError("a deadline needs a non-negative number of seconds")
+        self.seconds = float(seconds)
+        self.clock = clock
+        self.at = clock() + self.seconds
+
+    @classmethod
+    def of(cls, value: float | Deadline) -> Deadline:
+        """``value`` itself if it is a Deadline, else a new one ``value`` seconds from now."""
+        return value if isinstance(value, Deadline) else cls(value)
+
+    def remaining(self) -> float:
+        """Seconds left, never negative."""
+        return max(0.0, self.at - self.clock())
+
+    @property
+    def expired(self) -> bool:
+        """Whether the deadline has passed."""
+        return self.clock() >= self.at
+
+    def __repr__(self) -> str:
+        return f"<Deadline {self.seconds:g} s, {self.remaining():.3f} s left>"
+
+
+class RetryEvent(TypedDict):
+    """Handed to ``on_wait`` before each wait."""
+
+    attempt: int
+    wait: float
+    remaining: float
+    failure: Failure
+    exception: BaseException
+
+
+class Attempt:
+    """One try of a retried write; use it as ``with attempt:`` (see ``retry_until_writable``)."""
+
+    def __init__(self, policy: RetryPolicy, deadline: Deadline, number: int, started: float) -> None:
+        self.policy = policy
+        self.deadline = deadline
+        self.number = number
+        self.started = started
+        self.outcome: str | None = None  # None, "running", "ok", "retry"
+        self.failure: Failure | None = None
+        self.exception: BaseException | None = None
+
+    def __enter__(self) -> Attempt:
+        self.outcome = "running"
+        self.policy._rollback()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        session = self.policy.session
+        if exc is None:
+            if session is not None and self.policy.commit:
+                try:
+                    if hasattr(session, "flush"):
+                        session.flush()  # a lost connection here is a plain failure ...
+                except Exception as failed:
+                    return self._failed(failed, raised=False)
+                try:
+                    session.commit()  # ... but here nobody knows whether the write is saved
+                except Exception as failed:
+                    return self._failed(mark_commit(failed), raised=False)
+            self.outcome = "ok"
+            return False
+        if not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt, SystemExit: not ours to retry
+        return self._failed(exc, raised=True)
+
+    def _failed(self, exc: BaseException, *, raised: bool) -> bool:
+        policy = self.policy
+        failure = classify(exc)
+        if policy.monitor is not None and failure is not None:
+            policy.monitor.observe(exc)
+        self.failure, self.exception = failure, exc
+        if failure is None:
+            if raised:
+                return False
+            raise exc
+        if failure is Failure.COMMIT_UNKNOWN and not policy.idempotent:
+            raise DatabaseUnavailable(
+                "the database connection was lost during COMMIT, so this write may or may not "
+                "be saved; check before repeating it, or pass idempotent=True if repeating it "
+                "is harmless",
+                failure=failure,
+            ) from exc
+        # Release the failed transaction now: through PgBouncer it pins a server connection.
+        policy._rollback()
+        if self.deadline.expired:
+            waited = self.deadline.clock() - self.started
+            state = "read-only" if failure is Failure.READ_ONLY else "unreachable"
+            raise DeadlineExceeded(
+                f"the database stayed {state} until the deadline ({waited:.1f} s, "
+                f"{self.number} attempts), so the write was not saved; try again once it is "
+                "writable, or allow a longer deadline",
+                failure=failure, attempts=self.number, waited=waited,
+            ) from exc
+        self.outcome = "retry"
+        return True
+
+
+class RetryPolicy:
+    """What ``retry_until_writable`` returns: iterable of attempts, decorator, and ``.call``."""
+
+    def __init__(
+        self,
+        deadline: float | Deadline,
+        *,
+        idempotent: bool = False,
+        session: Any = None,
+        commit: bool = True,
+        monitor: Any = None,
+        on_wait: Callable[[RetryEvent], object] | None = None,
+        wait_gen: Callable[..., Any] = backoff.expo,
+        jitter: Callable[[float], float] | None = backoff.full_jitter,
+        factor: float = 0.1,
+        max_wait: float = 1.0,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        self.deadline = deadline
+        self.idempotent = idempotent
+        self.session = session
+        self.commit = commit
+        self.monitor = monitor
+        self.on_wait = on_wait
+        self.wait_gen = wait_gen
+        self.jitter = jitter
+        self.factor = factor
+        self.max_wait = max_wait
+        self.sleep = sleep
+
+    def _rollback(self) -> None:
+        if self.session is None:
+            return
+        try:
+            self.session.rollback()
+        except Exception as exc:  # a dead connection: the next try will say what is wrong
+            logger.debug("rollback before retrying failed: %s", exc)
+
+    def __iter__(self) -> Iterator[Attempt]:
+        deadline = Deadline.of(self.deadline)
+        waits = self.wait_gen(factor=self.factor, max_value=self.max_wait)
+        waits.send(None)  # backoff's generators start with a bare yield
+        started = deadline.clock()
+        number = 0
+        while True:
+            number += 1
+            attempt = Attempt(self, deadline, number, started)
+            yield attempt
+            if attempt.outcome in (None, "running"):
+                raise RuntimeError("use each attempt as `with attempt:` inside the loop")
+            if attempt.outcome == "ok":
+                return
+            assert attempt.failure is not None and attempt.exception is not None
+            value = min(float(next(waits)), self.max_wait)
+            if self.jitter is not None:
+                value = self.jitter(value)
+            wait = max(0.0, min(value, deadline.remaining()))
+            log = logger.info if number == 1 else logger.debug
+            log(
+                "database %s; retrying the write in %.2f s (attempt %d, %.1f s left)",
+                attempt.failure.value, wait, number, deadline.remaining(),
+            )
+            if self.on_wait is not None:
+                self.on_wait({
+                    "attempt": number, "wait": wait, "remaining": deadline.remaining(),
+                    "failure": attempt.failure, "exception": attempt.exception,
+                })
+            if wait > 0:
+                self.sleep(wait)
+
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` until it succeeds (or the policy gives up); its result."""
+        for attempt in self:
+            with attempt:
+                result = fn(*args, **kwargs)
+        return result
+
+    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]:
+        """Decorate ``fn`` so each call is retried; a deadline in seconds restarts per call."""
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return self.call(fn, *args, **kwargs)
+
+        return wrapper
