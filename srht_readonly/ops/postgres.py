@@ -216,13 +216,15 @@ def _unquote(value: str) -> str:
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
+    """Wait until ``pid`` has exited (a zombie waiting for its parent to reap it counts as gone)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        # Our own child would linger as a zombie; reap it if so.
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)  # our own child: reap it
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        if state == "Z":
+            return
         time.sleep(0.01)

@@ -1,0 +1,153 @@
+"""Numbered writes through PgBouncer, and the proof of which acknowledged ones survived.
+
+Each writer thread inserts ``(writer, seq)`` rows and remembers every one whose COMMIT was
+acknowledged, with the WAL position it was written at. After the scenario, ``verify`` reads the
+final primary: an acknowledged row that is missing is a **lost write**, reported with its LSN so
+the report can say why (typically: committed on the old primary after the last WAL the standby
+received before it was promoted). Readers run alongside, so read availability is measured too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+
+from ..ops import sql
+from .recorder import Outcome, Recorder
+
+TABLE = "drill_ledger"
+SERVICE = "database"
+
+
+@dataclass
+class LedgerResult:
+    """What ``verify`` found: acknowledged, present, lost (with LSNs), commit-unknown."""
+
+    acknowledged: int
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    commit_unknown: int = 0
+    unknown_applied: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"acknowledged": self.acknowledged, "lost": len(self.lost), "lost_writes": self.lost[:50],
+                "commit_unknown": self.commit_unknown, "commit_unknown_applied": self.unknown_applied}
+
+
+def prepare(primary_dsn: str) -> None:
+    """(Re)create the ledger table on the primary."""
+    sql.execute(primary_dsn, f"DROP TABLE IF EXISTS {TABLE}")
+    sql.execute(primary_dsn, f"CREATE TABLE {TABLE} (writer int, seq int, lsn pg_lsn, "
+                             "at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (writer, seq))")
+
+
+class Ledger:
+    """``writers`` writing and ``readers`` reading through ``dsn`` (PgBouncer) until ``stop()``."""
+
+    def __init__(self, dsn: str, recorder: Recorder, *, writers: int = 4, readers: int = 4,
+                 pause: float = 0.02, first_writer: int = 0) -> None:
+        self.dsn = dsn
+        self.recorder = recorder
+        self.pause = pause
+        self.acked: dict[tuple[int, int], str] = {}
+        self.unknown: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._write, args=(first_writer + i,), daemon=True,
+                                          name=f"ledger-writer-{i}") for i in range(writers)]
+        self._threads += [threading.Thread(target=self._read, args=(first_writer + i,), daemon=True,
+                                           name=f"ledger-reader-{i}") for i in range(readers)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _connect(self) -> psycopg2.extensions.connection | None:
+        try:
+            return psycopg2.connect(self.dsn, connect_timeout=2)
+        except psycopg2.Error:
+            return None
+
+    def _write(self, writer: int) -> None:
+        conn = None
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            started = time.monotonic()
+            committing = False
+            try:
+                conn = conn or psycopg2.connect(self.dsn, connect_timeout=2)
+                with conn.cursor() as cur:
+                    cur.execute(f"INSERT INTO {TABLE} (writer, seq, lsn) VALUES (%s, %s, "
+                                "pg_current_wal_insert_lsn()) RETURNING lsn::text", (writer, seq))
+                    (lsn,) = cur.fetchone()
+                committing = True
+                conn.commit()
+                with self._lock:
+                    self.acked[(writer, seq)] = lsn
+                self.recorder.record(SERVICE, "write", Outcome.OK, started=started, write=True)
+            except psycopg2.Error as exc:
+                if committing:
+                    with self._lock:
+                        self.unknown.add((writer, seq))
+                self.recorder.record(SERVICE, "write", _outcome(exc), started=started, write=True,
+                                     detail=_detail(exc))
+                conn = _discard(conn)
+                self._stop.wait(0.05)
+            self._stop.wait(self.pause)
+        _discard(conn)
+
+    def _read(self, writer: int) -> None:
+        conn = None
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                conn = conn or psycopg2.connect(self.dsn, connect_timeout=2)
+                with conn.cursor() as cur:
+                    cur.execute(f"SELECT max(seq) FROM {TABLE} WHERE writer = %s", (writer,))
+                    cur.fetchone()
+                conn.rollback()
+                self.recorder.record(SERVICE, "read", Outcome.OK, started=started)
+            except psycopg2.Error as exc:
+                self.recorder.record(SERVICE, "read", Outcome.ERROR, started=started, detail=_detail(exc))
+                conn = _discard(conn)
+                self._stop.wait(0.05)
+            self._stop.wait(self.pause)
+        _discard(conn)
+
+    def verify(self, primary_dsn: str) -> LedgerResult:
+        """Compare what was acknowledged with what the (new) primary holds."""
+        present = {(w, s) for w, s in sql.query(primary_dsn, f"SELECT writer, seq FROM {TABLE}")}
+        with self._lock:
+            acked = dict(self.acked)
+            unknown = set(self.unknown)
+        lost = [{"writer": w, "seq": s, "lsn": lsn} for (w, s), lsn in sorted(acked.items())
+                if (w, s) not in present]
+        return LedgerResult(len(acked), lost, len(unknown), len(unknown & present))
+
+
+def _outcome(exc: psycopg2.Error) -> Outcome:
+    # A read-only refusal is what a service built with srht-readonly turns into an explanation.
+    return Outcome.EXPLAINED if exc.pgcode == "25006" else Outcome.ERROR
+
+
+def _detail(exc: BaseException) -> str:
+    code = getattr(exc, "pgcode", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{code}: {first}" if code else first
+
+
+def _discard(conn: Any) -> None:
+    if conn is not None:
+        with contextlib.suppress(psycopg2.Error):
+            conn.close()
+    return None

@@ -1,0 +1,145 @@
+"""The drill's report: ``report.json`` and ``index.html`` with a timeline picture per scenario.
+
+The picture has one lane per service; each lane stacks, per time slice, how many operations went
+``ok`` (green), ``dropped`` (blue), ``explained`` (amber) and ``error`` (red), with the
+procedure's steps drawn as labelled vertical lines. Plain SVG, no script, no dependency.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from .recorder import Event, Mark, Outcome
+
+COLOURS = {Outcome.OK: "#3a9d5d", Outcome.DROPPED: "#5b8def", Outcome.EXPLAINED: "#f0a500", Outcome.ERROR: "#d64545"}
+ORDER = (Outcome.OK, Outcome.DROPPED, Outcome.EXPLAINED, Outcome.ERROR)
+
+
+def timeline(events: list[Event], *, slice_s: float = 0.25) -> dict[str, Any]:
+    """Events binned per service and slice: {"slice": s, "end": t, "lanes": {svc: [[ok, drop, expl, err]...]}}."""
+    end = max((e.t for e in events), default=0.0)
+    n = int(end / slice_s) + 1
+    lanes: dict[str, list[list[int]]] = {}
+    for e in events:
+        lane = lanes.setdefault(e.service, [[0, 0, 0, 0] for _ in range(n)])
+        lane[min(int(e.t / slice_s), n - 1)][ORDER.index(e.outcome)] += 1
+    return {"slice": slice_s, "end": end, "lanes": lanes}
+
+
+def svg_timeline(tl: dict[str, Any], marks: list[Mark], *, width: int = 960, lane_h: int = 56) -> str:
+    """The timeline as an SVG: a lane per service, stacked outcome bars, steps as lines."""
+    lanes: dict[str, list[list[int]]] = tl["lanes"]
+    left, top, bottom = 110, 18, 28
+    height = top + bottom + lane_h * max(len(lanes), 1)
+    plot_w = width - left - 10
+    end = max(tl["end"], max((m.t for m in marks), default=0.0), 1e-3)
+    x_of = plot_w / end
+    bar_w = max(tl["slice"] * x_of - 0.5, 0.8)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
+           f'role="img" font-family="sans-serif" font-size="11">']
+    for i, (service, bins) in enumerate(sorted(lanes.items())):
+        y0 = top + i * lane_h
+        peak = max((sum(b) for b in bins), default=1) or 1
+        out.append(f'<text x="{left - 8}" y="{y0 + lane_h / 2 + 4}" text-anchor="end">{html.escape(service)}</text>')
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y0 + lane_h - 4}" y2="{y0 + lane_h - 4}" '
+                   'stroke="#ccc"/>')
+        for j, counts in enumerate(bins):
+            x = left + j * tl["slice"] * x_of
+            y = y0 + lane_h - 4
+            for outcome, count in zip(ORDER, counts, strict=True):
+                if count:
+                    h = (lane_h - 10) * count / peak
+                    y -= h
+                    out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
+                               f'fill="{COLOURS[outcome]}"><title>{service} {outcome.value}: {count} '
+                               f'at {j * tl["slice"]:.2f} s</title></rect>')
+    for k, m in enumerate(marks):
+        x = left + m.t * x_of
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 4}" y2="{height - bottom + 4}" stroke="#333" '
+                   'stroke-dasharray="3,3"/>')
+        anchor = "end" if x > left + plot_w * 0.85 else "start"
+        out.append(f'<text x="{x + (-3 if anchor == "end" else 3):.1f}" y="{top - 6 + (k % 2) * 0}" '
+                   f'text-anchor="{anchor}" font-size="10">{html.escape(m.label)}</text>'
+                   if k % 2 == 0 else
+                   f'<text x="{x + (-3 if anchor == "end" else 3):.1f}" y="{height - bottom + 16}" '
+                   f'text-anchor="{anchor}" font-size="10">{html.escape(m.label)}</text>')
+    step = _tick_step(end)
+    t = 0.0
+    while t <= end:
+        x = left + t * x_of
+        out.append(f'<text x="{x:.1f}" y="{height - 4}" text-anchor="middle" fill="#777">{t:g} s</text>')
+        t += step
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _tick_step(end: float) -> float:
+    for step in (0.5, 1, 2, 5, 10, 15, 30, 60):
+        if end / step <= 12:
+            return step
+    return 120
+
+
+def write(report: dict[str, Any], directory: Path) -> Path:
+    """Write ``report.json`` and ``index.html`` into ``directory``; return the HTML's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    page = directory / "index.html"
+    page.write_text(render_html(report))
+    return page
+
+
+def render_html(report: dict[str, Any]) -> str:
+    cards = "\n".join(_card(s) for s in report["scenarios"])
+    verdict = "every expectation held" if report["passed"] else "some expectations failed"
+    legend = " ".join(f'<span class="key" style="background:{COLOURS[o]}"></span>{o.value}' for o in ORDER)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>srht-readonly drill</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1040px; margin: 2em auto; color: #222; }}
+.card {{ border: 1px solid #ddd; border-radius: 6px; padding: 1em 1.2em; margin: 1.2em 0; }}
+.pass {{ color: #2d7a47; }} .fail {{ color: #b83232; }}
+table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ padding: 2px 10px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+.key {{ display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 12px; }}
+ul {{ font-size: 14px; }} code {{ font-size: 12px; }}
+</style></head><body>
+<h1>srht-readonly drill: <span class="{'pass' if report['passed'] else 'fail'}">{verdict}</span></h1>
+<p>{html.escape(report.get('environment', ''))} &middot; load <b>{html.escape(str(report.get('load')))}</b>
+&middot; {report.get('seconds', 0):.0f} s in all. Legend: {legend}</p>
+{cards}
+</body></html>
+"""
+
+
+def _card(s: dict[str, Any]) -> str:
+    state = '<span class="pass">passed</span>' if s["passed"] else '<span class="fail">FAILED</span>'
+    expectations = "\n".join(
+        f'<li class="{"pass" if e["passed"] else "fail"}">{"&#10003;" if e["passed"] else "&#10007;"} '
+        f'{html.escape(e["text"])} <small>(observed: {html.escape(str(e["observed"]))})</small></li>'
+        for e in s["expectations"])
+    rows = "\n".join(
+        f"<tr><td>{html.escape(svc)}</td><td>{c.get('ok', 0)}</td><td>{c.get('dropped', 0)}</td>"
+        f"<td>{c.get('explained', 0)}</td><td>{c.get('error', 0)}</td>"
+        f"<td>{c.get('longest_write_gap', 0):.2f} s</td></tr>"
+        for svc, c in sorted(s["services"].items()))
+    marks = [Mark(m["t"], m["label"]) for m in s["steps"]]
+    lost = s.get("ledger", {}).get("lost_writes") or []
+    lost_html = ""
+    if lost:
+        lost_html = (f"<p><b>Acknowledged writes lost: {s['ledger']['lost']}</b>. "
+                     f"{html.escape(s.get('lost_because', ''))}</p><p><code>"
+                     + ", ".join(f"writer {w['writer']} #{w['seq']} @ {w['lsn']}" for w in lost[:20])
+                     + (" ..." if len(lost) > 20 else "") + "</code></p>")
+    return f"""<div class="card">
+<h2>{html.escape(s['title'])} &mdash; {state}</h2>
+<p>{html.escape(s.get('description', ''))}</p>
+{svg_timeline(s['timeline'], marks)}
+<ul>{expectations}</ul>
+<table><tr><th>service</th><th>ok</th><th>dropped</th><th>explained</th><th>error</th><th>longest write gap</th></tr>
+{rows}</table>
+{lost_html}
+</div>"""

@@ -1,0 +1,153 @@
+"""Run scenarios one by one under traffic, judge them, and build the report.
+
+The runner knows nothing of where the servers are: it gets ``Procedures`` (lab or inventory),
+the DSNs traffic goes through (the PgBouncers), and traffic sources for the services.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import ledger as ledger_mod
+from .recorder import Recorder
+from .report import timeline
+from .scenarios import BY_NAME, Expectation, Procedures, Scenario, Step, expectations
+
+logger = logging.getLogger(__name__)
+
+LOADS: dict[str, dict[str, Any]] = {
+    "typical": {"writers": 4, "readers": 4, "pause": 0.02},
+    "excessive": {"writers": 16, "readers": 16, "pause": 0.0},
+}
+
+
+class TrafficSource(Protocol):
+    """A service's traffic: started and stopped around each scenario, judged after it."""
+
+    name: str
+
+    def start(self, recorder: Recorder) -> None: ...
+    def stop(self) -> None: ...
+    def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]: ...
+
+
+@dataclass
+class Fleet:
+    """Where the drill acts and sends traffic."""
+
+    procedures: Procedures
+    traffic_dsns: Sequence[str]
+    admin_dsn: Callable[[str], str]
+
+
+Progress = Callable[[str, Recorder | None], None]
+
+
+def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str = "typical",
+                 sources: Sequence[TrafficSource] = (), progress: Progress | None = None) -> dict[str, Any]:
+    """Play one scenario under traffic; return its result (expectations, figures, timeline)."""
+    p = fleet.procedures
+    ledger_mod.prepare(fleet.admin_dsn(p.primary()))
+    recorder = Recorder()
+    settings = LOADS[load]
+    ledgers = [ledger_mod.Ledger(dsn, recorder, writers=max(1, settings["writers"] // len(fleet.traffic_dsns)),
+                                 readers=max(1, settings["readers"] // len(fleet.traffic_dsns)),
+                                 pause=settings["pause"], first_writer=100 * i)
+               for i, dsn in enumerate(fleet.traffic_dsns)]
+    step = Step(p, recorder, duration)
+    started = time.monotonic()
+    for lg in ledgers:
+        lg.start()
+    for src in sources:
+        src.start(recorder)
+    if progress:
+        progress(f"{scenario.name}: traffic started", recorder)
+    failure = None
+    try:
+        scenario.run(step)
+    except Exception as exc:  # the report must say what broke, and the next scenario must still run
+        logger.exception("scenario %s failed", scenario.name)
+        failure = f"{type(exc).__name__}: {exc}"
+        recorder.mark(f"aborted: {type(exc).__name__}")
+    finally:
+        for src in sources:
+            src.stop()
+        for lg in ledgers:
+            lg.stop()
+    result_ledger = _verify(ledgers, fleet, p)
+    checks = expectations(scenario, recorder, step.facts, result_ledger)
+    for src in sources:
+        checks += src.expectations(scenario.name, recorder, step.facts)
+    if failure:
+        checks.insert(0, Expectation("the procedure ran to the end", False, failure))
+    services: dict[str, dict[str, Any]] = {}
+    for svc, counts in recorder.counts().items():
+        services[svc] = {**counts, "longest_write_gap": round(recorder.longest_write_gap(svc), 3)}
+    lost_because = ""
+    if result_ledger.lost:
+        lost_because = ("Replication is asynchronous: these commits were acknowledged by the old primary "
+                        f"after the last WAL the standby had received ({step.facts.get('standby_received')}), "
+                        "so they died with it; pg_rewind removed them from its data directory when it rejoined.")
+    return {
+        "name": scenario.name,
+        "title": scenario.title,
+        "description": scenario.description,
+        "passed": all(c.passed for c in checks),
+        "seconds": round(time.monotonic() - started, 2),
+        "expectations": [c.as_dict() for c in checks],
+        "services": services,
+        "write_unavailability": round(recorder.longest_write_gap("database"), 3),
+        "ledger": result_ledger.as_dict(),
+        "lost_because": lost_because,
+        "facts": _plain(step.facts),
+        "steps": [{"t": round(m.t, 3), "label": m.label} for m in recorder.marks],
+        "timeline": timeline(recorder.events),
+    }
+
+
+def _verify(ledgers: Sequence[ledger_mod.Ledger], fleet: Fleet, p: Procedures) -> ledger_mod.LedgerResult:
+    total = ledger_mod.LedgerResult(0)
+    dsn = fleet.admin_dsn(p.primary())
+    for lg in ledgers:
+        r = lg.verify(dsn)
+        total.acknowledged += r.acknowledged
+        total.lost += r.lost
+        total.commit_unknown += r.commit_unknown
+        total.unknown_applied += r.unknown_applied
+    return total
+
+
+def run(fleet: Fleet, names: Sequence[str], *, duration: float, load: str = "typical",
+        sources: Sequence[TrafficSource] = (), progress: Progress | None = None,
+        environment: str = "") -> dict[str, Any]:
+    """Play the named scenarios one by one; the whole report as a dict."""
+    started = time.monotonic()
+    results = []
+    for name in names:
+        scenario = BY_NAME[name]
+        if progress:
+            progress(f"scenario {scenario.name}: {scenario.title}", None)
+        results.append(run_scenario(fleet, scenario, duration=duration, load=load, sources=sources,
+                                    progress=progress))
+    return {
+        "passed": all(r["passed"] for r in results),
+        "load": load,
+        "duration": duration,
+        "environment": environment,
+        "seconds": round(time.monotonic() - started, 1),
+        "scenarios": results,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return str(value)
