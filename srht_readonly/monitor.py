@@ -202,7 +202,7 @@ class ReadOnlyMonitor:
     def remove_listener(self, listener: Callable[[MonitorEvent], object]) -> None:
         """Stop calling ``listener``."""
         with self._lock:
-            self._listeners = tuple(fn for fn in self._listeners if fn is not listener)
+            self._listeners = tuple(fn for fn in self._listeners if fn != listener)
 
     # -- internals -----------------------------------------------------------------------
 

@@ -1,0 +1,464 @@
+"""ReadOnlyMonitor: state logic with a fake clock, then the promises on the lab's real servers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from srht_readonly import Failure, ReadOnlyMonitor
+from srht_readonly.monitor import ANNOUNCE_ENV, Announcement
+from srht_readonly.sqlalchemy import instrument
+
+
+class Pg2Error(Exception):
+    def __init__(self, message: str, pgcode: str | None = None) -> None:
+        super().__init__(message)
+        self.pgcode = pgcode
+
+
+READ_ONLY = Pg2Error("cannot execute INSERT in a read-only transaction", "25006")
+LOST = Pg2Error("server closed the connection unexpectedly")
+
+
+class Clock:
+    """Monotonic and wall clocks that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.wall = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.wall += seconds
+
+
+class Probe:
+    """A probe whose answer the test sets; records when it was asked."""
+
+    def __init__(self, clock: Clock, answer: bool | Exception = False) -> None:
+        self.clock = clock
+        self.answer = answer
+        self.calls: list[float] = []
+
+    def __call__(self) -> bool:
+        self.calls.append(self.clock.now)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def make(clock: Clock, probe: Any = None, **options: Any) -> ReadOnlyMonitor:
+    options.setdefault("announce_file", None)
+    return ReadOnlyMonitor(probe=probe, clock=clock, wall_clock=lambda: clock.wall, **options)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_reads_while_writable_never_probe(clock):
+    probe = Probe(clock)
+    monitor = make(clock, probe)
+    for _ in range(10_000):
+        assert monitor.read_only is False
+        clock.advance(0.01)
+    assert probe.calls == []
+
+
+def test_read_only_failure_flips_at_once_and_is_logged_and_told_once(clock, caplog):
+    monitor = make(clock, Probe(clock, answer=True))
+    events = []
+    monitor.add_listener(events.append)
+    caplog.set_level(logging.INFO, logger="srht_readonly")
+    for _ in range(100):
+        assert monitor.observe(READ_ONLY) is Failure.READ_ONLY
+        assert monitor.read_only is True
+    assert [e["event"] for e in events] == ["read-only"]
+    assert events[0]["reason"] == "error" and events[0]["failure"] is Failure.READ_ONLY
+    assert "read-only transaction" in events[0]["detail"]
+    assert len([r for r in caplog.records if "read-only" in r.getMessage()]) == 1
+    assert monitor.state.reason == "error"
+
+
+def test_read_only_reprobes_at_most_once_per_recheck_interval_with_jitter(clock):
+    random.seed(3)
+    probe = Probe(clock, answer=True)
+    monitor = make(clock, probe, recheck=2.0, jitter=0.25)
+    monitor.observe(READ_ONLY)
+    flipped = clock.now
+    for _ in range(3000):
+        assert monitor.read_only is True
+        clock.advance(0.01)
+    times = [flipped, *probe.calls]
+    gaps = [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
+    assert len(gaps) >= 14
+    assert all(1.5 - 0.011 <= gap <= 2.0 + 0.011 for gap in gaps), gaps
+    assert len(set(gaps)) > 3  # jitter: processes do not probe in lockstep
+
+
+def test_turns_writable_by_itself_when_a_probe_says_so(clock):
+    probe = Probe(clock, answer=True)
+    monitor = make(clock, probe, recheck=1.0)
+    events = []
+    monitor.add_listener(events.append)
+    monitor.observe(READ_ONLY)
+    clock.advance(1.0)
+    assert monitor.read_only is True
+    probe.answer = False
+    clock.advance(1.0)
+    assert monitor.read_only is False
+    assert monitor.state.reason == "probe"
+    assert [e["event"] for e in events] == ["read-only", "writable"]
+    calls = len(probe.calls)
+    for _ in range(1000):
+        monitor.read_only  # noqa: B018 - the read is the behaviour under test
+        clock.advance(0.1)
+    assert len(probe.calls) == calls
+
+
+def test_lost_connection_makes_the_next_read_probe_once(clock):
+    probe = Probe(clock, answer=False)
+    monitor = make(clock, probe)
+    assert monitor.observe(LOST) is Failure.UNAVAILABLE
+    assert monitor.read_only is False
+    assert monitor.read_only is False
+    assert len(probe.calls) == 1
+    probe.answer = Pg2Error('connection to server at "127.0.0.1" failed: Connection refused')
+    monitor.observe(LOST)
+    assert monitor.read_only is True
+    assert monitor.state.reason == "probe"
+    assert monitor.state.detail.startswith("database unreachable")
+    assert monitor.state.failure is Failure.UNAVAILABLE
+
+
+def test_a_probe_answer_older_than_an_observed_failure_is_ignored(clock):
+    monitor: ReadOnlyMonitor
+
+    def probe() -> bool:
+        monitor.observe(READ_ONLY)  # another thread saw a refusal while this probe ran
+        return False
+
+    monitor = make(clock, probe)
+    monitor.observe(LOST)
+    assert monitor.read_only is True
+    assert monitor.state.reason == "error"
+
+
+def test_one_prober_at_a_time_others_get_the_cached_answer():
+    release = threading.Event()
+    calls = []
+
+    def slow_probe() -> bool:
+        calls.append(threading.get_ident())
+        release.wait(10)
+        return False
+
+    monitor = ReadOnlyMonitor(probe=slow_probe, recheck=0.05, announce_file=None)
+    monitor.observe(READ_ONLY)
+    time.sleep(0.06)
+    prober = threading.Thread(target=lambda: monitor.read_only)
+    prober.start()
+    while not calls:
+        time.sleep(0.001)
+    started = time.monotonic()
+    answers = [monitor.read_only for _ in range(200)]
+    elapsed = time.monotonic() - started
+    release.set()
+    prober.join()
+    assert answers == [True] * 200
+    assert elapsed < 5  # nobody waited for the probe that was running
+    assert len(calls) == 1
+    assert monitor.read_only is False
+
+
+def test_without_a_probe_read_only_expires_after_recheck(clock):
+    monitor = make(clock, None, recheck=2.0)
+    monitor.observe(READ_ONLY)
+    assert monitor.read_only is True
+    clock.advance(2.0)
+    assert monitor.read_only is False
+    assert monitor.state.reason == "expired"
+
+
+def test_manual_state_and_listener_errors_do_not_escape(clock, caplog):
+    monitor = make(clock, Probe(clock, answer=True))
+
+    def broken(event: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    monitor.add_listener(broken)
+    seen = []
+    monitor.add_listener(seen.append)
+    monitor.set_read_only("drill")
+    assert monitor.read_only is True and monitor.state.reason == "manual"
+    monitor.set_writable()
+    assert monitor.read_only is False
+    monitor.remove_listener(seen.append)
+    monitor.set_read_only("again")
+    assert [e["event"] for e in seen] == ["read-only", "writable"]
+    assert any("listener" in r.getMessage() for r in caplog.records)
+    assert "read-only" in repr(monitor)
+
+
+# --- operator announcements --------------------------------------------------------------------
+
+
+def test_plain_text_announcement_makes_read_only_until_removed(clock, tmp_path):
+    path = tmp_path / "announce"
+    probe = Probe(clock, answer=False)
+    monitor = make(clock, probe, announce_file=path, recheck=2.0)
+    events = []
+    monitor.add_listener(events.append)
+    assert monitor.read_only is False
+    path.write_text("Database maintenance until 10:30 UTC.\n")
+    assert monitor.read_only is False  # not re-read before the next check is due
+    clock.advance(2.0)
+    assert monitor.read_only is True
+    assert monitor.state.reason == "announcement"
+    assert monitor.state.detail == "Database maintenance until 10:30 UTC."
+    assert monitor.announcement == Announcement("Database maintenance until 10:30 UTC.")
+    clock.advance(10.0)
+    assert monitor.read_only is True
+    assert probe.calls == []  # the operator's word is not overridden by probes
+    path.unlink()
+    clock.advance(2.0)
+    assert monitor.read_only is False
+    assert len(probe.calls) == 1  # the database itself is asked once
+    assert [e["event"] for e in events] == ["announcement", "read-only", "announcement", "writable"]
+
+
+def test_scheduled_announcement_is_shown_before_and_applies_from_its_start(clock, tmp_path):
+    path = tmp_path / "announce"
+    start = datetime.fromtimestamp(clock.wall, UTC) + timedelta(seconds=60)
+    Announcement("Read-only in one minute", starts=start, ends=start + timedelta(seconds=30)).write(path)
+    monitor = make(clock, Probe(clock), announce_file=path, recheck=2.0)
+    assert monitor.read_only is False
+    assert monitor.announcement is not None and monitor.announcement.starts == start
+    clock.advance(59.0)
+    assert monitor.read_only is False
+    clock.advance(1.0)
+    assert monitor.read_only is True  # checked at the start time, not up to recheck later
+    clock.advance(30.0)
+    assert monitor.read_only is False
+
+
+def test_announcement_file_is_statted_at_most_once_per_recheck(clock, tmp_path, monkeypatch):
+    path = tmp_path / "announce"
+    monitor = make(clock, None, announce_file=path, recheck=2.0)
+    real_stat = os.stat
+    stats = []
+
+    def counting_stat(p: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(p) == str(path):
+            stats.append(clock.now)
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    for _ in range(2000):
+        monitor.read_only  # noqa: B018
+        clock.advance(0.01)
+    assert 10 <= len(stats) <= 15
+
+
+def test_announcement_file_defaults_to_the_environment(clock, tmp_path, monkeypatch):
+    path = tmp_path / "from-env"
+    path.write_text('{"message": "maintenance", "starts": "2000-01-01T00:00:00"}')
+    monkeypatch.setenv(ANNOUNCE_ENV, str(path))
+    monitor = ReadOnlyMonitor(clock=clock, wall_clock=lambda: clock.wall)
+    assert monitor.read_only is True
+    assert monitor.announcement is not None
+    assert monitor.announcement.starts == datetime(2000, 1, 1, tzinfo=UTC)
+    monkeypatch.delenv(ANNOUNCE_ENV)
+    assert make(clock).announcement is None
+
+
+def test_broken_announcement_is_logged_once_and_ignored(clock, tmp_path, caplog):
+    path = tmp_path / "announce"
+    path.write_text('{"message": ')
+    monitor = make(clock, None, announce_file=path)
+    for _ in range(5):
+        assert monitor.read_only is False
+        clock.advance(3)
+    assert len([r for r in caplog.records if "ignoring announcement" in r.getMessage()]) == 1
+
+
+def test_announcement_round_trips_through_json():
+    start = datetime(2024, 6, 8, 10, 0, tzinfo=UTC)
+    announcement = Announcement("maintenance", starts=start)
+    assert Announcement.parse(announcement.to_json()) == announcement
+    assert Announcement.parse('{"message": "x", "ends": "2024-06-08T11:00:00"}').ends == (
+        datetime(2024, 6, 8, 11, 0, tzinfo=UTC)
+    )
+    with pytest.raises(ValueError):
+        Announcement.parse('{"starts": "2024-06-08T10:00:00"}')
+
+
+# --- real servers ------------------------------------------------------------------------------
+
+
+def counted_engine(url: str, **options: Any) -> tuple[sa.Engine, dict[str, int]]:
+    """An engine that counts pool checkouts and cursor executions (the probe does both)."""
+    engine = sa.create_engine(url, **options)
+    counts = {"checkouts": 0, "statements": 0}
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _statement(*args: Any) -> None:
+        counts["statements"] += 1
+
+    @event.listens_for(engine.pool, "checkout")
+    def _checkout(*args: Any) -> None:
+        counts["checkouts"] += 1
+
+    return engine, counts
+
+
+@pytest.mark.lab
+def test_ten_thousand_reads_while_writable_issue_no_query(srht_lab, tmp_path):
+    engine, counts = counted_engine(srht_lab.primary.url)
+    monitor = ReadOnlyMonitor(announce_file=tmp_path / "none", recheck=0.5)
+    instrument(engine, monitor)
+    assert monitor.check() is False
+    before = dict(counts)
+    assert before["checkouts"] >= 1  # the counter sees probes
+    for _ in range(10_000):
+        assert monitor.read_only is False
+    assert counts == before
+    engine.dispose()
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("dialect", ["psycopg2", "psycopg"])
+def test_read_only_failure_through_the_engine_flips_the_monitor_at_once(srht_readonly_db, dialect):
+    url = srht_readonly_db.url.replace("postgresql://", f"postgresql+{dialect}://")
+    engine, counts = counted_engine(url)
+    monitor = ReadOnlyMonitor(announce_file=None)
+    instrument(engine, monitor)
+    with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError):
+        conn.exec_driver_sql("CREATE TABLE refused (v int)")
+    checkouts = counts["checkouts"]
+    assert monitor.state.read_only is True  # without even asking `read_only`
+    assert monitor.state.reason == "error"
+    assert monitor.read_only is True
+    assert counts["checkouts"] == checkouts  # no probe was needed to know
+    engine.dispose()
+
+
+@pytest.mark.lab
+def test_probe_answers_for_standby_read_only_database_and_primary(srht_lab, srht_readonly_db):
+    cases = {srht_lab.standby.url: True, srht_readonly_db.url: True, srht_lab.primary.url: False,
+             srht_lab.pgbouncer.url: False}
+    for url, expected in cases.items():
+        engine = sa.create_engine(url)
+        assert ReadOnlyMonitor(engine, announce_file=None).check() is expected, url
+        engine.dispose()
+
+
+@pytest.mark.lab
+def test_probe_never_prepares_statements_with_psycopg3(srht_lab):
+    url = srht_lab.primary.url.replace("postgresql://", "postgresql+psycopg://")
+    # prepare_threshold=0 would prepare every statement psycopg is allowed to prepare.
+    engine = sa.create_engine(url, pool_size=1, connect_args={"prepare_threshold": 0})
+    monitor = ReadOnlyMonitor(engine, announce_file=None)
+    for _ in range(8):
+        assert monitor.check() is False
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        cur.execute("SELECT count(*) FROM pg_prepared_statements", prepare=False)
+        assert cur.fetchone() == (0,)
+    finally:
+        raw.close()
+    engine.dispose()
+
+
+@pytest.mark.lab
+def test_probe_through_pgbouncer_transaction_mode_with_psycopg3(srht_lab):
+    url = srht_lab.pgbouncer.url.replace("postgresql://", "postgresql+psycopg://")
+    engine = sa.create_engine(url, connect_args={"prepare_threshold": 0})
+    monitor = ReadOnlyMonitor(engine, announce_file=None)
+    others = [psycopg.connect(srht_lab.pgbouncer.dsn, autocommit=True) for _ in range(3)]
+    for i in range(12):  # other clients interleave, so server connections change hands
+        assert monitor.check() is False
+        others[i % 3].execute("SELECT 1", prepare=False)
+    for conn in others:
+        conn.close()
+    engine.dispose()
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("dialect", ["psycopg2", "psycopg"])
+def test_writable_again_within_recheck_plus_one_second_of_promotion(srht_fresh_lab, dialect):
+    """The plan's sequence: PgBouncer repointed at the standby (read-only failover), writes
+    refused, the old primary shut off, the standby promoted; readers notice by themselves."""
+    lab = srht_fresh_lab
+    old_primary, standby = lab.primary, lab.standby
+    url = lab.pgbouncer.url.replace("postgresql://", f"postgresql+{dialect}://")
+    engine = sa.create_engine(url, pool_pre_ping=True, connect_args={"prepare_threshold": None}
+                              if dialect == "psycopg" else {})
+    recheck = 2.0
+    monitor = ReadOnlyMonitor(announce_file=None, recheck=recheck)
+    instrument(engine, monitor)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE promoted (v int)")
+    lab.pgbouncer.point_at(standby)
+    sa_error = None
+    deadline = time.monotonic() + 10
+    while sa_error is None and time.monotonic() < deadline:
+        try:  # replay of the CREATE TABLE may still be on its way
+            with engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO promoted VALUES (1)")
+        except sa.exc.DBAPIError as exc:
+            sa_error = exc
+    assert sa_error is not None and monitor.state.reason == "error"
+
+    stop = threading.Event()
+    seen: list[tuple[float, bool]] = []
+    problems: list[BaseException] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append((time.monotonic(), monitor.read_only))
+            except BaseException as exc:  # a request must never see the monitor fail
+                problems.append(exc)
+            time.sleep(0.005)
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in readers:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        old_primary.stop(mode="fast")
+        lab.promote(standby)
+        promoted = time.monotonic()
+        while time.monotonic() - promoted < recheck + 3 and monitor.state.read_only:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join()
+    assert not problems
+    first_writable = min((t for t, ro in seen if not ro), default=None)
+    assert first_writable is not None, "no reader saw the database writable again"
+    delay = first_writable - promoted
+    print(f"\n{dialect}: writable {delay:.2f} s after promotion (recheck {recheck} s)")
+    assert delay <= recheck + 1.0, f"writable only {delay:.2f} s after promotion"
+    assert all(not ro for t, ro in seen if t > first_writable + 0.05)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO promoted VALUES (2)")
+    engine.dispose()
