@@ -23,6 +23,8 @@ PgBouncer older than 1.21, also pass ``connect_args={"prepare_threshold": None}`
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from typing import Any
 
 from sqlalchemy import event
@@ -35,7 +37,6 @@ __all__ = ["instrument", "is_instrumented"]
 
 logger = logging.getLogger(__name__)
 
-_COMMITTING = "srht_readonly.committing"
 _INSTRUMENTED = "_srht_readonly_monitor"
 
 
@@ -59,17 +60,30 @@ def instrument(engine: Engine, monitor: ReadOnlyMonitor) -> Engine:
     if monitor.engine is None:
         monitor.use_engine(engine)
 
+    # Connections whose DBAPI commit() is under way (``Connection.info`` is unusable once a
+    # connection is invalidated, so the flag lives here).
+    committing: weakref.WeakSet[Connection] = weakref.WeakSet()
+    lock = threading.Lock()
+
     def on_commit(conn: Connection) -> None:
-        conn.info[_COMMITTING] = True
+        with lock:
+            committing.add(conn)
 
     def on_transaction_end(conn: Connection, *args: Any) -> None:
-        conn.info.pop(_COMMITTING, None)
+        with lock:
+            committing.discard(conn)
+
+    def was_committing(conn: Connection) -> bool:
+        with lock:
+            found = conn in committing
+            committing.discard(conn)
+        return found
 
     def on_error(ctx: ExceptionContext) -> None:
         exc = ctx.original_exception
         conn = ctx.connection
         # The DBAPI commit() is the only failing call with no statement on a marked connection.
-        if conn is not None and ctx.statement is None and conn.info.pop(_COMMITTING, False):
+        if conn is not None and ctx.statement is None and was_committing(conn):
             mark_commit(exc)
             if ctx.sqlalchemy_exception is not None:
                 mark_commit(ctx.sqlalchemy_exception)
