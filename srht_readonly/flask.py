@@ -1,0 +1,373 @@
+"""Flask adapter: a web service that stays useful while its database is read-only.
+
+Setup in an sr.ht-style app (``db.session`` a ``scoped_session`` over ``create_engine``)::
+
+    from srht_readonly.flask import ReadOnly
+    ReadOnly(app, session=db.session)
+
+Promises:
+
+* A request that fails because the database is read-only is answered **503** with
+  ``Retry-After``, ``Cache-Control: no-store`` and ``Srht-Read-Only: true``, after the session is
+  rolled back. Browsers get an HTML page saying what happened, that nothing was saved and that
+  refreshing (or its *Try again* button) sends the same request again; API and GraphQL clients
+  (``Accept``/``Content-Type`` JSON, or a configured path prefix) get
+  ``{"errors": [{"message": ..., "extensions": {"code": "READ_ONLY"}}]}``. A database that cannot
+  be reached is answered the same way with ``DATABASE_UNAVAILABLE``; a COMMIT whose outcome is
+  unknown with ``COMMIT_UNKNOWN`` (and the page does not claim that nothing was saved).
+* While the monitor knows the database is read-only, unsafe methods are refused with that
+  response **before** any ``before_request`` function or view runs, so nothing is half-done on
+  disk or in Redis. Views decorated with :func:`exempt` run anyway.
+* Every response carries ``Srht-Read-Only: true`` while read-only; templates get
+  ``read_only_banner`` (text, or None), with the operator's announcement when there is one.
+* A healthy request costs two attribute reads on the monitor: no query, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from time import time
+from typing import Any, TypeVar
+
+import flask
+from jinja2 import Template
+from sqlalchemy.exc import DBAPIError
+
+from ._root import SrhtReadOnlyError
+from .errors import Failure
+from .monitor import ReadOnlyMonitor
+from .sqlalchemy import instrument
+
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_TEMPLATE",
+    "EXTENSION_KEY",
+    "HEADER",
+    "ReadOnly",
+    "ReadOnlyState",
+    "Settings",
+    "exempt",
+    "respond",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Where ``init_app`` registers the per-app :class:`ReadOnlyState`.
+EXTENSION_KEY = "srht_readonly"
+#: Response header present (``true``) on every response while the database is read-only.
+HEADER = "Srht-Read-Only"
+#: Template name looked up first in the app's own template folders; the packaged page otherwise.
+DEFAULT_TEMPLATE = "srht_readonly/read_only.html"
+
+#: Every ``SRHT_READONLY_*`` key (without the prefix) and its default; see docs/flask.md.
+DEFAULTS: dict[str, Any] = {
+    "RETRY_AFTER": 30,
+    "SITE_NAME": "sr.ht",
+    "STATUS_URL": None,
+    "MESSAGE": None,
+    "BANNER": None,
+    "TEMPLATE": DEFAULT_TEMPLATE,
+    "API_PREFIXES": ("/api/", "/query"),
+    "METHODS": ("POST", "PUT", "PATCH", "DELETE"),
+    "REPOST": True,
+    "RECHECK": 2.0,
+    "ANNOUNCE_FILE": None,
+}
+
+CODES = {
+    Failure.READ_ONLY: "READ_ONLY",
+    Failure.UNAVAILABLE: "DATABASE_UNAVAILABLE",
+    Failure.COMMIT_UNKNOWN: "COMMIT_UNKNOWN",
+}
+
+_EXEMPT = "_srht_readonly_exempt"
+_PACKAGED_TEMPLATE = "templates/read_only.html"
+
+V = TypeVar("V", bound=Callable[..., Any])
+
+
+def exempt(view: V) -> V:
+    """Mark a view that does not write, so it still runs for unsafe methods while read-only.
+
+    For POST views such as a login form check or a search. If such a view writes anyway, its
+    failure still gets the 503 response. Put it closest to the function or outermost: other
+    decorators that use ``functools.wraps`` carry the mark along.
+    """
+    setattr(view, _EXEMPT, True)
+    return view
+
+
+def _strings(value: str | Iterable[str], key: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"SRHT_READONLY_{key} must be a string or a list of strings, not {value!r}")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``SRHT_READONLY_*`` configuration of one app, read once by ``init_app``."""
+
+    retry_after: int
+    site_name: str
+    status_url: str | None
+    message: str | None
+    banner: str | None
+    template: str
+    api_prefixes: tuple[str, ...]
+    methods: frozenset[str]
+    repost: bool
+    recheck: float
+    announce_file: str | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Settings:
+        """Read (and ``setdefault``) every key; raise ``ValueError`` naming a bad one."""
+        raw = {key: config.setdefault(f"SRHT_READONLY_{key}", default) for key, default in DEFAULTS.items()}
+        try:
+            retry_after = int(raw["RETRY_AFTER"])
+            recheck = float(raw["RECHECK"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"SRHT_READONLY_RETRY_AFTER and _RECHECK must be numbers of seconds: {exc}") from exc
+        if retry_after < 0 or recheck <= 0:
+            raise ValueError("SRHT_READONLY_RETRY_AFTER must be >= 0 and SRHT_READONLY_RECHECK > 0")
+        return cls(
+            retry_after=retry_after,
+            site_name=str(raw["SITE_NAME"]),
+            status_url=raw["STATUS_URL"] or None,
+            message=raw["MESSAGE"] or None,
+            banner=raw["BANNER"] or None,
+            template=str(raw["TEMPLATE"]),
+            api_prefixes=_strings(raw["API_PREFIXES"], "API_PREFIXES"),
+            methods=frozenset(m.upper() for m in _strings(raw["METHODS"], "METHODS")),
+            repost=bool(raw["REPOST"]),
+            recheck=recheck,
+            announce_file=str(raw["ANNOUNCE_FILE"]) if raw["ANNOUNCE_FILE"] else None,
+        )
+
+    def message_for(self, failure: Failure) -> str:
+        """What to tell the user (page and JSON) when no view supplied its own message."""
+        site = self.site_name
+        if failure is Failure.READ_ONLY:
+            return self.message or (
+                f"{site} is in read-only mode: its database is not accepting changes right now, "
+                "so nothing was saved. Please try again in a few minutes."
+            )
+        if failure is Failure.COMMIT_UNKNOWN:
+            return (
+                f"{site} lost its database connection while saving your change, so it may or may not "
+                "have been saved. Please check before trying again."
+            )
+        return f"{site} cannot reach its database right now, so nothing was saved. Please try again in a few minutes."
+
+    def banner_for(self) -> str:
+        """The banner text while read-only, when the operator announced nothing."""
+        return self.banner or (
+            f"{self.site_name} is in read-only mode for database maintenance: you can browse, "
+            "but changes cannot be saved right now."
+        )
+
+
+class ReadOnlyState:
+    """What ``init_app`` registers as ``app.extensions["srht_readonly"]`` for one app."""
+
+    def __init__(self, extension: ReadOnly, monitor: ReadOnlyMonitor, session: Any, settings: Settings) -> None:
+        self.extension = extension
+        self.monitor = monitor
+        self.session = session
+        self.settings = settings
+        self._fallback: Template | None = None
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the monitor says writes are refused now (no I/O while writable)."""
+        return self.monitor.read_only
+
+    def banner(self) -> str | None:
+        """The text for the read-only banner: the announcement, the default text, or None."""
+        read_only = self.monitor.read_only
+        announcement = self.monitor.announcement
+        if announcement is not None:
+            ends = announcement.ends
+            if ends is None or ends.timestamp() > time():
+                return announcement.message
+        return self.settings.banner_for() if read_only else None
+
+    def rollback(self) -> None:
+        """Roll the session back, so the failed transaction does not leak into the next use."""
+        if self.session is None:
+            return
+        try:
+            self.session.rollback()
+        except Exception as exc:  # the connection may be gone; the 503 is still the answer
+            logger.debug("rolling back after a read-only failure failed: %s", exc)
+
+    def fallback_template(self, app: flask.Flask) -> Template:
+        """The packaged page, compiled once in the app's environment (so it sees its globals)."""
+        if self._fallback is None:
+            source = resources.files("srht_readonly").joinpath(_PACKAGED_TEMPLATE).read_text("utf-8")
+            self._fallback = app.jinja_env.from_string(source)
+        return self._fallback
+
+
+class ReadOnly:
+    """The Flask extension: ``ReadOnly(app, session=db.session)`` or ``ReadOnly(...).init_app(app)``.
+
+    ``monitor`` is the process's :class:`ReadOnlyMonitor`; without one, ``init_app`` makes one
+    per app (``SRHT_READONLY_RECHECK``, ``SRHT_READONLY_ANNOUNCE_FILE``). ``session`` (a
+    ``scoped_session`` or ``Session``) is rolled back before a 503 is sent; its engine (or
+    ``engine``) is instrumented so every database error reaches the monitor and probes go
+    through it.
+    """
+
+    def __init__(
+        self,
+        app: flask.Flask | None = None,
+        *,
+        monitor: ReadOnlyMonitor | None = None,
+        session: Any = None,
+        engine: Any = None,
+    ) -> None:
+        self.monitor = monitor
+        self.session = session
+        self.engine = engine
+        if app is not None:
+            self.init_app(app)
+
+    exempt = staticmethod(exempt)
+
+    def init_app(self, app: flask.Flask) -> ReadOnlyState:
+        """Register on ``app`` (once: a second registration raises ``RuntimeError``)."""
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                f"srht_readonly is already registered on the app {app.name!r}; call init_app once per app"
+            )
+        settings = Settings.from_config(app.config)
+        engine = self.engine if self.engine is not None else _engine_of(self.session)
+        monitor = self.monitor
+        if monitor is None:
+            options: dict[str, Any] = {"recheck": settings.recheck}
+            if settings.announce_file is not None:
+                options["announce_file"] = settings.announce_file
+            monitor = ReadOnlyMonitor(engine, **options)
+            self.monitor = self.monitor or monitor
+        if engine is not None:
+            try:
+                instrument(engine, monitor)
+            except ValueError as exc:
+                raise ValueError(
+                    "this engine already reports to another ReadOnlyMonitor: pass that one, "
+                    "ReadOnly(app, monitor=..., session=...)"
+                ) from exc
+        state = ReadOnlyState(self, monitor, self.session, settings)
+        app.extensions[EXTENSION_KEY] = state
+        _register(app, state)
+        return state
+
+
+def _engine_of(session: Any) -> Any:
+    """The engine a (scoped) session is bound to, without creating a session to ask."""
+    if session is None:
+        return None
+    factory = getattr(session, "session_factory", None)  # scoped_session
+    if factory is not None:
+        return factory.kw.get("bind")
+    return session.get_bind()
+
+
+def _register(app: flask.Flask, state: ReadOnlyState) -> None:
+    monitor = state.monitor
+    methods = state.settings.methods
+
+    def refuse_writes() -> flask.Response | None:
+        if flask.request.method not in methods or not monitor.read_only:
+            return None
+        if flask.request.routing_exception is not None:
+            return None  # a 404 or 405 stays one
+        view = app.view_functions.get(flask.request.endpoint or "")
+        if getattr(view, _EXEMPT, False):
+            return None
+        failure = Failure.UNAVAILABLE if monitor.state.failure is Failure.UNAVAILABLE else Failure.READ_ONLY
+        logger.debug("refused %s %s before the view: database read-only", flask.request.method, flask.request.path)
+        return respond(state, failure)
+
+    def mark_response(response: flask.Response) -> flask.Response:
+        if monitor.read_only:
+            response.headers[HEADER] = "true"
+        return response
+
+    def banner() -> dict[str, Any]:
+        return {"read_only_banner": state.banner()}
+
+    def on_package_error(exc: SrhtReadOnlyError) -> flask.Response:
+        failure = getattr(exc, "failure", None)
+        if not isinstance(failure, Failure):
+            raise exc
+        monitor.observe(exc)
+        return respond(state, failure, getattr(exc, "message", None) or str(exc))
+
+    def on_database_error(exc: DBAPIError) -> flask.Response:
+        failure = monitor.observe(exc)
+        if failure is None:
+            raise exc  # not ours: Flask's usual 500 handling takes it from here
+        return respond(state, failure)
+
+    # First of all before_request functions: an app's own ones may write (sessions, counters).
+    app.before_request_funcs.setdefault(None, []).insert(0, refuse_writes)
+    app.after_request(mark_response)
+    app.context_processor(banner)
+    app.register_error_handler(SrhtReadOnlyError, on_package_error)
+    app.register_error_handler(DBAPIError, on_database_error)
+
+
+def _wants_json(prefixes: tuple[str, ...]) -> bool:
+    request = flask.request
+    if prefixes and request.path.startswith(prefixes):
+        return True
+    if request.is_json:
+        return True
+    return request.accept_mimetypes.best_match(("text/html", "application/json")) == "application/json"
+
+
+def _retry_control(settings: Settings) -> dict[str, Any]:
+    """How the page's *Try again* control repeats this request (re-posting a form's fields)."""
+    request = flask.request
+    query = request.query_string.decode("latin-1")
+    url = request.script_root + request.path + (f"?{query}" if query else "")
+    fields: list[tuple[str, str]] | None = None
+    if request.method == "POST" and settings.repost and not request.files:
+        fields = list(request.form.items(multi=True))
+    return {"method": request.method, "url": url, "fields": fields}
+
+
+def respond(state: ReadOnlyState, failure: Failure, message: str | None = None) -> flask.Response:
+    """The 503 answer to a request refused or failed because of ``failure`` (session rolled back)."""
+    state.rollback()
+    settings = state.settings
+    message = message or settings.message_for(failure)
+    if _wants_json(settings.api_prefixes):
+        response = flask.jsonify({"errors": [{"message": message, "extensions": {"code": CODES[failure]}}]})
+    else:
+        app = flask.current_app._get_current_object()  # type: ignore[attr-defined]
+        html = flask.render_template(
+            [settings.template, state.fallback_template(app)],
+            site_name=settings.site_name,
+            status_url=settings.status_url,
+            message=message,
+            failure=failure.value,
+            retry_after=settings.retry_after,
+            announcement=state.monitor.announcement,
+            retry=_retry_control(settings),
+        )
+        response = flask.make_response(html)
+    response.status_code = 503
+    response.headers["Retry-After"] = str(settings.retry_after)
+    response.headers["Cache-Control"] = "no-store"
+    response.vary.add("Accept")
+    if failure is Failure.READ_ONLY:
+        response.headers[HEADER] = "true"
+    return response
+
