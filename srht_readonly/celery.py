@@ -219,11 +219,11 @@ class ReadOnlyTasks:
             )) from exc
         first, cap = getattr(task, "read_only_countdown", None) or self.defer_countdown
         ceiling = min(float(cap), float(first) * 2.0 ** min(deferrals, 32))
-        countdown = min(ceiling * random.uniform(0.5, 1.0), max(0.0, deadline_at - now))
+        countdown = round(min(ceiling * random.uniform(0.5, 1.0), max(0.0, deadline_at - now)), 2)
         headers[_DEADLINE_HEADER] = deadline_at
         headers[_DEFERRALS_HEADER] = deferrals + 1
         self._record(task.name, "deferred", failure)
-        reason = _converted(exc, failure, f"deferred {countdown:.1f} s") if not isinstance(exc, _EXPECTED) else exc
+        reason = exc if isinstance(exc, _EXPECTED) else _converted(exc, failure, "deferred")
         try:
             task._srht_readonly_retry(
                 exc=_mark(reason), countdown=countdown, max_retries=request.retries + 1, headers=headers,
@@ -246,6 +246,7 @@ def _mark(exc: BaseException) -> BaseException:
 
 
 def _first_line(exc: BaseException) -> str:
+    exc = getattr(exc, "orig", None) or exc  # the driver's message, not SQLAlchemy's wrapping of it
     lines = str(exc).strip().splitlines()
     return lines[0].strip() if lines else type(exc).__name__
 
