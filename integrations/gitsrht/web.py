@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import flask
-from sqlalchemy import Engine, create_engine, func, insert, select, update
+from sqlalchemy import URL, Engine, create_engine, func, insert, make_url, select, update
 from sqlalchemy.orm import scoped_session, sessionmaker
 from werkzeug.serving import make_server
 
@@ -71,7 +71,7 @@ def create_app(
         SRHT_READONLY_SITE_NAME="git.sr.ht",
     )
     app.config.update(config or {})
-    engine = create_engine(database_url, **(engine_options or {}))
+    engine = create_engine(_psycopg2(database_url), **(engine_options or {}))
     db = scoped_session(sessionmaker(bind=engine))
     app.extensions["gitsrht.db"] = db
 
@@ -216,6 +216,12 @@ def _views(db: scoped_session[Any]) -> flask.Blueprint:
         return _repo_json(find_repo(user.username, form["name"]), user.username), 201
 
     return bp
+
+
+def _psycopg2(database_url: str) -> URL:
+    """sr.ht's services run psycopg2; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql://."""
+    url = make_url(database_url)
+    return url.set(drivername="postgresql+psycopg2") if url.drivername in ("postgresql", "postgres") else url
 
 
 def _repo_json(repo: Any, owner: str) -> dict[str, Any]:
