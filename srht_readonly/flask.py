@@ -153,15 +153,15 @@ class Settings:
         site = self.site_name
         if failure is Failure.READ_ONLY:
             return self.message or (
-                f"{site} is in read-only mode: its database is not accepting changes right now, "
-                "so nothing was saved. Please try again in a few minutes."
+                f"{site} is in read-only mode: its database is not accepting changes right now. "
+                "Please try again in a few minutes."
             )
         if failure is Failure.COMMIT_UNKNOWN:
             return (
                 f"{site} lost its database connection while saving your change, so it may or may not "
                 "have been saved. Please check before trying again."
             )
-        return f"{site} cannot reach its database right now, so nothing was saved. Please try again in a few minutes."
+        return f"{site} cannot reach its database right now. Please try again in a few minutes."
 
     def banner_for(self) -> str:
         """The banner text while read-only, when the operator announced nothing."""
