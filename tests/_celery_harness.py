@@ -209,6 +209,29 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
+def wait_replicated(lab, query: str, expected: object, timeout: float = 10, dbname: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the lab's standby answers ``query`` with ``expected`` (its replay caught up)."""
+    import psycopg2
+
+    dsn = lab.standby.dsn if dbname is None else lab.standby.dsn_for(dbname=dbname)
+
+    def caught_up() -> bool:
+        try:
+            conn = psycopg2.connect(dsn)
+        except psycopg2.OperationalError:  # the database itself is not replayed yet
+            return False
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(query)
+                return bool(cur.fetchone()[0] == expected)
+        except psycopg2.errors.UndefinedTable:
+            return False
+        finally:
+            conn.close()
+
+    wait_for(caught_up, timeout, what="the standby to replay the primary's writes")
+
+
 class WebhookReceiver:
     """An HTTP server on loopback that answers 200 to every POST and remembers them."""
 

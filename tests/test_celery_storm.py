@@ -13,12 +13,12 @@ from collections import Counter
 
 import pytest
 from celery.result import AsyncResult
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 
 from integrations.webhooks import make_worker
 from integrations.webhooks import schema as webhooks
-from tests._celery_harness import WebhookReceiver, celery_worker, redis_server, wait_for
-from tests.test_celery_webhooks import deliveries, payload, wait_replicated
+from tests._celery_harness import WebhookReceiver, celery_worker, redis_server, wait_for, wait_replicated
+from tests.test_celery_webhooks import deliveries, payload
 
 pytestmark = pytest.mark.lab
 
@@ -32,7 +32,7 @@ TASK_ID = re.compile(r"\[([0-9a-f-]{36})\]")
 
 def test_storm_of_200_tasks_in_a_10_s_read_only_window_finishes_without_retry_loops(srht_fresh_lab, tmp_path):
     lab = srht_fresh_lab
-    engine = create_engine(lab.pgbouncer.url)
+    engine = webhooks.connect(lab.pgbouncer.url)
     with WebhookReceiver() as receiver, redis_server(tmp_path / "redis") as broker:
         ids = deliveries(engine, TASKS, receiver.url)
         wait_replicated(lab, "SELECT count(*) FROM webhook_delivery", TASKS)

@@ -8,33 +8,16 @@ from __future__ import annotations
 import json
 import time
 
-import psycopg2
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 
 from integrations.webhooks import make_worker
 from integrations.webhooks import schema as webhooks
 from srht_readonly import ReadOnlyError
 from srht_readonly.celery import COUNTERS_TASK
-from tests._celery_harness import WebhookReceiver, celery_worker, redis_server, wait_for
+from tests._celery_harness import WebhookReceiver, celery_worker, redis_server, wait_for, wait_replicated
 
 pytestmark = pytest.mark.lab
-
-
-def wait_replicated(lab, query: str, expected: object, timeout: float = 10) -> None:
-    """Wait until the standby answers ``query`` with ``expected`` (replay caught up)."""
-    def caught_up() -> bool:
-        conn = psycopg2.connect(lab.standby.dsn)
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute(query)
-                return cur.fetchone()[0] == expected
-        except psycopg2.errors.UndefinedTable:
-            return False
-        finally:
-            conn.close()
-
-    wait_for(caught_up, timeout, what="the standby to replay the primary's writes")
 
 
 def deliveries(engine, count: int, url: str) -> list[int]:
@@ -57,7 +40,7 @@ def response_of(engine, delivery_id: int):
 
 def test_webhooks_fail_cleanly_while_read_only_and_succeed_or_complete_after_promotion(srht_fresh_lab, tmp_path):
     lab = srht_fresh_lab
-    engine = create_engine(lab.pgbouncer.url)
+    engine = webhooks.connect(lab.pgbouncer.url)
     with WebhookReceiver() as receiver, redis_server(tmp_path / "redis") as broker:
         plain, durable = deliveries(engine, 2, receiver.url)
         wait_replicated(lab, "SELECT count(*) FROM webhook_delivery", 2)

@@ -8,7 +8,21 @@ from __future__ import annotations
 
 import uuid as _uuid
 
-from sqlalchemy import Column, Connection, DateTime, Engine, Integer, MetaData, String, Table, Text, func, insert
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    func,
+    insert,
+    make_url,
+)
 
 metadata = MetaData()
 
@@ -41,3 +55,12 @@ def new_delivery(conn: Connection, url: str, payload: str, *, event: str = "repo
         .returning(delivery.c.id)
     )
     return int(row.scalar_one())
+
+
+def connect(url: str, **options: object) -> Engine:
+    """An engine for the service's connection URL; a bare ``postgresql://`` uses psycopg2, as
+    SourceHut does (psycopg 3 would need ``prepare_threshold=None`` behind PgBouncer < 1.21)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return create_engine(parsed, **options)  # type: ignore[arg-type]

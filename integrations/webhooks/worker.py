@@ -27,11 +27,13 @@ from typing import Any
 
 import requests
 from celery import Celery, signals
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, text
 
 from srht_readonly import ReadOnlyMonitor, classify
 from srht_readonly.celery import DEFER, install
 from srht_readonly.sqlalchemy import instrument
+
+from .schema import connect
 
 __all__ = ["make_worker", "mail_exception"]
 
@@ -97,7 +99,7 @@ def make_worker(
         broker_connection_retry_on_startup=True,
         task_default_queue=queue,
     )
-    engine = create_engine(database_url)
+    engine = connect(database_url)
     monitor = monitor or ReadOnlyMonitor(engine, recheck=recheck)
     instrument(engine, monitor)
 
