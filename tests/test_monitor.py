@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from srht_readonly import Failure, ReadOnlyMonitor
+from srht_readonly import Failure, ReadOnlyMonitor, classify
 from srht_readonly.monitor import ANNOUNCE_ENV, Announcement
 from srht_readonly.sqlalchemy import instrument
 
@@ -28,6 +28,23 @@ class Pg2Error(Exception):
 
 READ_ONLY = Pg2Error("cannot execute INSERT in a read-only transaction", "25006")
 LOST = Pg2Error("server closed the connection unexpectedly")
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Dispose every engine a test made, even when it fails: a connection left to the garbage
+    collector is a ResourceWarning, and warnings are errors."""
+    made: list[sa.Engine] = []
+    real = sa.create_engine
+
+    def create_engine(*args: Any, **kwargs: Any) -> sa.Engine:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sa, "create_engine", create_engine)
+    yield
+    for engine in made:
+        engine.dispose()
 
 
 class Clock:
@@ -310,6 +327,14 @@ def test_announcement_round_trips_through_json():
 # --- real servers ------------------------------------------------------------------------------
 
 
+def wait_until_replicated(standby: Any, table: str) -> None:
+    deadline = time.monotonic() + 10
+    with psycopg.connect(standby.dsn, autocommit=True) as conn:
+        while not conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]:
+            assert time.monotonic() < deadline, f"{table} never reached the standby"
+            time.sleep(0.05)
+
+
 def counted_engine(url: str, **options: Any) -> tuple[sa.Engine, dict[str, int]]:
     """An engine that counts pool checkouts and cursor executions (the probe does both)."""
     engine = sa.create_engine(url, **options)
@@ -414,16 +439,12 @@ def test_writable_again_within_recheck_plus_one_second_of_promotion(srht_fresh_l
     instrument(engine, monitor)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE promoted (v int)")
+    wait_until_replicated(standby, "promoted")
     lab.pgbouncer.point_at(standby)
-    sa_error = None
-    deadline = time.monotonic() + 10
-    while sa_error is None and time.monotonic() < deadline:
-        try:  # replay of the CREATE TABLE may still be on its way
-            with engine.begin() as conn:
-                conn.exec_driver_sql("INSERT INTO promoted VALUES (1)")
-        except sa.exc.DBAPIError as exc:
-            sa_error = exc
-    assert sa_error is not None and monitor.state.reason == "error"
+    with pytest.raises(sa.exc.DBAPIError) as refused, engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO promoted VALUES (1)")
+    assert classify(refused.value) is Failure.READ_ONLY
+    assert monitor.state.read_only and monitor.state.reason == "error"
 
     stop = threading.Event()
     seen: list[tuple[float, bool]] = []
@@ -461,4 +482,74 @@ def test_writable_again_within_recheck_plus_one_second_of_promotion(srht_fresh_l
     assert all(not ro for t, ro in seen if t > first_writable + 0.05)
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO promoted VALUES (2)")
+    engine.dispose()
+
+
+@pytest.mark.lab
+def test_after_a_crash_repoint_and_promotion_writable_within_recheck_plus_one_second(srht_fresh_lab):
+    """REFERENCE's crash sequence: primary killed, PgBouncer repointed at the standby half a
+    second later, standby promoted; the monitor follows without any request failing on it."""
+    lab = srht_fresh_lab
+    old_primary, standby = lab.primary, lab.standby
+    engine = sa.create_engine(lab.pgbouncer.url, connect_args={"connect_timeout": 5})
+    recheck = 2.0
+    monitor = ReadOnlyMonitor(announce_file=None, recheck=recheck)
+    instrument(engine, monitor)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE crashed (v int)")
+    wait_until_replicated(standby, "crashed")
+
+    stop = threading.Event()
+    seen: list[tuple[float, bool]] = []
+    problems: list[BaseException] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append((time.monotonic(), monitor.read_only))
+            except BaseException as exc:
+                problems.append(exc)
+            time.sleep(0.005)
+
+    def writer() -> None:
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO crashed VALUES (1)")
+        except sa.exc.DBAPIError:
+            pass  # refused or lost: either way the monitor has heard of it
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in readers:
+        thread.start()
+    try:
+        old_primary.kill()
+        write = threading.Thread(target=writer)
+        write.start()
+        time.sleep(0.5)
+        lab.pgbouncer.point_at(standby)
+        repointed = time.monotonic()
+        write.join(30)
+        while monitor.state.read_only is False and time.monotonic() - repointed < recheck + 3:
+            monitor.read_only  # noqa: B018 - a request asking
+            time.sleep(0.01)
+        assert monitor.state.read_only, "the monitor never noticed the failover"
+        noticed = time.monotonic() - repointed
+        lab.promote(standby)
+        promoted = time.monotonic()
+        while time.monotonic() - promoted < recheck + 3 and monitor.state.read_only:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join()
+    assert not problems
+    first_writable = min((t for t, ro in seen if not ro and t > promoted), default=None)
+    assert first_writable is not None, "no reader saw the database writable again"
+    delay = first_writable - promoted
+    print(f"\ncrash: read-only noticed {noticed:.2f} s after the repoint ({monitor.state.reason}), "
+          f"writable {delay:.2f} s after promotion")
+    assert delay <= recheck + 1.0
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO crashed VALUES (2)")
     engine.dispose()

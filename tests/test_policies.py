@@ -41,6 +41,23 @@ def lost() -> Pg2Error:
     return Pg2Error("server closed the connection unexpectedly")
 
 
+@pytest.fixture(autouse=True)
+def _dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Dispose every engine a test made, even when it fails: a connection left to the garbage
+    collector is a ResourceWarning, and warnings are errors."""
+    made: list[sa.Engine] = []
+    real = sa.create_engine
+
+    def create_engine(*args: Any, **kwargs: Any) -> sa.Engine:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sa, "create_engine", create_engine)
+    yield
+    for engine in made:
+        engine.dispose()
+
+
 class FakeTime:
     """A clock for Deadline and a sleep that advances it."""
 

@@ -19,6 +19,23 @@ from srht_readonly.sqlalchemy import instrument, is_instrumented
 FAKE_SHUTDOWN = "DO $$ BEGIN RAISE EXCEPTION 'fake' USING ERRCODE = 'admin_shutdown'; END $$"
 
 
+@pytest.fixture(autouse=True)
+def _dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Dispose every engine a test made, even when it fails: a connection left to the garbage
+    collector is a ResourceWarning, and warnings are errors."""
+    made: list[sa.Engine] = []
+    real = sa.create_engine
+
+    def create_engine(*args: Any, **kwargs: Any) -> sa.Engine:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sa, "create_engine", create_engine)
+    yield
+    for engine in made:
+        engine.dispose()
+
+
 def pids(engine: sa.Engine, n: int) -> set[int]:
     """Backend pids of ``n`` connections checked out at the same time."""
     conns = [engine.connect() for _ in range(n)]
