@@ -32,19 +32,20 @@ def probe_engine(engine: Any, *, timeout: float) -> bool:
     try:
         driver = getattr(raw, "driver_connection", None) or raw
         psycopg3 = hasattr(driver, "prepare_threshold")
-        autocommit = bool(getattr(driver, "autocommit", False))
+        # An AUTOCOMMIT engine would run each statement alone and ignore SET LOCAL.
+        explicit = bool(getattr(driver, "autocommit", False))
         cursor = raw.cursor()
         try:
-            if autocommit:
+            if explicit:
                 _execute(cursor, "BEGIN", psycopg3)
             _execute(cursor, f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}", psycopg3)
             _execute(cursor, PROBE_SQL, psycopg3)
             in_recovery, read_only = cursor.fetchone()
+            if explicit:
+                _execute(cursor, "ROLLBACK", psycopg3)
         finally:
             cursor.close()
-        if autocommit:
-            _execute(raw.cursor(), "ROLLBACK", psycopg3)
-        else:
+        if not explicit:
             driver.rollback()
     except Exception:
         try:
@@ -52,6 +53,5 @@ def probe_engine(engine: Any, *, timeout: float) -> bool:
         except Exception:  # the connection is gone already; nothing more to release
             logger.debug("invalidating the probe's connection failed", exc_info=True)
         raise
-    else:
-        raw.close()
+    raw.close()
     return bool(in_recovery) or str(read_only).lower() == "on"

@@ -68,6 +68,9 @@ class AbortPolicy:
 
     def __enter__(self) -> AbortPolicy:
         if self.monitor is not None and self.monitor.read_only:
+            # Refused before doing anything, so there is no database error to chain.
+            if self.monitor.state.failure in (Failure.UNAVAILABLE, Failure.COMMIT_UNKNOWN):
+                raise DatabaseUnavailable(self.message)
             raise ReadOnlyError(self.message)
         return self
 

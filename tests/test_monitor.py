@@ -553,3 +553,35 @@ def test_after_a_crash_repoint_and_promotion_writable_within_recheck_plus_one_se
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO crashed VALUES (2)")
     engine.dispose()
+
+
+@pytest.mark.lab
+def test_probe_keeps_its_timeout_on_an_autocommit_engine(srht_lab):
+    engine = sa.create_engine(srht_lab.standby.url, isolation_level="AUTOCOMMIT")
+    monitor = ReadOnlyMonitor(engine, announce_file=None, probe_timeout=0.5)
+    for _ in range(3):
+        assert monitor.check() is True
+    with engine.connect() as conn:  # the connection went back to the pool clean
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar_one() == "0"
+        assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+
+
+def test_locks_are_usable_in_a_child_forked_while_a_thread_held_them():
+    import subprocess
+    import sys
+
+    code = """if True:
+        import os, sys, threading
+        from srht_readonly import ReadOnlyMonitor
+        monitor = ReadOnlyMonitor(announce_file=None, probe=lambda: False)
+        monitor._probe_lock.acquire()          # a probe in flight in another thread
+        pid = os.fork()
+        if pid == 0:
+            monitor.observe(type("E", (Exception,), {"pgcode": "25006"})("read-only"))
+            ok = monitor.check() is False      # would hang forever on the inherited lock
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -147,6 +147,17 @@ def test_abort_as_decorator_and_with_a_monitor_that_already_knows():
     assert ran == [1]  # the second call never ran: the monitor knew
 
 
+def test_abort_before_running_says_unavailable_when_the_database_is_unreachable():
+    def unreachable() -> bool:
+        raise lost()
+
+    monitor = ReadOnlyMonitor(probe=unreachable, announce_file=None)
+    monitor.observe(lost())  # the next read probes, and the probe fails
+    with pytest.raises(DatabaseUnavailable) as info, abort_on_read_only("later", monitor=monitor):
+        pytest.fail("the body must not run")
+    assert info.value.failure is Failure.UNAVAILABLE
+
+
 # --- retry, with a fake clock --------------------------------------------------------------------
 
 
