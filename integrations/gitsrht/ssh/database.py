@@ -1,0 +1,46 @@
+"""One engine and one ``ReadOnlyMonitor`` per pipeline process.
+
+Each program of the pipeline lives for one SSH connection or one hook run, so the engine has
+no pool worth keeping (``NullPool``: the connection is closed when released, nothing lingers
+in PgBouncer) and the monitor starts out believing the database writable: it learns otherwise
+only from this process's own failures, or from an operator's announcement file
+(``$SRHT_READONLY_ANNOUNCE_FILE``), which costs one ``stat()`` and no query.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import URL, Engine, create_engine, make_url
+from sqlalchemy.pool import NullPool
+
+from srht_readonly import ReadOnlyMonitor
+from srht_readonly.sqlalchemy import instrument
+
+from .config import Config
+
+__all__ = ["CONNECT_TIMEOUT", "connect", "url"]
+
+#: Seconds to wait for the database (or PgBouncer) before telling the pusher it is away.
+CONNECT_TIMEOUT = 5
+
+
+def url(connection_string: str) -> URL:
+    """The SQLAlchemy URL; a bare ``postgresql://`` means psycopg2, as sr.ht's services use.
+
+    (SQLAlchemy 2.1 would pick psycopg 3, which prepares statements behind PgBouncer < 1.21.)
+    """
+    parsed = make_url(connection_string)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed
+
+
+def connect(config: Config) -> tuple[Engine, ReadOnlyMonitor]:
+    """An instrumented engine for ``config.connection_string`` and its monitor."""
+    engine = create_engine(
+        url(config.connection_string),
+        poolclass=NullPool,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT, "application_name": "gitsrht-ssh"},
+    )
+    monitor = ReadOnlyMonitor()
+    instrument(engine, monitor)
+    return engine, monitor
