@@ -1,7 +1,8 @@
-"""Real processes for the Celery tests: a private Redis broker and a ``celery worker``.
+"""Test harness: a private Redis broker, a ``celery worker`` process, a webhook receiver, lab waits.
 
-Both run on loopback as subprocesses of the test, in their own process group, and are stopped
-(warm shutdown, then SIGKILL of the group) whatever happens. Nothing touches the system Redis.
+Redis and the worker run on loopback as subprocesses of the test, each in its own process group,
+and are stopped (warm shutdown, then SIGKILL of the group) whatever happens. Nothing touches the
+system Redis.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def make_worker(
                     mail_exception(ex, context="webhook process")
                     return None
 
-            return worker.task(**options)(wrapper)
+            return worker.task(shared=False, **options)(wrapper)
 
         return decorate
 
