@@ -38,3 +38,20 @@ class CommandFailed(OpsError):
 
 class Timeout(OpsError):
     """Something did not happen within the time allowed."""
+
+
+class Refused(OpsError):
+    """A safety check refused the operation; nothing was changed (exit status 1)."""
+
+
+class PartlyDone(OpsError):
+    """Some hosts were changed and others not (exit status 3); ``hosts`` maps each to its state."""
+
+    def __init__(self, message: str, hosts: dict[str, str] | None = None) -> None:
+        self.hosts = dict(hosts or {})
+        lines = [message] + [f"  {name}: {state}" for name, state in self.hosts.items()]
+        super().__init__("\n".join(lines))
+
+
+class Unreachable(OpsError):
+    """A host, server or console could not be reached."""

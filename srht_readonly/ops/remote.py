@@ -1,4 +1,4 @@
-"""Where a command runs and a file is written: this machine (``LocalHost``) or another one.
+"""Where a command runs and a file is written: this machine (``LocalHost``) or another one (``SshHost``).
 
 PostgreSQL and PgBouncer refuse to run as root, and the files of a data directory must belong
 to its OS user, so every operation takes the OS user to act as; when we are root we switch with
@@ -10,13 +10,16 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .errors import CommandFailed, OpsError, ToolMissing
+from .errors import CommandFailed, OpsError, ToolMissing, Unreachable
 
 
 class LocalHost:
@@ -137,6 +140,258 @@ class LocalHost:
         os.chmod(path, mode)
         if owner is not None:
             chown(path, owner)
+
+    def listdir(self, path: str | os.PathLike[str]) -> list[str]:
+        """Names in directory ``path`` (``FileNotFoundError`` if there is none)."""
+        return sorted(os.listdir(path))
+
+    def remove(self, path: str | os.PathLike[str]) -> None:
+        """Delete the file ``path`` if it exists."""
+        Path(path).unlink(missing_ok=True)
+
+    def rename(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        os.rename(src, dst)
+
+    def tunnel(self, host: str, port: int | str) -> tuple[str, int]:
+        """Where to connect to reach ``host:port`` as this host sees it: here, the same place."""
+        return host, int(port)
+
+    def close(self) -> None:
+        """Nothing to release for this machine (``SshHost`` closes its connection)."""
+
+
+class SshHost:
+    """Another machine, reached with OpenSSH's client; the same interface as ``LocalHost``.
+
+    ``destination`` is what you would type after ``ssh`` (``[user@]host`` or a ``Host`` alias);
+    ``ssh_config`` is passed with ``-F``. The first use opens one master connection
+    (``ControlMaster``) that every later command and port forward reuses, so a command costs
+    milliseconds, not a handshake. ``close()`` ends it. Authentication must not prompt
+    (``BatchMode``): use keys or an agent.
+    """
+
+    def __init__(self, destination: str, *, name: str | None = None,
+                 ssh_config: str | os.PathLike[str] | None = None, connect_timeout: int = 5) -> None:
+        self.destination = destination
+        self.name = name or destination
+        self.ssh_config = str(ssh_config) if ssh_config else None
+        self.connect_timeout = connect_timeout
+        self._control: str | None = None
+        self._login_user: str | None = None
+        self._forwards: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SshHost({self.destination!r})"
+
+    def _ssh(self, *options: str) -> list[str]:
+        argv = [shutil.which("ssh") or "ssh"]
+        if self.ssh_config:
+            argv += ["-F", self.ssh_config]
+        return argv + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}", *options]
+
+    def connect(self) -> None:
+        """Open the master connection (idempotent); ``Unreachable`` saying why when it fails."""
+        with self._lock:
+            if self._control is not None:
+                return
+            if not shutil.which("ssh"):
+                raise ToolMissing("ssh", "openssh-client")
+            directory = tempfile.mkdtemp(prefix="srht-ssh-")
+            control = os.path.join(directory, "master")
+            log = os.path.join(directory, "log")
+            # -f backgrounds the master once authenticated; its output goes to a file, not to
+            # our pipes, or we would wait for it to exit. Idle masters end after 300 s.
+            argv = self._ssh("-o", "ControlMaster=yes", "-o", f"ControlPath={control}",
+                             "-o", "ControlPersist=300", "-o", "ServerAliveInterval=5",
+                             "-E", log, "-f", "-N", self.destination)
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=self.connect_timeout + 15)
+            if proc.returncode != 0:
+                why = Path(log).read_text().strip() if os.path.exists(log) else ""
+                shutil.rmtree(directory, ignore_errors=True)
+                raise Unreachable(
+                    f"cannot reach {self.name} over ssh ({self.destination}): {why or f'ssh exited {proc.returncode}'}"
+                    f"; check that `ssh {self.destination} true` works without a password prompt"
+                )
+            self._control = control
+
+    def close(self) -> None:
+        """End the master connection and every port forward through it."""
+        with self._lock:
+            control, self._control = self._control, None
+            self._forwards.clear()
+        if control is None:
+            return
+        subprocess.run(self._ssh("-o", f"ControlPath={control}", "-O", "exit", self.destination),
+                       capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
+        shutil.rmtree(os.path.dirname(control), ignore_errors=True)
+
+    def login_user(self) -> str:
+        """The user ssh logs in as (``ssh -G``)."""
+        if self._login_user is None:
+            out = subprocess.run(self._ssh("-G", self.destination), capture_output=True, text=True,
+                                 timeout=15).stdout
+            users = [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("user ")]
+            self._login_user = users[0] if users else _current_user()
+        return self._login_user
+
+    def remote_command(self, argv: Sequence[str], *, user: str | None = None,
+                       env: Mapping[str, str] | None = None) -> str:
+        """The shell command line run on the other side (argv quoted; as ``user``; with ``env``)."""
+        words = [str(a) for a in argv]
+        if env:
+            words = ["env", *(f"{k}={v}" for k, v in env.items()), *words]
+        if user is not None and user != self.login_user():
+            words = (["runuser", "-u", user, "--", *words] if self.login_user() == "root"
+                     else ["sudo", "-n", "-u", user, "--", *words])
+        return shlex.join(words)
+
+    def command(self, argv: Sequence[str], *, user: str | None = None,
+                env: Mapping[str, str] | None = None) -> list[str]:
+        """The local argv that runs ``argv`` as ``user`` on the other host."""
+        self.connect()
+        assert self._control is not None
+        return [*self._ssh("-o", f"ControlPath={self._control}", "-o", "ControlMaster=no"),
+                self.destination, self.remote_command(argv, user=user, env=env)]
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        user: str | None = None,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run to completion, capturing output; raise ``CommandFailed`` on failure if ``check``."""
+        if cwd is not None:
+            argv = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(cwd), *map(str, argv)]
+        full = self.command(argv, user=user, env=env)
+        proc = subprocess.run(full, input=input if input is not None else "", capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode == 255:
+            raise Unreachable(f"ssh to {self.name} failed: {proc.stderr.strip() or 'exit 255'}")
+        if check and proc.returncode != 0:
+            raise CommandFailed(argv, proc.returncode, proc.stderr or proc.stdout, self.name)
+        return proc
+
+    def popen(
+        self,
+        argv: Sequence[str],
+        *,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+        **kwargs: object,
+    ) -> subprocess.Popen[str]:
+        """Start ``argv`` on the other host and return at once; its pipes are ssh's."""
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+            self.command(argv, user=user, env=env), text=True, **kwargs
+        )
+
+    def _file_command(self, argv: Sequence[str], path: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+        proc = self.run(argv, check=False)
+        if proc.returncode != 0:
+            err = proc.stderr.strip()
+            if "No such file" in err:
+                raise FileNotFoundError(2, f"{err} on {self.name}", str(path))
+            if "Permission denied" in err:
+                raise PermissionError(13, f"{err} on {self.name}", str(path))
+            raise CommandFailed(argv, proc.returncode, err, self.name)
+        return proc
+
+    def read_text(self, path: str | os.PathLike[str]) -> str:
+        return self._file_command(["cat", "--", str(path)], path).stdout
+
+    def exists(self, path: str | os.PathLike[str]) -> bool:
+        return self.run(["test", "-e", str(path)], check=False).returncode == 0
+
+    def owner(self, path: str | os.PathLike[str]) -> str:
+        """The OS user owning ``path``."""
+        return self._file_command(["stat", "-c", "%U", "--", str(path)], path).stdout.strip()
+
+    def listdir(self, path: str | os.PathLike[str]) -> list[str]:
+        """Names in directory ``path`` (``FileNotFoundError`` if there is none)."""
+        return sorted(self._file_command(["ls", "-A", "--", str(path)], path).stdout.splitlines())
+
+    def remove(self, path: str | os.PathLike[str]) -> None:
+        self.run(["rm", "-f", "--", str(path)])
+
+    def rename(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        self.run(["mv", "--", str(src), str(dst)])
+
+    def write_text_atomic(
+        self,
+        path: str | os.PathLike[str],
+        text: str,
+        *,
+        owner: str | None = None,
+        mode: int | None = None,
+    ) -> None:
+        """Replace ``path`` atomically on the other host, keeping its mode and owner (as ``LocalHost``)."""
+        self.run(["sh", "-c", _ATOMIC_WRITE, "sh", str(path), "" if mode is None else f"{mode:o}", owner or ""],
+                 input=text)
+
+    def make_dir(self, path: str | os.PathLike[str], *, owner: str | None = None, mode: int = 0o755) -> None:
+        """Create ``path`` (and parents) owned by ``owner``."""
+        self.run(["sh", "-c", 'mkdir -p -- "$1" && chmod "$2" "$1" && { [ -z "$3" ] || chown "$3:" "$1"; }',
+                  "sh", str(path), f"{mode:o}", owner or ""])
+
+    def tunnel(self, host: str, port: int | str) -> tuple[str, int]:
+        """A local address that reaches ``host:port`` as the other host sees it (an ssh port forward).
+
+        ``host`` may be a Unix socket directory (libpq style): the socket ``.s.PGSQL.<port>`` in it
+        is forwarded. Forwards live until ``close()``.
+        """
+        key = (host, int(port))
+        if key in self._forwards:
+            return "127.0.0.1", self._forwards[key]
+        self.connect()
+        remote = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
+        last = ""
+        for _ in range(3):
+            local = _free_port()
+            proc = subprocess.run(
+                self._ssh("-o", f"ControlPath={self._control}", "-O", "forward",
+                          "-L", f"127.0.0.1:{local}:{remote}", self.destination),
+                capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+            if proc.returncode == 0:
+                self._forwards[key] = local
+                return "127.0.0.1", local
+            last = proc.stderr.strip()
+        raise Unreachable(f"cannot forward a port to {remote} through {self.name}: {last}")
+
+
+# Write to a temporary file next to the target, copy the old file's mode and owner (or apply
+# the ones given), flush, then rename over it: readers see the old file or the new one, never
+# half of one. Works with GNU coreutils and BusyBox.
+_ATOMIC_WRITE = r"""set -e
+p=$1; mode=$2; owner=$3
+t=$(mktemp "$(dirname -- "$p")/.$(basename -- "$p").XXXXXX")
+trap 'rm -f -- "$t"' EXIT
+cat > "$t"
+if [ -n "$mode" ]; then chmod "$mode" "$t"
+elif [ -e "$p" ]; then chmod "$(stat -c %a -- "$p")" "$t"
+else chmod 644 "$t"; fi
+if [ -n "$owner" ]; then chown "$owner:" "$t"
+elif [ -e "$p" ] && [ "$(id -u)" = 0 ]; then chown "$(stat -c %u:%g -- "$p")" "$t"; fi
+sync "$t" 2>/dev/null || true
+mv -f -- "$t" "$p"
+trap - EXIT
+"""
+
+
+Host = LocalHost | SshHost
+"""Anything that runs commands and writes files on one machine."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def chown(path: str | os.PathLike[str], user: str) -> None:

@@ -42,11 +42,14 @@ def ensure_replication_role(dsn: str, user: str, password: str | None = None) ->
     return True
 
 
-def ensure_slot(dsn: str, name: str) -> bool:
-    """Create the physical replication slot ``name`` if missing; True if it was created."""
+def ensure_slot(dsn: str, name: str, *, reserve: bool = False) -> bool:
+    """Create the physical replication slot ``name`` if missing; True if it was created.
+
+    ``reserve`` makes the slot hold WAL from now on, before its standby first connects.
+    """
     if sql.query(dsn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)):
         return False
-    sql.execute(dsn, "SELECT pg_create_physical_replication_slot(%s)", (name,))
+    sql.execute(dsn, "SELECT pg_create_physical_replication_slot(%s, %s)", (name, reserve))
     return True
 
 
@@ -76,7 +79,7 @@ def base_backup(
     The target directory must be empty or absent. ``progress(done_kb, total_kb)`` is called as
     pg_basebackup reports; ``env`` may carry ``PGPASSFILE`` so no password is ever in argv.
     """
-    if target.host.exists(target.data) and any(True for _ in target.data.iterdir()):
+    if target.host.exists(target.data) and target.host.listdir(target.data):
         raise OpsError(f"{target.data} is not empty; move it away before taking a base backup into it")
     target.host.make_dir(target.data, owner=target.os_user, mode=0o700)
     argv = [target.tool("pg_basebackup"), "-D", str(target.data), "-d", source_conninfo,

@@ -124,12 +124,16 @@ class LabNode:
 class LabBouncer:
     """The lab's PgBouncer (transaction pooling), in front of whichever node it points at."""
 
-    def __init__(self, lab: Lab, port: int, target: str) -> None:
+    def __init__(self, lab: Lab, port: int, target: str, *, name: str = "pgbouncer",
+                 settings: dict[str, object] | None = None) -> None:
         self.lab = lab
+        self.name = name
         self.host = HOST
         self.port = port
         self.target = target
-        base = lab.directory / "pgbouncer"
+        # Overrides of the [pgbouncer] settings below; None removes one (PgBouncer's default).
+        self.settings = dict(settings or {})
+        base = lab.directory / name
         self.config_path = base / "pgbouncer.ini"
         self.process = PgBouncerProcess(base / "pgbouncer.ini", base / "pgbouncer.pid",
                                         os_user=lab.os_user, host=lab.hostos)
@@ -155,27 +159,26 @@ class LabBouncer:
         self.lab.hostos.make_dir(base, owner=self.lab.os_user, mode=0o755)
         node = self.lab.nodes[self.target]
         conninfo = f"host={node.host} port={node.port}"
-        text = render_config(
-            {
-                "listen_addr": self.host,
-                "listen_port": self.port,
-                "unix_socket_dir": "",
-                "auth_type": "trust",
-                "auth_file": base / "userlist.txt",
-                "admin_users": "postgres",
-                "pool_mode": "transaction",
-                "max_client_conn": 500,
-                "default_pool_size": 20,
-                # REFERENCE.md: the default 15 s turns a crash into a 15 s outage.
-                "server_login_retry": 1,
-                "query_wait_timeout": 30,
-                "ignore_startup_parameters": "extra_float_digits,options",
-                "logfile": base / "pgbouncer.log",
-                "pidfile": base / "pgbouncer.pid",
-            },
-            # "*": any other database name (tests' own databases) goes to the same node.
-            {APP_DB: f"{conninfo} dbname={APP_DB}", "*": conninfo},
-        )
+        defaults: dict[str, object] = {
+            "listen_addr": self.host,
+            "listen_port": self.port,
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": base / "userlist.txt",
+            "admin_users": "postgres",
+            "pool_mode": "transaction",
+            "max_client_conn": 500,
+            "default_pool_size": 20,
+            # REFERENCE.md: the default 15 s turns a crash into a 15 s outage.
+            "server_login_retry": 1,
+            "query_wait_timeout": 30,
+            "ignore_startup_parameters": "extra_float_digits,options",
+            "logfile": base / "pgbouncer.log",
+            "pidfile": base / "pgbouncer.pid",
+        }
+        settings = {k: v for k, v in {**defaults, **self.settings}.items() if v is not None}
+        # "*": any other database name (tests' own databases) goes to the same node.
+        text = render_config(settings, {APP_DB: f"{conninfo} dbname={APP_DB}", "*": conninfo})
         self.lab.hostos.write_text_atomic(self.config_path, text, owner=self.lab.os_user, mode=0o640)
         users = f'"{APP_USER}" ""\n"postgres" ""\n'
         self.lab.hostos.write_text_atomic(base / "userlist.txt", users, owner=self.lab.os_user, mode=0o640)
@@ -228,7 +231,9 @@ class Lab:
         self.with_pgbouncer = pgbouncer
         self.nodes: dict[str, LabNode] = {}
         self.pgbouncer: LabBouncer | None = None
+        self.extra_bouncers: dict[str, LabBouncer] = {}
         self.timings: dict[str, float] = {}
+        self._closers: list[tuple[str, Callable[[], object]]] = []
 
     # --- lookup ------------------------------------------------------------------------------
 
@@ -359,11 +364,36 @@ class Lab:
         node.start()
         replication.wait_streaming(node.admin_dsn)
 
+    def on_close(self, what: str, closer: Callable[[], object]) -> None:
+        """Run ``closer`` first when the lab closes (e.g. an sshd started for it); failures are logged."""
+        self._closers.append((what, closer))
+
+    @property
+    def bouncers(self) -> list[LabBouncer]:
+        """Every PgBouncer of the lab: the default one, then those ``add_pgbouncer`` made."""
+        return ([self.pgbouncer] if self.pgbouncer else []) + list(self.extra_bouncers.values())
+
+    def add_pgbouncer(self, name: str, **settings: object) -> LabBouncer:
+        """Start another PgBouncer in front of the primary (see ``testing.fleet``); ``settings`` override."""
+        from .fleet import add_pgbouncer
+
+        return add_pgbouncer(self, name, settings)
+
+    def write_inventory(self, path: str | os.PathLike[str], **options: Any) -> Path:
+        """Write the CLI's INI inventory describing this lab (see ``testing.fleet.write_inventory``)."""
+        from .fleet import write_inventory
+
+        return write_inventory(self, path, **options)
+
     def close(self) -> None:
         """Stop everything the lab started and remove its directory (if the lab made it).
 
         Never raises: each step that fails is logged and the rest still runs.
         """
+        for what, closer in reversed(self._closers):
+            _quietly(closer, what)
+        for extra in self.extra_bouncers.values():
+            _quietly(extra.stop, f"stop pgbouncer {extra.name}")
         if self.pgbouncer is not None:
             _quietly(self.pgbouncer.stop, "stop pgbouncer")
         for node in self.nodes.values():

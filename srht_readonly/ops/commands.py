@@ -1,0 +1,312 @@
+"""The procedure commands of ``srht-readonly`` (status, standby prepare, failover, promote, demote,
+switchover), each a thin wrapper: load the inventory, take the operator lock, check, show the plan,
+confirm, run, render. The group and the shared options live in ``cli``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import click
+
+from . import render
+from .cli import EXIT_REFUSED, failures, main, option_dry_run, option_json, option_yes
+from .cluster import Cluster
+from .demote import check_demote, demote_node
+from .failover import check_failover, run_failover
+from .fleet import Fleet
+from .inventory import load, resolve_path
+from .lock import OperatorLock, lock_path
+from .promote import check_promote, promote_node
+from .standby import check_prepare, run_prepare
+from .status import collect
+from .switchover import MAX_LAG, check_switchover, run_switchover
+
+
+@contextmanager
+def session(ctx: click.Context, command: str | None, as_json: bool) -> Iterator[Cluster]:
+    """The inventory's cluster for one command; ``command`` (a changing one) also takes the operator lock."""
+    with failures(as_json):
+        inventory = load(resolve_path(ctx.obj["config"]))
+        lock = OperatorLock(lock_path(inventory.path), command) if command else None
+        if lock is not None:
+            lock.acquire()
+    try:
+        with Cluster(inventory, ssh_config=ctx.obj["ssh_config"]) as cluster:
+            yield cluster
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def confirm(title: str, steps: Sequence[str], warnings: Sequence[str], *, dry_run: bool, yes: bool) -> None:
+    """Show the plan (on stderr); stop after it on ``--dry-run``; ask unless ``--yes``."""
+    click.echo(render.plan_text(title, steps, warnings), err=True)
+    if dry_run:
+        click.echo("dry run: nothing was changed", err=True)
+        raise click.exceptions.Exit(0)
+    if not yes and not click.confirm("Proceed?", default=False, err=True):
+        click.echo("not confirmed: nothing was changed", err=True)
+        raise click.exceptions.Exit(EXIT_REFUSED)
+
+
+def say(message: str) -> None:
+    click.echo(f"... {message}", err=True)
+
+
+def _lock_name(dry_run: bool, text: str) -> str | None:
+    return None if dry_run else text
+
+
+@main.command()
+@option_json
+@click.option("--check", is_flag=True, help="Exit 1 when anything needs attention (for cron and alerting).")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, check: bool) -> None:
+    """Each node's observed role, timeline, position, lag and slots; each PgBouncer's target.
+
+    Unreachable nodes and PgBouncers are reported, not fatal. Problems flagged include a
+    standby that does not stream, inactive slots holding WAL, PgBouncers split between nodes
+    or paused, server_login_retry above 3 s and auth_type = trust.
+
+    \b
+    Example:
+      srht-readonly status
+      srht-readonly status --json | jq '.nodes[] | {name, role, lag_bytes}'
+      srht-readonly status --check || mail -s 'database needs attention' ops@example.org
+    """
+    with session(ctx, None, as_json) as cluster, failures(as_json):
+        result = collect(cluster)
+    click.echo(render.to_json(result) if as_json else render.status_text(result))
+    if check and result.problems:
+        ctx.exit(EXIT_REFUSED)
+
+
+@main.group()
+def standby() -> None:
+    """Build hot standbys (the plan's "Preparing the hot standby").
+
+    \b
+    Example:
+      srht-readonly standby prepare konpaku --from remilia
+    """
+
+
+@standby.command("prepare")
+@click.argument("node")
+@click.option("--from", "primary", required=True, metavar="PRIMARY", help="The primary to copy.")
+@click.option("--force", is_flag=True, help="Stop NODE and move its data directory aside (kept) if it has one.")
+@option_dry_run
+@option_yes
+@option_json
+@click.pass_context
+def standby_prepare(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bool, yes: bool,
+                    as_json: bool) -> None:
+    """Make NODE a streaming hot standby of PRIMARY, steps 1-8 of the plan.
+
+    Replication role (password from [replication] password-file, never in argv or logs),
+    a pg_hba.conf line for NODE's address only, a slot, a base backup with a progress bar,
+    standby settings, start, wait for streaming, sanity check. A running primary is never
+    overwritten; an existing data directory is moved aside only with --force.
+
+    \b
+    Example:
+      srht-readonly standby prepare konpaku --from remilia --dry-run
+      srht-readonly standby prepare konpaku --from remilia --force --yes
+    """
+    with session(ctx, _lock_name(dry_run, f"standby prepare {node}"), as_json) as cluster:
+        with failures(as_json):
+            plan = check_prepare(cluster, node, primary, force=force)
+        confirm(f"make {node} a hot standby of {primary}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
+        bar = _ProgressBar(as_json)
+        try:
+            with failures(as_json, changing=True):
+                result = run_prepare(cluster, plan, progress=bar.update)
+        finally:
+            bar.close()
+    if as_json:
+        click.echo(render.to_json(result))
+    elif result.nothing_to_do:
+        click.echo(f"{node} already streams from {primary}: nothing to do")
+    else:
+        moved = f"; old data directory kept at {result.moved_aside}" if result.moved_aside else ""
+        hba = f"; pg_hba.conf: added '{result.hba_line}'" if result.hba_line else ""
+        click.echo(f"{node} is a streaming hot standby of {primary} (timeline {result.sanity.get('timeline')}, "
+                   f"same databases) after {result.seconds:.1f} s{moved}{hba}")
+
+
+@main.command()
+@click.option("--to", "to", required=True, metavar="NODE", help="The node every PgBouncer will point at.")
+@click.option("--force", is_flag=True, help="Point at NODE even if it does not answer.")
+@option_dry_run
+@option_yes
+@option_json
+@click.pass_context
+def failover(ctx: click.Context, to: str, force: bool, dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Read-only failover: point every PgBouncer at NODE (usually the standby).
+
+    Two phases: every PgBouncer's config is written first (atomically, mode and owner kept);
+    only when all are written are all reloaded at once. If any cannot be written, those
+    written are put back and nothing is reloaded. An unreachable PgBouncer refuses the whole
+    switch. server_login_retry is lowered to 1 s on each console, so reads come back within
+    a second of a crash instead of 15 s. Then promote NODE to bring writes back.
+
+    \b
+    Example:
+      srht-readonly failover --to konpaku --dry-run
+      srht-readonly failover --to konpaku --yes && srht-readonly promote konpaku --yes
+    """
+    with session(ctx, _lock_name(dry_run, f"failover --to {to}"), as_json) as cluster, Fleet(cluster) as fleet:
+        with failures(as_json):
+            plan = check_failover(cluster, fleet, to, force=force)
+        confirm(f"point every PgBouncer at {to} ({plan.target_role})", plan.steps(), plan.warnings,
+                dry_run=dry_run, yes=yes)
+        with failures(as_json, changing=True):
+            result = run_failover(cluster, fleet, plan)
+    if as_json:
+        click.echo(render.to_json(result))
+        return
+    mode = " (a standby: read-only until `srht-readonly promote " + to + "`)" if result.target_role == "standby" else ""
+    lowered = f"; server_login_retry lowered on {', '.join(result.login_retry_set)}" if result.login_retry_set else ""
+    click.echo(f"every PgBouncer points at {to}{mode}: {len(result.written)} config(s) rewritten, "
+               f"{len(result.reloaded)} reloaded, in {result.seconds:.2f} s{lowered}")
+
+
+@main.command()
+@click.argument("node")
+@click.option("--force", is_flag=True, help="Promote even though another node is still a primary.")
+@click.option("--replay-timeout", default=10.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for NODE to replay what it received before refusing.")
+@option_dry_run
+@option_yes
+@option_json
+@click.pass_context
+def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, dry_run: bool, yes: bool,
+            as_json: bool) -> None:
+    """Promote the standby NODE to primary (the plan's "Standby promotion procedure").
+
+    Refuses, changing nothing, if NODE is not a standby, if another node still accepts
+    writes (split brain; --force overrides), or if NODE has not replayed all it received.
+    Then pg_promote, check the timeline went up, CHECKPOINT.
+
+    \b
+    Example:
+      srht-readonly promote konpaku --dry-run
+      srht-readonly promote konpaku --yes
+    """
+    with session(ctx, _lock_name(dry_run, f"promote {node}"), as_json) as cluster:
+        with failures(as_json):
+            plan = check_promote(cluster, node, force=force, replay_timeout=replay_timeout)
+        confirm(f"promote {node}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
+        with failures(as_json, changing=True):
+            result = promote_node(cluster, plan)
+    if as_json:
+        click.echo(render.to_json(result))
+        return
+    click.echo(f"{node} is the primary: timeline {result.timeline_before} -> {result.timeline_after} in "
+               f"{result.seconds:.3f} s; CHECKPOINT done")
+
+
+@main.command()
+@click.argument("node")
+@click.option("--primary", "primary", required=True, metavar="NEW", help="The node NODE will follow.")
+@click.option("--force", is_flag=True, help="Demote NODE even while it runs as a primary (its newer writes are lost).")
+@option_dry_run
+@option_yes
+@option_json
+@click.pass_context
+def demote(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bool, yes: bool,
+           as_json: bool) -> None:
+    """Make the former primary NODE a standby of NEW (the plan's "Master demotion procedure").
+
+    Slot on NEW, replication access checked in NEW's pg_hba.conf, pg_rewind if NODE wrote
+    WAL that NEW never saw (wal_log_hints or checksums checked first), standby settings,
+    start, wait until it streams and has caught up.
+
+    \b
+    Example:
+      srht-readonly demote remilia --primary konpaku --dry-run
+      srht-readonly demote remilia --primary konpaku --yes
+    """
+    with session(ctx, _lock_name(dry_run, f"demote {node}"), as_json) as cluster:
+        with failures(as_json):
+            plan = check_demote(cluster, node, primary, force=force)
+        confirm(f"make {node} follow {primary}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
+        with failures(as_json, changing=True):
+            result = demote_node(cluster, plan)
+    if as_json:
+        click.echo(render.to_json(result))
+    elif result.nothing_to_do:
+        click.echo(f"{node} already streams from {primary}: nothing to do")
+    else:
+        how = "rewound with pg_rewind" if result.rewound else "no pg_rewind needed"
+        click.echo(f"{node} streams from {primary} and has caught up ({how}: {result.reason}) "
+                   f"in {result.seconds:.1f} s")
+
+
+@main.command()
+@click.option("--to", "to", required=True, metavar="NODE", help="The standby that becomes the primary.")
+@click.option("--pause-timeout", default=5.0, show_default=True, metavar="SECONDS",
+              help="Longest wait for PAUSE (running transactions) before giving up, changing nothing.")
+@click.option("--max-lag", default=MAX_LAG // 2**20, show_default=True, metavar="MB",
+              help="Refuse when NODE is further behind than this.")
+@option_dry_run
+@option_yes
+@option_json
+@click.pass_context
+def switchover(ctx: click.Context, to: str, pause_timeout: float, max_lag: int, dry_run: bool, yes: bool,
+               as_json: bool) -> None:
+    """Planned switchover to NODE with no failed client request; prints the write pause.
+
+    PAUSE every PgBouncer, fast-stop the primary, prove NODE replayed its shutdown checkpoint,
+    promote NODE, RELOAD every PgBouncer pointing at it, RESUME (always), then make the old
+    primary follow NODE. Any failure before the promotion switches back and changes nothing.
+
+    \b
+    Example:
+      srht-readonly switchover --to konpaku --dry-run
+      srht-readonly switchover --to konpaku --yes
+    """
+    with session(ctx, _lock_name(dry_run, f"switchover --to {to}"), as_json) as cluster, Fleet(cluster) as fleet:
+        with failures(as_json):
+            plan = check_switchover(cluster, fleet, to, max_lag=max_lag * 2**20, pause_timeout=pause_timeout)
+        confirm(f"switch the primary from {plan.old} to {to}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
+        with failures(as_json, changing=True):
+            result = run_switchover(cluster, fleet, plan, say=say)
+    if as_json:
+        click.echo(render.to_json(result))
+        return
+    phases = ", ".join(f"{k} {v:.3f}" for k, v in result.phases.items())
+    follow = ""
+    if result.demote is not None:
+        follow = f"; {result.old} follows {to} ({'rewound' if result.demote.rewound else 'no pg_rewind needed'})"
+    click.echo(f"switched over {result.old} -> {to}: write pause {result.write_pause:.3f} s ({phases}); timeline "
+               f"{result.timeline_before} -> {result.timeline_after}{follow}")
+
+
+class _ProgressBar:
+    """The base backup's progress on stderr, created once pg_basebackup reports a total."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.done = 0
+        self.started = time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(total, 1), label="base backup (kB)", file=click.get_text_stream(
+                "stderr"), show_pos=True)
+            self.bar.__enter__()
+        self.bar.length = max(total, done, 1)
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+

@@ -1,0 +1,345 @@
+"""Every PgBouncer of the inventory, switched as one: the plan's "update all configs, then reload all".
+
+``Fleet.open()`` reaches every PgBouncer first (its host, its config file, its admin console),
+so an unreachable one is found before anything changes. The switch then has two phases:
+
+1. ``write()``: the new config of every PgBouncer is written (atomically, mode and owner kept).
+   If any host fails, the files already written are put back and nothing is reloaded.
+2. ``reload()``: ``RELOAD`` is sent to every console at the same moment, then ``verify()``
+   waits until ``SHOW DATABASES`` shows the new target everywhere.
+
+``pause()``/``resume()`` serve the planned switchover.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg2.extensions
+
+from . import console as consoles
+from .cluster import Cluster
+from .errors import OpsError, PartlyDone, Refused
+from .inventory import BouncerSpec, Inventory, NodeSpec
+from .pgbouncer import parse_config, parse_conninfo, repoint
+from .remote import Host
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WATCHED = ("server_login_retry", "auth_type", "pool_mode", "query_wait_timeout")
+
+
+@dataclass
+class BouncerState:
+    """One PgBouncer as observed: where its entries point (running and on disk), paused or not."""
+
+    name: str
+    reachable: bool
+    error: str | None = None
+    target: str | None = None
+    file_target: str | None = None
+    entries: dict[str, str] = field(default_factory=dict)
+    paused: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Member:
+    """A PgBouncer opened for one operation."""
+
+    spec: BouncerSpec
+    host: Host
+    text: str | None = None
+    console: consoles.Console | None = None
+    config: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def entries(self) -> list[str]:
+        """The ``[databases]`` entries that follow the primary (``databases =``, default all)."""
+        names = list(parse_config(self.text or "").get("databases", {}))
+        if self.spec.databases is not None:
+            return [n for n in names if n in self.spec.databases]
+        return names
+
+
+@dataclass
+class Change:
+    """A config file before and after the repoint."""
+
+    name: str
+    old: str
+    new: str
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+
+class Fleet:
+    """The inventory's PgBouncers (or the ``names`` given), for one operation."""
+
+    def __init__(self, cluster: Cluster, names: Iterable[str] | None = None) -> None:
+        self.cluster = cluster
+        self.inventory: Inventory = cluster.inventory
+        chosen = list(names) if names is not None else list(self.inventory.pgbouncers)
+        self.members = {n: Member(self.inventory.pgbouncers[n], cluster.host(self.inventory.pgbouncers[n].ssh))
+                        for n in chosen}
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for m in self.members.values():
+            if m.console is not None:
+                m.console.close()
+
+    # --- reaching ------------------------------------------------------------------------------
+
+    def open(self, *, timeout: float = 10) -> dict[str, str]:
+        """Reach every PgBouncer: host, config file, console (``SHOW CONFIG``). Returns {name: why} for failures."""
+        _parallel(self.members.values(), self._reach)
+        reached = [m for m in self.members.values() if m.error is None and m.console is not None]
+        for key, outcome in consoles.connect([m.console for m in reached if m.console], timeout=timeout).items():
+            if not outcome.ok:
+                self.members[key].error = f"console: {outcome.error}"
+        ready = [m for m in reached if m.error is None]
+        for key, outcome in consoles.execute([m.console for m in ready if m.console], "SHOW CONFIG",
+                                             timeout=timeout).items():
+            if outcome.ok:
+                self.members[key].config = {r["key"]: r["value"] for r in outcome.rows}
+            else:
+                self.members[key].error = f"console: {outcome.error}"
+        return self.errors()
+
+    def errors(self) -> dict[str, str]:
+        return {m.name: m.error for m in self.members.values() if m.error is not None}
+
+    def _reach(self, m: Member) -> None:
+        try:
+            m.text = m.host.read_text(m.spec.config)
+            params = dict(psycopg2.extensions.parse_dsn(m.spec.admin))
+            host = params.get("host")
+            if host is None:
+                raise OpsError(f"admin of [pgbouncer {m.name}] has no host=; say where its console listens")
+            params["host"], port = m.host.tunnel(host, params.get("port", "6432"))
+            params["port"] = str(port)
+            params.setdefault("connect_timeout", "5")
+            m.console = consoles.Console(m.name, " ".join(f"{k}='{v}'" for k, v in params.items()))
+        except (OpsError, OSError) as exc:
+            where = f" ({m.spec.ssh})" if m.spec.ssh else ""
+            m.error = f"{m.host.name}{where}: {exc}"
+
+    def require_all(self) -> None:
+        """Refuse (nothing changed) unless every PgBouncer was reached."""
+        errors = self.errors()
+        if errors:
+            raise Refused(
+                "refusing: these PgBouncers cannot be reached, and switching only part of the fleet would split "
+                "it between two servers; nothing was changed:\n"
+                + "\n".join(f"  {name}: {why}" for name, why in errors.items())
+                + "\nfix them (or remove them from the inventory) and run the command again"
+            )
+
+    # --- observing -----------------------------------------------------------------------------
+
+    def observe(self) -> dict[str, BouncerState]:
+        """Each PgBouncer's running targets (``SHOW DATABASES``), its file's targets, paused, settings."""
+        ready = [m for m in self.members.values() if m.error is None and m.console is not None]
+        shown = consoles.execute([m.console for m in ready if m.console], "SHOW DATABASES", timeout=5)
+        result = {}
+        for name, m in self.members.items():
+            outcome = shown.get(name)
+            if m.error is not None or outcome is None or not outcome.ok:
+                result[name] = BouncerState(name, False, error=m.error or (outcome.error if outcome else "not opened"))
+                continue
+            result[name] = self._state(m, outcome.rows)
+        return result
+
+    def _state(self, m: Member, rows: list[dict[str, Any]]) -> BouncerState:
+        running = {r["name"]: r for r in rows}
+        wanted = m.entries()
+        file_dbs = parse_config(m.text or "").get("databases", {})
+        entries, on_disk = {}, {}
+        for name in wanted:
+            p = parse_conninfo(file_dbs[name])
+            on_disk[name] = f"{p.get('host', '')}:{p.get('port', '5432')}"
+            row = running.get(name)
+            entries[name] = f"{row['host']}:{row['port']}" if row is not None else on_disk[name]
+        paused = any(int(running[n]["paused"]) for n in wanted if n in running) or (
+            not wanted and any(int(r["paused"]) for r in rows))
+        return BouncerState(
+            m.name, True, target=self._node_of(entries.values()), file_target=self._node_of(on_disk.values()),
+            entries=entries, paused=bool(paused), settings={k: m.config.get(k, "") for k in WATCHED},
+        )
+
+    def _node_of(self, addresses: Iterable[str]) -> str | None:
+        names = set()
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            node = self.inventory.node_at(host, port)
+            names.add(node.name if node else address)
+        if not names:
+            return None
+        return names.pop() if len(names) == 1 else "mixed: " + ", ".join(sorted(names))
+
+    # --- switching -----------------------------------------------------------------------------
+
+    def plan_repoint(self, node: NodeSpec) -> dict[str, Change]:
+        """The new config of every PgBouncer, its chosen entries pointing at ``node``."""
+        result = {}
+        for name, m in self.members.items():
+            assert m.text is not None, f"{name} was not opened"
+            result[name] = Change(name, m.text, repoint(m.text, node.target, m.spec.databases))
+        return result
+
+    def write(self, changes: dict[str, Change]) -> list[str]:
+        """Phase one: write every changed file; on any failure put back those written and refuse.
+
+        Returns the names written. Raises ``Refused`` (all put back: nothing changed) or
+        ``PartlyDone`` (a file could not be put back: the output names it).
+        """
+        todo = [c for c in changes.values() if c.changed]
+        failed = dict(_parallel(todo, lambda c: self._write(c.name, c.new)))
+        failures = {name: why for name, why in failed.items() if why is not None}
+        written = [c.name for c in todo if failed.get(c.name) is None]
+        if not failures:
+            return written
+        restored = dict(_parallel([changes[n] for n in written], lambda c: self._write(c.name, c.old)))
+        unrestored = {n: why for n, why in restored.items() if why is not None}
+        if unrestored:
+            raise PartlyDone(
+                "could not write every PgBouncer config, and some files already written could not be put back; "
+                "nothing was reloaded (running PgBouncers are unchanged), but fix these files by hand:",
+                {**{n: f"write failed: {w}" for n, w in failures.items()},
+                 **{n: f"NEW config left on disk (not reloaded): {w}" for n, w in unrestored.items()}},
+            )
+        raise Refused(
+            "could not write every PgBouncer config; the files already written were put back and nothing "
+            "was reloaded:\n" + "\n".join(f"  {n}: {w}" for n, w in failures.items())
+        )
+
+    def _write(self, name: str, text: str) -> str | None:
+        m = self.members[name]
+        try:
+            m.host.write_text_atomic(m.spec.config, text)
+        except (OpsError, OSError) as exc:
+            return f"{m.host.name}: {exc}"
+        m.text = text
+        return None
+
+    def reload(self, *, login_retry: int | None = None, timeout: float = 5) -> dict[str, consoles.Outcome]:
+        """Phase two: ``RELOAD`` every console at once; then ``SET server_login_retry`` where it is higher.
+
+        The SET comes after the RELOAD because a RELOAD puts back the file's value.
+        """
+        ready = [m.console for m in self.members.values() if m.error is None and m.console is not None]
+        results = consoles.execute(ready, "RELOAD", timeout=timeout)
+        if login_retry is not None:
+            lower = [m.console for m in self.members.values() if m.console is not None and results.get(m.name)
+                     and results[m.name].ok and seconds_setting(m.config.get("server_login_retry")) > login_retry]
+            for key, outcome in consoles.execute(lower, f"SET server_login_retry = '{login_retry}'",
+                                                 timeout=timeout).items():
+                if not outcome.ok:
+                    results[key] = outcome
+                else:
+                    self.members[key].config["server_login_retry"] = str(login_retry)
+        return results
+
+    def verify(self, node: NodeSpec, *, timeout: float = 5) -> dict[str, str]:
+        """Wait until every PgBouncer's ``SHOW DATABASES`` points its entries at ``node``; {name: why not}."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.observe()
+            wrong = {n: (s.error or f"points at {s.target}") for n, s in states.items()
+                     if not s.reachable or s.target != node.name}
+            if not wrong or time.monotonic() >= deadline:
+                return wrong
+            time.sleep(0.05)
+
+    def pause(self, *, timeout: float) -> dict[str, consoles.Outcome]:
+        """``PAUSE`` every PgBouncer (its listed databases, or all) at once; each must finish within ``timeout``.
+
+        A PAUSE that times out has its connection closed (see ``console``); the caller must then
+        ``resume()`` everything.
+        """
+        jobs: dict[str, str] = {}
+        extra = []
+        for m in self.members.values():
+            if m.console is None:
+                continue
+            if m.spec.databases is None:
+                jobs[m.name] = "PAUSE"
+                continue
+            for db in m.spec.databases:
+                c = consoles.Console(f"{m.name}/{db}", m.console.dsn)
+                extra.append(c)
+                jobs[c.key] = f'PAUSE "{db}"'
+        consoles.connect(extra, timeout=timeout)
+        chosen = [m.console for m in self.members.values() if m.console is not None and m.name in jobs] + extra
+        results = consoles.execute(chosen, jobs, timeout=timeout)
+        for c in extra:
+            c.close()
+        merged: dict[str, consoles.Outcome] = {}
+        for key, outcome in results.items():
+            name = key.split("/", 1)[0]
+            if name not in merged or not outcome.ok:
+                merged[name] = outcome
+        return merged
+
+    def resume(self, *, timeout: float = 5) -> dict[str, consoles.Outcome]:
+        """``RESUME`` every PgBouncer, reopening consoles that a failed PAUSE closed; "not paused" is fine."""
+        reopen = [m for m in self.members.values() if m.console is not None and not m.console.is_open]
+        consoles.connect([m.console for m in reopen if m.console], timeout=timeout)
+        results: dict[str, consoles.Outcome] = {}
+        plain = [m.console for m in self.members.values() if m.console is not None and m.spec.databases is None]
+        results.update(consoles.execute(plain, "RESUME", timeout=timeout))
+        per_db = [m for m in self.members.values() if m.console is not None and m.spec.databases is not None]
+        for i in range(max((len(m.spec.databases or ()) for m in per_db), default=0)):
+            batch = {m.name: f'RESUME "{m.spec.databases[i]}"' for m in per_db if m.spec.databases and
+                     i < len(m.spec.databases) and results.get(m.name, consoles.Outcome(True)).ok}
+            chosen = [m.console for m in per_db if m.console is not None and m.name in batch]
+            results.update(consoles.execute(chosen, batch, timeout=timeout))
+        for outcome in results.values():
+            if not outcome.ok and outcome.error and "not paused" in outcome.error:
+                outcome.ok, outcome.error = True, None
+        if any(not o.ok for o in results.values()):
+            # A console closed by a failed RESUME must be reopened for the next try.
+            for m in self.members.values():
+                if m.console is not None and not m.console.is_open:
+                    consoles.connect([m.console], timeout=timeout)
+        return results
+
+
+def seconds_setting(value: str | None) -> float:
+    """A PgBouncer duration setting (``15``, ``15.0``, ``15s``) in seconds; unknown counts as high."""
+    if not value:
+        return float("inf")
+    text = value.strip().rstrip("s")
+    try:
+        return float(text)
+    except ValueError:
+        return float("inf")
+
+
+def _parallel(items: Iterable[T], fn: Callable[[T], Any]) -> list[tuple[Any, Any]]:
+    """Run ``fn`` on every item in threads; returns (item.name or item, result) pairs in order."""
+    items = list(items)
+    if not items:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
+        results = list(pool.map(fn, items))
+    return [(getattr(i, "name", i), r) for i, r in zip(items, results, strict=True)]

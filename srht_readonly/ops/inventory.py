@@ -1,0 +1,298 @@
+"""The INI inventory: which PostgreSQL nodes and PgBouncers make up the fleet, and how to reach them.
+
+Roles are never declared here: who is the primary is observed (``pg_is_in_recovery()``) each
+time a command runs. The format (docs/cli.md)::
+
+    [node remilia]
+    dsn = host=10.0.0.2 port=5432 user=postgres dbname=postgres   ; how ops reaches it
+    data = /var/lib/postgresql/12/data
+    ssh = remilia.example.org        ; absent: this machine
+    bin = /usr/lib/postgresql/12/bin ; optional
+    os-user = postgres               ; optional
+    target = host=10.0.0.2 port=5432 ; optional: how PgBouncers reach it (default: from dsn)
+
+    [pgbouncer git.sr.ht]
+    ssh = git.sr.ht.example.org      ; absent: this machine
+    config = /etc/pgbouncer/pgbouncer.ini
+    admin = host=127.0.0.1 port=16432 user=pgbouncer dbname=pgbouncer  ; as seen from its host
+    databases = git.sr.ht, meta.sr.ht ; entries that follow the primary (default: all)
+
+    [replication]
+    user = replicator
+    password-file = /etc/sr.ht/replication.password
+
+A malformed file raises ``InventoryError`` naming the file, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2.extensions
+
+from .errors import OpsError
+
+DEFAULT_PATH = "/etc/sr.ht/readonly.ini"
+ENV_VAR = "SRHT_READONLY_CONFIG"
+
+NODE_KEYS = {"dsn": True, "data": True, "ssh": False, "bin": False, "os-user": False, "target": False}
+BOUNCER_KEYS = {"config": True, "admin": True, "ssh": False, "databases": False}
+REPLICATION_KEYS = {"user": False, "password-file": False}
+
+
+class InventoryError(OpsError):
+    """The inventory is missing or malformed (exit status 2)."""
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.problem = message
+        where = f"{self.path}:{line}" if line else self.path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A PostgreSQL server: how ops reaches it (``dsn``), where its data is, and how PgBouncers reach it."""
+
+    name: str
+    dsn: str
+    data: str
+    target: dict[str, str]
+    ssh: str | None = None
+    bin: str | None = None
+    os_user: str | None = None
+    line: int = 0
+
+    @property
+    def address(self) -> str:
+        """The host PgBouncers and other nodes connect to (``target``'s host)."""
+        return self.target["host"]
+
+    @property
+    def port(self) -> str:
+        return self.target.get("port", "5432")
+
+
+@dataclass(frozen=True)
+class BouncerSpec:
+    """A PgBouncer: its config file and admin console, both as seen from its own host."""
+
+    name: str
+    config: str
+    admin: str
+    ssh: str | None = None
+    databases: tuple[str, ...] | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicationSpec:
+    """The role standbys stream as; its password lives in a file, never in argv or logs."""
+
+    user: str = "replicator"
+    password_file: str | None = None
+
+    def password(self) -> str | None:
+        """The password from ``password-file`` (first line), or None when there is no file."""
+        if self.password_file is None:
+            return None
+        try:
+            text = Path(self.password_file).read_text()
+        except OSError as exc:
+            raise OpsError(
+                f"cannot read the replication password from {self.password_file}: {exc.strerror}; "
+                f"create it (mode 600) or remove password-file from [replication]"
+            ) from exc
+        first = text.splitlines()[0] if text.strip() else ""
+        if not first:
+            raise OpsError(f"{self.password_file} is empty; put the replication password on its first line")
+        return first
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The parsed file: nodes and PgBouncers in file order, and the replication settings."""
+
+    path: str
+    nodes: dict[str, NodeSpec]
+    pgbouncers: dict[str, BouncerSpec]
+    replication: ReplicationSpec = field(default_factory=ReplicationSpec)
+
+    def node(self, name: str) -> NodeSpec:
+        """The node called ``name``; ``InventoryError`` listing the known ones otherwise."""
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise InventoryError(self.path, None, f"no [node {name}] here; nodes: {', '.join(self.nodes)}") from None
+
+    def node_at(self, host: str | None, port: str | int | None) -> NodeSpec | None:
+        """The node whose ``target`` is ``host:port`` (how a PgBouncer entry names it), if any."""
+        for node in self.nodes.values():
+            if node.address == host and node.port == str(port or "5432"):
+                return node
+        return None
+
+
+def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """``--config``, else ``$SRHT_READONLY_CONFIG``, else ``/etc/sr.ht/readonly.ini``."""
+    return Path(explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load(path: str | os.PathLike[str]) -> Inventory:
+    """Read and check the inventory at ``path``."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise InventoryError(path, None, f"no such file; pass --config FILE or set ${ENV_VAR}") from None
+    except OSError as exc:
+        raise InventoryError(path, None, f"cannot read it: {exc.strerror}") from None
+    return parse(text, str(path))
+
+
+_SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]$")
+_ENTRY = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(.*)$")
+_INLINE_COMMENT = re.compile(r"\s+[;#].*$")
+
+
+def parse(text: str, path: str = "<inventory>") -> Inventory:
+    """Parse inventory ``text``; ``path`` is only used in error messages."""
+    sections: list[tuple[str, str | None, int, dict[str, tuple[str, int]]]] = []
+    seen: dict[tuple[str, str | None], int] = {}
+    current: dict[str, tuple[str, int]] | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith((";", "#")):
+            continue
+        m = _SECTION.match(line)
+        if m:
+            kind, name = _section_kind(m.group(1), path, number)
+            if (kind, name) in seen:
+                raise InventoryError(path, number, f"[{m.group(1)}] appears twice (first at line {seen[kind, name]})")
+            seen[kind, name] = number
+            current = {}
+            sections.append((kind, name, number, current))
+            continue
+        e = _ENTRY.match(_INLINE_COMMENT.sub("", line))
+        if not e:
+            raise InventoryError(path, number, f"expected 'key = value' or a [section], got {line!r}")
+        if current is None:
+            raise InventoryError(path, number, f"{e.group(1)!r} is outside any section; put it under [node NAME], "
+                                               f"[pgbouncer NAME] or [replication]")
+        key, value = e.group(1).lower(), e.group(2).strip()
+        if key in current:
+            first = current[key][1]
+            raise InventoryError(path, number, f"{key!r} is set twice in this section (first at line {first})")
+        current[key] = (value, number)
+
+    nodes: dict[str, NodeSpec] = {}
+    bouncers: dict[str, BouncerSpec] = {}
+    replication = ReplicationSpec()
+    for kind, name, number, entries in sections:
+        if kind == "node":
+            assert name is not None
+            nodes[name] = _node(name, number, entries, path)
+        elif kind == "pgbouncer":
+            assert name is not None
+            bouncers[name] = _bouncer(name, number, entries, path)
+        else:
+            _check_keys(entries, REPLICATION_KEYS, "[replication]", number, path)
+            replication = ReplicationSpec(
+                user=entries["user"][0] if "user" in entries else "replicator",
+                password_file=entries["password-file"][0] if "password-file" in entries else None,
+            )
+    if not nodes:
+        raise InventoryError(path, None, "no [node NAME] section; describe at least the primary and the standby")
+    targets: dict[tuple[str, str], str] = {}
+    for node in nodes.values():
+        key = (node.address, node.port)
+        if key in targets:
+            raise InventoryError(path, node.line, f"nodes {targets[key]} and {node.name} have the same target "
+                                                  f"{node.address}:{node.port}; set target = to tell them apart")
+        targets[key] = node.name
+    return Inventory(path, nodes, bouncers, replication)
+
+
+def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]:
+    parts = header.split()
+    if parts == ["replication"]:
+        return "replication", None
+    if len(parts) == 2 and parts[0] in ("node", "pgbouncer"):
+        return parts[0], parts[1]
+    if len(parts) == 1 and parts[0] in ("node", "pgbouncer"):
+        raise InventoryError(path, number, f"[{header}] needs a name, e.g. [{parts[0]} remilia]")
+    raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME] "
+                                       f"or [replication]")
+
+
+def _check_keys(entries: dict[str, tuple[str, int]], allowed: dict[str, bool], section: str, number: int,
+                path: str) -> None:
+    for key, (value, line) in entries.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
+            raise InventoryError(path, line, f"unknown key {key!r} in {section}{hint}")
+        if not value:
+            raise InventoryError(path, line, f"{key!r} is empty; give it a value or remove the line")
+    for key, required in allowed.items():
+        if required and key not in entries:
+            raise InventoryError(path, number, f"{section} has no {key!r}; it is required")
+
+
+def _conninfo(value: str, key: str, line: int, path: str) -> dict[str, str]:
+    try:
+        return dict(psycopg2.extensions.parse_dsn(value))
+    except psycopg2.ProgrammingError as exc:
+        raise InventoryError(path, line, f"{key} is not a libpq connection string: {str(exc).strip()}") from None
+
+
+def _node(name: str, number: int, entries: dict[str, tuple[str, int]], path: str) -> NodeSpec:
+    section = f"[node {name}]"
+    _check_keys(entries, NODE_KEYS, section, number, path)
+    dsn, dsn_line = entries["dsn"]
+    params = _conninfo(dsn, "dsn", dsn_line, path)
+    if "target" in entries:
+        value, line = entries["target"]
+        target = _conninfo(value, "target", line, path)
+        if "host" not in target:
+            raise InventoryError(path, line, "target has no host=; PgBouncers need a host to connect to")
+    else:
+        if "host" not in params or params["host"].startswith("/"):
+            raise InventoryError(path, dsn_line, "dsn has no TCP host, so PgBouncers cannot use it; add a "
+                                                 "target = host=... port=... line")
+        target = {"host": params["host"], "port": params.get("port", "5432")}
+    data, data_line = entries["data"]
+    if not data.startswith("/"):
+        raise InventoryError(path, data_line, f"data must be an absolute path, not {data!r}")
+    return NodeSpec(
+        name=name, dsn=dsn, data=data, target={"host": target["host"], "port": target.get("port", "5432")},
+        ssh=_opt(entries, "ssh"), bin=_opt(entries, "bin"), os_user=_opt(entries, "os-user"), line=number,
+    )
+
+
+def _bouncer(name: str, number: int, entries: dict[str, tuple[str, int]], path: str) -> BouncerSpec:
+    section = f"[pgbouncer {name}]"
+    _check_keys(entries, BOUNCER_KEYS, section, number, path)
+    admin, admin_line = entries["admin"]
+    params = _conninfo(admin, "admin", admin_line, path)
+    if params.get("dbname") != "pgbouncer":
+        raise InventoryError(path, admin_line, "admin must connect to PgBouncer's console: add dbname=pgbouncer")
+    config, config_line = entries["config"]
+    if not config.startswith("/"):
+        raise InventoryError(path, config_line, f"config must be an absolute path, not {config!r}")
+    databases: tuple[str, ...] | None = None
+    if "databases" in entries:
+        value, line = entries["databases"]
+        databases = tuple(d.strip() for d in value.split(",") if d.strip())
+        if not databases:
+            raise InventoryError(path, line, "databases lists no database; remove the line to mean all of them")
+    return BouncerSpec(name=name, config=config, admin=admin, ssh=_opt(entries, "ssh"), databases=databases,
+                       line=number)
+
+
+def _opt(entries: dict[str, tuple[str, int]], key: str) -> str | None:
+    return entries[key][0] if key in entries else None

@@ -1,0 +1,133 @@
+"""The plan's "Standby promotion procedure": make a standby the primary, with repmgr's safety checks.
+
+``check_promote`` refuses (``Refused``, nothing changed) when the node is not a standby, when
+another node is still a writable primary (split brain) unless forced, or when the node has not
+replayed everything it received. ``promote_node`` then promotes, verifies that the timeline went
+up, and checkpoints (so ``pg_rewind`` and base backups see the new timeline).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import sql
+from .cluster import Cluster
+from .errors import OpsError, Refused, Timeout
+from .observe import NodeState, observe_nodes, primaries
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromotePlan:
+    """What ``check_promote`` found: the node, the others' roles, and warnings for the operator."""
+
+    node: str
+    timeline: int | None
+    receive_lsn: str | None
+    replay_lsn: str | None
+    others: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    def steps(self) -> list[str]:
+        return [
+            f"promote {self.node}: SELECT pg_promote() (timeline {self.timeline} -> {(self.timeline or 0) + 1})",
+            f"verify {self.node} left recovery and its timeline went up",
+            f"CHECKPOINT on {self.node} (so pg_rewind and base backups see the new timeline)",
+        ]
+
+
+@dataclass
+class PromoteResult:
+    """What the promotion did."""
+
+    node: str
+    timeline_before: int
+    timeline_after: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_promote(cluster: Cluster, node: str, *, force: bool = False, replay_timeout: float = 10) -> PromotePlan:
+    """Refuse unless promoting ``node`` is safe; returns the plan."""
+    cluster.node(node)
+    states = observe_nodes(cluster.inventory)
+    me = states[node]
+    if me.role == "down":
+        raise Refused(f"{node} does not answer ({me.error}); start it, or promote another standby")
+    if me.role == "primary":
+        raise Refused(f"{node} is already a primary (timeline {me.timeline}); nothing to do")
+    others = {name: s.role for name, s in states.items() if name != node}
+    warnings = []
+    live = [p for p in primaries(states) if p != node]
+    if live and not force:
+        raise Refused(
+            f"{', '.join(live)} is a primary and accepts writes; promoting {node} now would make two primaries "
+            f"(split brain) and writes to either would be lost to the other. Stop {live[0]} first, or use "
+            f"`srht-readonly switchover --to {node}` for a planned change; pass --force only if {live[0]} is cut "
+            f"off from every client"
+        )
+    if live:
+        warnings.append(f"--force: {', '.join(live)} is still a primary; make sure no client can reach it")
+    _wait_replayed(cluster, me, replay_timeout)
+    return PromotePlan(node, me.timeline, me.receive_lsn, me.replay_lsn, others, warnings)
+
+
+def _wait_replayed(cluster: Cluster, me: NodeState, timeout: float) -> None:
+    """Refuse if the node has received WAL it has not replayed (after waiting ``timeout`` for it)."""
+    if me.receive_lsn is None:
+        return
+    dsn = cluster.node(me.name).dsn
+    target = me.receive_lsn
+    deadline = time.monotonic() + timeout
+    while True:
+        replay, paused = sql.query_one(dsn, "SELECT pg_last_wal_replay_lsn()::text, pg_is_wal_replay_paused()")
+        if replay is not None and sql.parse_lsn(replay) >= sql.parse_lsn(target):
+            return
+        if paused or time.monotonic() >= deadline:
+            behind = sql.parse_lsn(target) - sql.parse_lsn(replay or "0/0")
+            why = ("replay is paused: resume it with SELECT pg_wal_replay_resume()" if paused
+                   else f"it is still replaying after {timeout:g} s; wait and try again")
+            raise Refused(f"{me.name} received WAL up to {target} but replayed only up to {replay} "
+                          f"({behind} bytes behind); promoting now would lose them: {why}")
+        time.sleep(0.05)
+
+
+def promote_node(cluster: Cluster, plan: PromotePlan, *, timeout: float = 60) -> PromoteResult:
+    """Promote, verify, checkpoint."""
+    dsn = cluster.node(plan.node).dsn
+    before, after, seconds = fast_promote(dsn, timeout=timeout)
+    sql.execute(dsn, "CHECKPOINT")
+    return PromoteResult(plan.node, before, after, seconds, plan.warnings)
+
+
+def fast_promote(dsn: str, *, timeout: float = 60, interval: float = 0.005) -> tuple[int, int, float]:
+    """``pg_promote(false)`` and poll every ``interval`` until out of recovery; (timeline before, after, seconds).
+
+    ``pg_promote(true)`` checks only every 100 ms; polling on one open connection shortens the
+    write pause of a switchover.
+    """
+    with sql.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery()")
+        if not cur.fetchone()[0]:
+            raise OpsError("refusing to promote: the server is not in recovery (already a primary?)")
+        before = sql.timeline(dsn)
+        start = time.monotonic()
+        cur.execute("SELECT pg_promote(false)")
+        if not cur.fetchone()[0]:
+            raise OpsError("pg_promote refused to signal the server; look at its log")
+        while True:
+            cur.execute("SELECT pg_is_in_recovery()")
+            if not cur.fetchone()[0]:
+                break
+            if time.monotonic() - start > timeout:
+                raise Timeout(f"the server did not leave recovery within {timeout:g} s of pg_promote; look at its log")
+            time.sleep(interval)
+        seconds = time.monotonic() - start
+    after = sql.timeline(dsn)
+    if after <= before:
+        raise OpsError(f"promotion left the timeline at {after} (was {before}); look at the server log")
+    logger.info("promoted: timeline %d -> %d in %.3f s", before, after, seconds)
+    return before, after, seconds

@@ -1,0 +1,84 @@
+"""Text and JSON for what the procedures return: rendering kept apart from doing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from .status import Status
+
+
+def to_json(obj: Any) -> str:
+    """``obj`` (dataclasses, dicts, lists) as indented JSON."""
+    return json.dumps(_plain(obj), indent=2, default=str)
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def size(n: int | None) -> str:
+    """Bytes for humans: ``0 B``, ``12.3 kB``, ``4.5 MB``."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+def table(rows: Sequence[Sequence[object]]) -> list[str]:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+
+
+def status_text(status: Status) -> str:
+    """The ``status`` command's report."""
+    lines = [f"inventory {status.inventory}", ""]
+    rows: list[list[object]] = [["NODE", "ROLE", "TL", "POSITION", "LAG", "UPSTREAM", "SLOTS"]]
+    for n in status.nodes:
+        lag = "-" if n.role != "standby" else f"{size(n.lag_bytes)} / " + (
+            f"{n.lag_seconds:.1f} s" if n.lag_seconds is not None else "? s")
+        slots = ", ".join(f"{s.name} ({'active' if s.active else 'INACTIVE'}, holds {size(s.retained_bytes)})"
+                          for s in n.slots) or "-"
+        rows.append([n.name, n.role, n.timeline or "-", n.position or "-", lag, n.upstream or "-", slots])
+    lines += table(rows)
+    if status.pgbouncers:
+        lines.append("")
+        rows = [["PGBOUNCER", "TARGET", "PAUSED", "LOGIN_RETRY", "AUTH", "ON DISK"]]
+        for b in status.pgbouncers:
+            if not b.reachable:
+                rows.append([b.name, "UNREACHABLE", "-", "-", "-", "-"])
+                continue
+            rows.append([b.name, b.target or "-", "yes" if b.paused else "no",
+                         b.settings.get("server_login_retry", "?"), b.settings.get("auth_type", "?"),
+                         b.file_target if b.file_target != b.target else "same"])
+        lines += table(rows)
+    lines.append("")
+    if not status.problems:
+        lines.append("no problems")
+    else:
+        lines.append(f"{len(status.problems)} problem(s):")
+        lines += [f"  {p.severity:<8}  {p.subject}: {p.message}" for p in status.problems]
+    return "\n".join(lines)
+
+
+def plan_text(title: str, steps: Sequence[str], warnings: Sequence[str] = ()) -> str:
+    """A numbered plan, with warnings after it."""
+    lines = [f"plan: {title}"] + [f"  {i}. {step}" for i, step in enumerate(steps, 1)]
+    lines += [f"warning: {w}" for w in warnings]
+    return "\n".join(lines)

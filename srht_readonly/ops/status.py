@@ -1,0 +1,146 @@
+"""``status``: every node and PgBouncer as observed now, and what needs attention.
+
+Nothing here changes anything or raises for an unreachable host: what cannot be reached is
+reported (and is itself a problem). ``problems()`` flags what would hurt a failover: a standby
+that does not stream or lags, an inactive slot holding WAL, PgBouncers split between nodes or
+paused, ``server_login_retry`` above a few seconds, ``auth_type = trust``, and nodes that
+``pg_rewind`` could not bring back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cluster import Cluster
+from .fleet import BouncerState, Fleet, seconds_setting
+from .observe import NodeState, observe_nodes, primaries
+
+logger = logging.getLogger(__name__)
+
+LAG_WARN_BYTES = 16 * 1024 * 1024
+LOGIN_RETRY_WARN = 3.0
+
+
+@dataclass
+class Problem:
+    """Something that needs attention; ``severity`` is ``critical`` or ``warning``."""
+
+    severity: str
+    subject: str
+    message: str
+
+
+@dataclass
+class Status:
+    """The fleet as observed, with its problems."""
+
+    inventory: str
+    nodes: list[NodeState]
+    pgbouncers: list[BouncerState]
+    problems: list[Problem] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``status --json`` document (``nodes[].role``, ``pgbouncers[].target``... see docs/cli.md)."""
+        data = dataclasses.asdict(self)
+        for node, raw in zip(data["nodes"], self.nodes, strict=True):
+            node["position"] = raw.position
+            node.pop("replicas", None)
+        return data
+
+
+def collect(cluster: Cluster) -> Status:
+    """Observe every node and PgBouncer of the inventory."""
+    nodes = observe_nodes(cluster.inventory)
+    with Fleet(cluster) as fleet:
+        fleet.open()
+        bouncers = fleet.observe()
+    status = Status(cluster.inventory.path, list(nodes.values()), list(bouncers.values()))
+    status.problems = problems(status)
+    return status
+
+
+def problems(status: Status) -> list[Problem]:
+    """What in ``status`` needs an operator, worst first."""
+    found: list[Problem] = []
+    nodes = {n.name: n for n in status.nodes}
+    live = primaries(nodes)
+    if not live:
+        found.append(Problem("critical", "cluster", "no node is a primary: writes fail everywhere. Promote a standby "
+                                                    "(srht-readonly promote NODE) once the old primary is gone"))
+    elif len(live) > 1:
+        found.append(Problem("critical", "cluster", f"{' and '.join(live)} are all primaries (split brain); stop "
+                                                    "all but one and demote them"))
+    for node in status.nodes:
+        found += _node_problems(node, live[0] if len(live) == 1 else None)
+    for bouncer in status.pgbouncers:
+        found += _bouncer_problems(bouncer, nodes, live)
+    found.sort(key=lambda p: p.severity != "critical")
+    return found
+
+
+def _node_problems(node: NodeState, primary: str | None) -> list[Problem]:
+    subject = f"node {node.name}"
+    if node.role == "down":
+        return [Problem("critical", subject, f"does not answer: {node.error}")]
+    found = []
+    if node.role == "standby":
+        if node.receiver_status != "streaming":
+            receiver = node.receiver_status or "not running"
+            found.append(Problem("critical", subject, f"is not streaming (WAL receiver: {receiver}); check its log "
+                                                      f"and primary_conninfo"))
+        elif primary is not None and node.upstream != primary:
+            found.append(Problem("warning", subject, f"streams from {node.upstream}, not from the primary {primary}"))
+        if node.replay_paused:
+            found.append(Problem("warning", subject, "replay is paused; SELECT pg_wal_replay_resume() to continue"))
+        if node.lag_bytes is not None and node.lag_bytes > LAG_WARN_BYTES:
+            found.append(Problem("warning", subject, f"is {node.lag_bytes / 2**20:.1f} MB behind the primary"))
+    for slot in node.slots:
+        if not slot.active and slot.restart_lsn is not None:
+            held = f"{(slot.retained_bytes or 0) / 2**20:.1f} MB"
+            found.append(Problem("warning", subject, f"slot {slot.name!r} has no consumer and retains {held} of WAL "
+                                                     f"(it grows until the disk is full); if {slot.name} is gone for "
+                                                     f"good: SELECT pg_drop_replication_slot('{slot.name}')"))
+    settings = node.settings
+    if settings.get("wal_log_hints") == "off" and settings.get("data_checksums") == "off":
+        found.append(Problem("warning", subject, "wal_log_hints is off and there are no data checksums: after an "
+                                                 "unplanned failover it cannot be rewound, only rebuilt; set "
+                                                 "wal_log_hints = on (restart needed)"))
+    if settings.get("full_page_writes") == "off":
+        found.append(Problem("warning", subject, "full_page_writes is off: pg_rewind refuses to run from it"))
+    return found
+
+
+def _bouncer_problems(b: BouncerState, nodes: dict[str, NodeState], live: list[str]) -> list[Problem]:
+    subject = f"pgbouncer {b.name}"
+    if not b.reachable:
+        return [Problem("critical", subject, f"cannot be reached: {b.error}")]
+    found = []
+    if b.paused:
+        found.append(Problem("critical", subject, "is PAUSED: its clients are waiting; RESUME it on its console"))
+    target = nodes.get(b.target or "")
+    if target is None:
+        found.append(Problem("critical", subject, f"points at {b.target}, which is not one node of the inventory; "
+                                                  f"srht-readonly failover --to NODE repoints it"))
+    elif target.role == "down":
+        found.append(Problem("critical", subject, f"points at {b.target}, which is down; "
+                                                  f"srht-readonly failover --to {live[0] if live else 'STANDBY'}"))
+    elif target.role == "standby":
+        found.append(Problem("warning", subject, f"points at the standby {b.target}: its services are read-only"
+                                                 + (f"; srht-readonly promote {b.target}, or failover --to {live[0]}"
+                                                    if live else f"; srht-readonly promote {b.target}")))
+    if b.file_target != b.target:
+        found.append(Problem("warning", subject, f"its config file points at {b.file_target} but it runs with "
+                                                 f"{b.target}: not reloaded (an interrupted failover?); run "
+                                                 f"srht-readonly failover --to NODE again"))
+    retry = seconds_setting(b.settings.get("server_login_retry"))
+    if retry > LOGIN_RETRY_WARN:
+        found.append(Problem("warning", subject, f"server_login_retry = {b.settings.get('server_login_retry')}: after "
+                                                 f"a crash its pool stays blocked that long; set it to 1 in its "
+                                                 f"config (failover also lowers it at once)"))
+    if b.settings.get("auth_type") == "trust":
+        found.append(Problem("warning", subject, "auth_type = trust: anyone who reaches its port is any user; use "
+                                                 "scram-sha-256 or md5 with an auth_file"))
+    return found

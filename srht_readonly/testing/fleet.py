@@ -1,0 +1,162 @@
+"""The lab as a fleet for the operations CLI: more PgBouncers, one reached over a real sshd, and
+the INI inventory (DESIGN.md's format) that describes it all.
+
+``build_fleet(lab)`` is what the CLI's tests and ``benchmarks/switchover.py`` use::
+
+    with Lab() as lab:
+        fleet = build_fleet(lab)               # 3 PgBouncers, "meta.sr.ht" over ssh
+        subprocess.run(["srht-readonly", "--config", fleet.inventory, "status"], env=fleet.env())
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .lab import REPLICATION_USER, Lab, LabBouncer, free_port
+from .sshd import Sshd
+
+logger = logging.getLogger(__name__)
+
+SSH_ALIAS_SUFFIX = ".lab-ssh"
+
+
+def add_pgbouncer(lab: Lab, name: str, settings: Mapping[str, object] | None = None) -> LabBouncer:
+    """Start PgBouncer ``name`` (own directory and port) in front of the current primary."""
+    if name in lab.extra_bouncers or name == "pgbouncer":
+        raise ValueError(f"the lab already has a PgBouncer called {name}")
+    bouncer = LabBouncer(lab, free_port(), lab.primary.name, name=name, settings=dict(settings or {}))
+    bouncer.write_config()
+    bouncer.start()
+    lab.extra_bouncers[name] = bouncer
+    return bouncer
+
+
+def start_sshd(lab: Lab) -> Sshd:
+    """An sshd for this lab (stopped when the lab closes)."""
+    sshd = Sshd(lab.directory / "sshd")
+    sshd.start()
+    lab.on_close("stop sshd", sshd.stop)
+    return sshd
+
+
+def write_inventory(
+    lab: Lab,
+    path: str | os.PathLike[str],
+    *,
+    ssh: Mapping[str, str] | None = None,
+    databases: Mapping[str, Iterable[str]] | None = None,
+    password_file: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write DESIGN.md's inventory for ``lab``: every node, every PgBouncer, ``[replication]``.
+
+    ``ssh`` maps PgBouncer names to the ssh destination that reaches their host; ``databases``
+    restricts which entries of a PgBouncer follow the primary.
+    """
+    ssh, databases = dict(ssh or {}), dict(databases or {})
+    out = [f"; srht-readonly lab in {lab.directory}", ""]
+    for node in lab.nodes.values():
+        out += [
+            f"[node {node.name}]",
+            f"dsn = {node.admin_dsn}",
+            f"data = {node.server.data}",
+            f"bin = {lab.bin}",
+            f"os-user = {lab.os_user}",
+            f"target = host={node.host} port={node.port}",
+            "",
+        ]
+    for bouncer in lab.bouncers:
+        out += [f"[pgbouncer {bouncer.name}]"]
+        if bouncer.name in ssh:
+            out.append(f"ssh = {ssh[bouncer.name]}")
+        out += [f"config = {bouncer.config_path}", f"admin = {bouncer.admin_dsn}"]
+        if bouncer.name in databases:
+            out.append(f"databases = {', '.join(databases[bouncer.name])}")
+        out.append("")
+    out += ["[replication]", f"user = {REPLICATION_USER}"]
+    if password_file is not None:
+        out.append(f"password-file = {password_file}")
+    path = Path(path)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+@dataclass
+class LabFleet:
+    """What ``build_fleet`` made: the lab, the inventory, the ssh_config its ssh hosts need, the sshd."""
+
+    lab: Lab
+    inventory: Path
+    ssh_config: Path
+    sshd: Sshd
+    bouncers: list[LabBouncer] = field(default_factory=list)
+
+    def cli(self, *args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the installed ``srht-readonly`` console script against this fleet, as an operator would."""
+        script = Path(sys.executable).with_name("srht-readonly")
+        started = time.monotonic()
+        proc = subprocess.run([str(script), *args], env=self.env(), capture_output=True, text=True,
+                              timeout=timeout, input=input)
+        proc.seconds = time.monotonic() - started  # type: ignore[attr-defined]
+        logger.info("srht-readonly %s -> %d in %.2f s", " ".join(args), proc.returncode, proc.seconds)  # type: ignore
+        return proc
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment for running ``srht-readonly`` against this fleet."""
+        env = dict(os.environ if base is None else base)
+        env["SRHT_READONLY_CONFIG"] = str(self.inventory)
+        env["SRHT_READONLY_SSH_CONFIG"] = str(self.ssh_config)
+        env["SRHT_READONLY_LOCK_DIR"] = str(self.inventory.parent)
+        return env
+
+
+def build_fleet(
+    lab: Lab,
+    *,
+    extra: Iterable[str] = ("git.sr.ht", "meta.sr.ht"),
+    over_ssh: Iterable[str] = ("meta.sr.ht",),
+    settings: Mapping[str, Mapping[str, object]] | None = None,
+    databases: Mapping[str, Iterable[str]] | None = None,
+    password_file: str | os.PathLike[str] | None = None,
+) -> LabFleet:
+    """Add PgBouncers ``extra`` to a started lab, reach ``over_ssh`` ones through a real sshd, write the inventory.
+
+    By default the extra PgBouncers keep PgBouncer's own ``server_login_retry`` (15 s), as a
+    fresh production install would, so tests see what ``failover`` does about it.
+    """
+    settings = dict(settings or {})
+    made = [add_pgbouncer(lab, name, {"server_login_retry": None, **settings.get(name, {})}) for name in extra]
+    sshd = start_sshd(lab)
+    ssh_config = lab.directory / "ssh_config"
+    aliases = {}
+    for name in over_ssh:
+        aliases[name] = f"{name}{SSH_ALIAS_SUFFIX}"
+        sshd.client_config(ssh_config, aliases[name])
+    if not aliases:
+        ssh_config.write_text("")
+    inventory = write_inventory(lab, lab.directory / "readonly.ini", ssh=aliases, databases=databases,
+                                password_file=password_file)
+    return LabFleet(lab, inventory, ssh_config, sshd, made)
+
+
+def fleet_fixture(scope: str = "function", **options: Any) -> Any:
+    """A pytest fixture yielding a ``LabFleet`` on a lab of its own (``build_fleet(**options)``)."""
+    import pytest
+
+    @pytest.fixture(scope=scope)  # type: ignore[call-overload, misc]
+    def _fleet() -> Iterator[LabFleet]:
+        lab = Lab()
+        try:
+            lab.start()
+            yield build_fleet(lab, **options)
+        finally:
+            lab.close()
+
+    return _fleet
