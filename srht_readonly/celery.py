@@ -163,8 +163,12 @@ class ReadOnlyTasks:
         def run(*args: Any, **kwargs: Any) -> Any:
             if self._policy(task) == DEFER and self.monitor is not None and self.monitor.read_only:
                 state = self.monitor.state
+                failure = state.failure or Failure.READ_ONLY
                 known = ReadOnlyError(f"the database is read-only ({state.detail}); not run now")
-                self._defer(task, known, state.failure or Failure.READ_ONLY)
+                if failure is not Failure.READ_ONLY:
+                    known = DatabaseUnavailable(f"the database is unreachable ({state.detail}); not run now",
+                                                failure=failure)
+                self._defer(task, known, failure)
             try:
                 return inner(*args, **kwargs)
             except TaskPredicate:  # Retry, Ignore, Reject: Celery's own control flow

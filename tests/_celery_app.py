@@ -12,6 +12,7 @@ import psycopg2
 from celery import Celery
 
 from srht_readonly.celery import install
+from srht_readonly.errors import mark_commit
 
 app = Celery(
     "srht_readonly_tests",
@@ -73,6 +74,21 @@ def broken_sql(dsn: str) -> None:
             cur.execute("SELEC 1")
     finally:
         conn.close()
+
+
+def _lose_commit() -> None:
+    raise mark_commit(psycopg2.OperationalError("server closed the connection unexpectedly"))
+
+
+@app.task(name="tests.commit_unknown_deferring", on_read_only="defer", read_only_countdown=(0.1, 0.2))
+def commit_unknown_deferring() -> None:
+    _lose_commit()
+
+
+@app.task(name="tests.commit_unknown_idempotent", on_read_only="defer", read_only_countdown=(0.1, 0.2),
+          read_only_deadline=1, read_only_idempotent=True)
+def commit_unknown_idempotent() -> None:
+    _lose_commit()
 
 
 readonly_tasks = install(app)

@@ -165,3 +165,16 @@ def test_deferring_task_fails_at_its_deadline_in_one_line(celery_env, ro_db):
     assert 2 <= len(deferrals) <= 20
     assert len([x for x in lines if " raised " in x]) == 1
     assert "raised expected: TaskDeadlineExceeded(" in lines[-1]
+
+
+def test_unknown_commit_is_not_deferred_unless_the_task_is_idempotent(celery_env):
+    result = celery_env.tasks.commit_unknown_deferring.delay()
+    with pytest.raises(DatabaseUnavailable, match="lost during COMMIT"):
+        result.get(timeout=20)
+    lines = _final_lines(celery_env.worker, result.id)
+    assert len(lines) == 2 and not [x for x in lines if " retry: " in x], lines
+
+    idempotent = celery_env.tasks.commit_unknown_idempotent.delay()
+    with pytest.raises(TaskDeadlineExceeded, match="unreachable"):
+        idempotent.get(timeout=20)
+    assert [x for x in _final_lines(celery_env.worker, idempotent.id) if " retry: " in x]
