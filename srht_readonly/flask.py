@@ -217,7 +217,8 @@ class ReadOnly:
     """The Flask extension: ``ReadOnly(app, session=db.session)`` or ``ReadOnly(...).init_app(app)``.
 
     ``monitor`` is the process's :class:`ReadOnlyMonitor`; without one, ``init_app`` makes one
-    per app (``SRHT_READONLY_RECHECK``, ``SRHT_READONLY_ANNOUNCE_FILE``). ``session`` (a
+    per app (``SRHT_READONLY_RECHECK``, ``SRHT_READONLY_ANNOUNCE_FILE``); ``.monitor`` is the
+    one given, or the last one made. ``session`` (a
     ``scoped_session`` or ``Session``) is rolled back before a 503 is sent; its engine (or
     ``engine``) is instrumented so every database error reaches the monitor and probes go
     through it.
@@ -234,6 +235,7 @@ class ReadOnly:
         self.monitor = monitor
         self.session = session
         self.engine = engine
+        self._given_monitor = monitor
         if app is not None:
             self.init_app(app)
 
@@ -247,13 +249,13 @@ class ReadOnly:
             )
         settings = Settings.from_config(app.config)
         engine = self.engine if self.engine is not None else _engine_of(self.session)
-        monitor = self.monitor
+        monitor = self._given_monitor
         if monitor is None:
             options: dict[str, Any] = {"recheck": settings.recheck}
             if settings.announce_file is not None:
                 options["announce_file"] = settings.announce_file
             monitor = ReadOnlyMonitor(engine, **options)
-            self.monitor = self.monitor or monitor
+            self.monitor = monitor
         if engine is not None:
             try:
                 instrument(engine, monitor)

@@ -104,12 +104,15 @@ def test_bad_config_is_refused_naming_the_key():
         ReadOnly(app, monitor=ReadOnlyMonitor(announce_file=None))
 
 
-def test_extension_makes_its_own_monitor_with_the_configured_recheck():
-    app = flask.Flask(__name__)
-    app.config["SRHT_READONLY_RECHECK"] = 0.5
-    extension = ReadOnly(app)
-    assert extension.monitor is app.extensions[EXTENSION_KEY].monitor
-    assert extension.monitor.recheck == 0.5
+def test_extension_makes_a_monitor_per_app_with_the_configured_recheck():
+    extension = ReadOnly()
+    first, second = flask.Flask("first"), flask.Flask("second")
+    first.config["SRHT_READONLY_RECHECK"] = 0.5
+    extension.init_app(first)
+    extension.init_app(second)
+    assert first.extensions[EXTENSION_KEY].monitor.recheck == 0.5
+    assert second.extensions[EXTENSION_KEY].monitor.recheck == DEFAULTS["RECHECK"]
+    assert extension.monitor is second.extensions[EXTENSION_KEY].monitor
 
 
 def test_healthy_requests_pass_untouched():
@@ -294,3 +297,20 @@ def test_the_banner_shows_the_operators_announcement(tmp_path: Path):
 def test_importing_the_package_does_not_import_flask():
     code = "import sys, srht_readonly; assert 'flask' not in sys.modules, 'flask imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_sessions_engine_is_instrumented_and_a_second_monitor_is_refused():
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
+    from srht_readonly.sqlalchemy import is_instrumented
+
+    engine = create_engine("postgresql+psycopg2://srht@127.0.0.1:1/srht")  # never connected
+    db = scoped_session(sessionmaker(bind=engine))
+    extension = ReadOnly(flask.Flask("first"), session=db)
+    assert is_instrumented(engine) and extension.monitor.engine is engine
+    ReadOnly(flask.Flask("same"), monitor=extension.monitor, session=db)  # the same monitor: fine
+    with pytest.raises(ValueError, match="pass that one"):
+        ReadOnly(flask.Flask("second"), session=db)
+    assert db.registry.has() is False  # no session was made just to find the engine
+    engine.dispose()
