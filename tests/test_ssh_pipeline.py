@@ -412,3 +412,18 @@ def test_promoted_push_to_new_repo_creates_it(promoted: World) -> None:
 def test_promoted_unknown_key_is_fetched_authorised_and_stored(promoted: World) -> None:
     check_unknown_key_fetched_authorised_and_stored(promoted, "new-promoted")
     check_unknown_key_fetched_authorised_and_stored(promoted, "new-read-only")  # not stored before
+
+
+# --- and with no database at all -----------------------------------------------------------------
+
+
+def test_database_unreachable_pusher_gets_a_short_message_not_a_traceback(promoted: World) -> None:
+    # PgBouncer stopped: connections are refused at once. (A PgBouncer whose server is down
+    # holds each login until connect_timeout instead, 5 s per run of the keys program, which
+    # sshd runs twice per connection: the same message, ten seconds later.)
+    world = promoted
+    world.lab.pgbouncer.stop()
+    proc = world.push("alice", "existing")  # world.git() fails the test on any traceback
+    assert proc.returncode != 0
+    assert "git.sr.ht cannot reach its database right now" in proc.stderr
+    assert "Permission denied" not in proc.stderr

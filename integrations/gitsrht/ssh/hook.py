@@ -10,7 +10,9 @@ git runs it after the refs were updated, with the ref names as arguments and the
 3. the deliveries are recorded (``webhooks.record``: dropped with one warning), committed, and
    then POSTed.
 
-The push itself is never undone: by now git has stored it. Cost while writable: the SELECT, a
+The push itself is never undone: by now git has stored it. So if the database cannot be
+reached at all, the pusher is told that the push was saved and its webhooks were not (one
+warning), rather than ``run()``'s "nothing was changed". Cost while writable: the SELECT, a
 SAVEPOINT/UPDATE/RELEASE, a SAVEPOINT/INSERT/RELEASE when there are subscriptions, a COMMIT;
 then per webhook a POST, and one UPDATE + COMMIT for all their answers.
 """
@@ -23,19 +25,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, func, select, update
 
-from srht_readonly import drop_on_read_only
-from srht_readonly.ssh import say
+from srht_readonly import ReadOnlyMonitor, classify, drop_on_read_only
+from srht_readonly.ssh import say, warn
 
 from .. import schema
 from . import config as _config
 from . import webhooks
 from .database import connect
 
-__all__ = ["main"]
+__all__ = ["UNREACHABLE_WARNING", "main"]
 
 logger = logging.getLogger(__name__)
+
+UNREACHABLE_WARNING = (
+    "git.sr.ht could not reach its database after your push. The push itself was saved, but "
+    "the repository's webhooks were not delivered."
+)
 
 
 def _read(conn: Connection, repo_id: int | None, path: str) -> tuple[dict[str, object], list[webhooks.Subscription]]:
@@ -75,29 +82,40 @@ def main(argv: list[str] | None = None) -> int:
     path = str(Path(os.environ.get("GIT_DIR", ".")).resolve())
     engine, monitor = connect(cfg)
     try:
-        with engine.connect() as conn:
-            repo, subscriptions = _read(conn, repo_id, path)
-            if not repo:
-                logger.error("post-update in %s: no such repository (id %s)", path, repo_id)
-                return 0
-            with drop_on_read_only(conn, monitor=monitor) as mtime:
-                conn.execute(update(schema.repository).where(schema.repository.c.id == repo["id"])
-                             .values(updated=func.now()))
-            payload = {
-                "event": webhooks.EVENT,
-                "push": os.environ.get("SRHT_PUSH", ""),
-                "pusher": {"canonical_name": f"~{os.environ.get('SRHT_PUSHER', '')}"},
-                "repository": repo,
-                "refs": _refs(refs) if subscriptions else [],
-            }
-            deliveries = webhooks.record(conn, subscriptions, payload)
-            conn.commit()
-        if mtime.dropped:
-            logger.info("~%s/%s: mtime update dropped, database read-only", repo["owner"], repo["name"])
-        if os.environ.get("SRHT_AUTOCREATED") and cfg.origin:
-            say(f"You created a new repository, ~{repo['owner']}/{repo['name']}. To configure it, "
-                f"visit {cfg.origin}/~{repo['owner']}/{repo['name']}/settings")
-        webhooks.deliver(engine, deliveries, timeout=cfg.webhook_timeout)
+        _record_push(engine, monitor, cfg, refs, repo_id, path)
+    except Exception as exc:
+        if classify(exc) is None:
+            raise
+        logger.warning("post-update: database failure after the push: %s", exc)
+        warn(UNREACHABLE_WARNING)
     finally:
         engine.dispose()
     return 0
+
+
+def _record_push(
+    engine: Engine, monitor: ReadOnlyMonitor, cfg: _config.Config, refs: list[str], repo_id: int | None, path: str
+) -> None:
+    with engine.connect() as conn:
+        repo, subscriptions = _read(conn, repo_id, path)
+        if not repo:
+            logger.error("post-update in %s: no such repository (id %s)", path, repo_id)
+            return
+        with drop_on_read_only(conn, monitor=monitor) as mtime:
+            conn.execute(update(schema.repository).where(schema.repository.c.id == repo["id"])
+                         .values(updated=func.now()))
+        payload = {
+            "event": webhooks.EVENT,
+            "push": os.environ.get("SRHT_PUSH", ""),
+            "pusher": {"canonical_name": f"~{os.environ.get('SRHT_PUSHER', '')}"},
+            "repository": repo,
+            "refs": _refs(refs) if subscriptions else [],
+        }
+        deliveries = webhooks.record(conn, subscriptions, payload)
+        conn.commit()
+    if mtime.dropped:
+        logger.info("~%s/%s: mtime update dropped, database read-only", repo["owner"], repo["name"])
+    if os.environ.get("SRHT_AUTOCREATED"):
+        where = f" To configure it, visit {cfg.origin}/~{repo['owner']}/{repo['name']}/settings" if cfg.origin else ""
+        say(f"You created a new repository, ~{repo['owner']}/{repo['name']}.{where}")
+    webhooks.deliver(engine, deliveries, timeout=cfg.webhook_timeout)

@@ -11,6 +11,11 @@ lines from stdout; stderr goes to sshd's log, never to the pusher. For the key:
   takes the user id from ``INSERT ... RETURNING``, so a read-only database locks out every
   key it has not seen yet).
 
+If the database cannot be reached at all, every key gets a line whose forced command is
+``shell --unavailable``: it runs nothing, it only tells the pusher that git.sr.ht cannot reach
+its database, which beats the "Permission denied (publickey)" that would send them checking
+their keys.
+
 Cost: a known key, one SELECT; an unknown key, one HTTP request, two SELECTs, and a
 SAVEPOINT/INSERT/RELEASE/COMMIT (the INSERT fails at once while read-only).
 """
@@ -33,18 +38,20 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert
 
-from srht_readonly import drop_on_read_only
+from srht_readonly import Failure, classify, drop_on_read_only
 
 from .. import schema
 from . import config as _config
 from .database import connect
 
-__all__ = ["Owner", "authorized_line", "fingerprint", "main", "normalise"]
+__all__ = ["UNAVAILABLE_FLAG", "Owner", "authorized_line", "fingerprint", "main", "normalise", "unavailable_line"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds to wait for meta.sr.ht.
 META_TIMEOUT = 5
+#: The shell's argument that makes it say "database unreachable" and do nothing else.
+UNAVAILABLE_FLAG = "--unavailable"
 _USERNAME = re.compile(r"[a-z_][a-z0-9_-]{0,255}")
 _KEY_TYPE = re.compile(r"[a-z0-9@.-]{1,64}")
 
@@ -72,6 +79,11 @@ def authorized_line(shell: str, owner: Owner, key_type: str, b64: str) -> str:
     """The authorized_keys line: nothing but the pipeline's shell, run for ``owner``."""
     command = f"{shlex.quote(shell)} {owner.id} {owner.username}"
     return f'restrict,command="{command}" {key_type} {b64}'
+
+
+def unavailable_line(shell: str, key_type: str, b64: str) -> str:
+    """The line for any key while the database is unreachable: the shell only says so."""
+    return f'restrict,command="{shlex.quote(shell)} {UNAVAILABLE_FLAG}" {key_type} {b64}'
 
 
 def _known(conn: Connection, key: str) -> Owner | None:
@@ -148,8 +160,14 @@ def authorise(conn: Connection, cfg: _config.Config, key_type: str, b64: str) ->
     if owner is None:
         logger.info("key %s belongs to ~%s, who has no git.sr.ht account", fingerprint(b64), username)
         return None
-    stored = _store(conn, owner, record, key_type, b64)
-    conn.commit()
+    try:
+        stored = _store(conn, owner, record, key_type, b64)
+        conn.commit()
+    except Exception as exc:  # authorisation must not depend on the INSERT, whatever its fate
+        if classify(exc) is None:
+            raise
+        logger.warning("storing key %s failed (%s); using it anyway", fingerprint(b64), exc)
+        stored = False
     logger.info("key %s of ~%s fetched from meta.sr.ht, %s", fingerprint(b64), owner.username,
                 "stored" if stored else "used but not stored (database read-only)")
     return owner
@@ -177,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with engine.connect() as conn:
             owner = authorise(conn, cfg, key_type, b64)
+    except Exception as exc:
+        if classify(exc) not in (Failure.UNAVAILABLE, Failure.COMMIT_UNKNOWN):
+            raise
+        logger.warning("database unreachable; key %s may only hear so: %s", fingerprint(b64),
+                       str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        print(unavailable_line(cfg.shell, key_type, b64), flush=True)
+        return 0
     finally:
         engine.dispose()
     if owner is None:

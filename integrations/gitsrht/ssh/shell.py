@@ -1,4 +1,4 @@
-"""The forced command of every git.sr.ht key: ``shell USER_ID USERNAME``.
+"""The forced command of every git.sr.ht key: ``shell USER_ID USERNAME`` (or ``--unavailable``).
 
 It reads ``SSH_ORIGINAL_COMMAND`` (``git-receive-pack '~owner/name'``, ``git-upload-pack``,
 ``git-upload-archive``; a bare ``name`` means the pusher's own namespace), finds the repository
@@ -27,7 +27,7 @@ from pathlib import Path
 from sqlalchemy import Connection, delete, select
 from sqlalchemy.exc import IntegrityError
 
-from srht_readonly import ReadOnlyMonitor, abort_on_read_only
+from srht_readonly import DatabaseUnavailable, ReadOnlyMonitor, abort_on_read_only
 
 from .. import schema
 from . import config as _config
@@ -157,6 +157,8 @@ def _check_access(repo: Repository, request: Request, pusher: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``shell USER_ID USERNAME``: serve ``SSH_ORIGINAL_COMMAND`` or say why not."""
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--unavailable"]:  # the keys program could not reach the database either
+        raise DatabaseUnavailable("the database was unreachable when the key was checked")
     if len(args) != 2 or not args[0].isdigit():
         logger.error("expected: shell USER_ID USERNAME, got %r", args)
         sys.exit("git.sr.ht is misconfigured (bad forced command); please tell the administrators.")

@@ -6,7 +6,7 @@ deliveries are dropped (the plan: webhooks are only generated when the database 
 and a delivery nobody can record is one nobody can inspect or redeliver) and the pusher gets
 **one** warning however many subscriptions there are. ``deliver`` then POSTs each recorded
 delivery (timeout ``webhook-timeout``) and saves the response, silently dropping that UPDATE
-if the database turned read-only meanwhile.
+if the database turned read-only (or went away) meanwhile.
 
 The real git.sr.ht does this in a background "stage 3" that dies on the first error; here the
 rows are written by the hook itself, so the warning can still reach the pusher.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, update
 
-from srht_readonly import drop_on_read_only
+from srht_readonly import classify, drop_on_read_only
 from srht_readonly.ssh import warn
 
 from .. import schema
@@ -104,9 +104,14 @@ def deliver(engine: Engine, deliveries: Iterable[Delivery], *, timeout: float) -
     if not results:
         return
     d = schema.webhook_delivery.c
-    with engine.connect() as conn:
-        with drop_on_read_only(conn):
-            for delivery, status, text in results:
-                conn.execute(update(schema.webhook_delivery).where(d.id == delivery.id)
-                             .values(response_status=status, response=text))
-        conn.commit()
+    try:
+        with engine.connect() as conn:
+            with drop_on_read_only(conn):
+                for delivery, status, text in results:
+                    conn.execute(update(schema.webhook_delivery).where(d.id == delivery.id)
+                                 .values(response_status=status, response=text))
+            conn.commit()
+    except Exception as exc:  # delivered all the same: only the record of the answers is lost
+        if classify(exc) is None:
+            raise
+        logger.warning("webhook answers not saved, database unreachable: %s", exc)
