@@ -60,6 +60,7 @@ class Member:
     console: consoles.Console | None = None
     config: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    has_state: bool = False  # SHOW STATE (PgBouncer 1.19+) tells a global PAUSE; 1.18 only shows per-database ones
 
     @property
     def name(self) -> str:
@@ -123,6 +124,14 @@ class Fleet:
                 self.members[key].config = {r["key"]: r["value"] for r in outcome.rows}
             else:
                 self.members[key].error = f"console: {outcome.error}"
+        ready = [m for m in ready if m.error is None and m.console is not None]
+        probed = consoles.execute([m.console for m in ready if m.console], "SHOW STATE", timeout=timeout)
+        for key, outcome in probed.items():
+            m = self.members[key]
+            m.has_state = outcome.ok
+            # An unknown command closed the console: reopen it.
+            if not outcome.ok and m.console is not None and not consoles.connect([m.console], timeout=timeout)[key].ok:
+                m.error = "console: lost after SHOW STATE"
         return self.errors()
 
     def errors(self) -> dict[str, str]:
@@ -160,6 +169,8 @@ class Fleet:
         """Each PgBouncer's running targets (``SHOW DATABASES``), its file's targets, paused, settings."""
         ready = [m for m in self.members.values() if m.error is None and m.console is not None]
         shown = consoles.execute([m.console for m in ready if m.console], "SHOW DATABASES", timeout=5)
+        states = consoles.execute([m.console for m in ready if m.console and m.has_state and shown[m.name].ok],
+                                  "SHOW STATE", timeout=5)
         result = {}
         for name, m in self.members.items():
             outcome = shown.get(name)
@@ -167,6 +178,8 @@ class Fleet:
                 result[name] = BouncerState(name, False, error=m.error or (outcome.error if outcome else "not opened"))
                 continue
             result[name] = self._state(m, outcome.rows)
+            if name in states and states[name].ok and _globally_paused(states[name].rows):
+                result[name].paused = True
         return result
 
     def _state(self, m: Member, rows: list[dict[str, Any]]) -> BouncerState:
@@ -177,8 +190,14 @@ class Fleet:
         for name in wanted:
             p = parse_conninfo(file_dbs[name])
             on_disk[name] = f"{p.get('host', '')}:{p.get('port', '5432')}"
+            # The "*" entry never shows in SHOW DATABASES; the databases it made do.
             row = running.get(name)
-            entries[name] = f"{row['host']}:{row['port']}" if row is not None else on_disk[name]
+            if row is not None:
+                entries[name] = f"{row['host']}:{row['port']}"
+        if not entries:
+            entries = {n: f"{r['host']}:{r['port']}" for n, r in running.items() if n != "pgbouncer" and r["host"]}
+        if not entries:
+            entries = dict(on_disk)
         paused = any(int(running[n]["paused"]) for n in wanted if n in running) or (
             not wanted and any(int(r["paused"]) for r in rows))
         return BouncerState(
@@ -322,6 +341,15 @@ class Fleet:
                 if m.console is not None and not m.console.is_open:
                     consoles.connect([m.console], timeout=timeout)
         return results
+
+
+def _globally_paused(rows: list[dict[str, Any]]) -> bool:
+    """From SHOW STATE's rows: is the whole PgBouncer paused (or suspended)?"""
+    for row in rows:
+        values = [str(v).lower() for v in row.values()]
+        if values and values[0] in ("paused", "suspended") and values[-1] in ("yes", "true", "1", "on"):
+            return True
+    return False
 
 
 def seconds_setting(value: str | None) -> float:

@@ -1,0 +1,129 @@
+"""The INI inventory: DESIGN.md's example parses; every malformed file names its file, line and fault."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from srht_readonly.ops.cli import EXIT_USAGE, main
+from srht_readonly.ops.inventory import InventoryError, load, parse
+
+DESIGN_EXAMPLE = """\
+[node remilia]
+dsn = host=10.0.0.2 port=5432 user=postgres dbname=postgres   ; how ops reaches it
+data = /var/lib/postgresql/12/data
+ssh = remilia.example.org        ; absent: this machine
+bin = /usr/lib/postgresql/12/bin ; optional
+os-user = postgres               ; optional
+target = host=10.0.0.2 port=5432 ; optional: how PgBouncers reach it (default: from dsn)
+
+[node konpaku]
+dsn = host=10.0.0.3 user=postgres dbname=postgres
+data = /var/lib/postgresql/12/data
+
+[pgbouncer git.sr.ht]
+ssh = git.sr.ht.example.org      ; absent: this machine
+config = /etc/pgbouncer/pgbouncer.ini
+admin = host=127.0.0.1 port=16432 user=pgbouncer dbname=pgbouncer
+databases = git.sr.ht, meta.sr.ht ; entries that follow the primary (default: all)
+
+[replication]
+user = replicator
+password-file = /etc/sr.ht/replication.password
+"""
+
+
+def test_design_example_parses_with_defaults_filled_in():
+    inv = parse(DESIGN_EXAMPLE, "readonly.ini")
+    assert list(inv.nodes) == ["remilia", "konpaku"]
+    remilia, konpaku = inv.nodes["remilia"], inv.nodes["konpaku"]
+    assert remilia.ssh == "remilia.example.org" and remilia.os_user == "postgres"
+    assert remilia.target == {"host": "10.0.0.2", "port": "5432"}
+    assert konpaku.ssh is None and konpaku.target == {"host": "10.0.0.3", "port": "5432"}  # from dsn
+    git = inv.pgbouncers["git.sr.ht"]
+    assert git.databases == ("git.sr.ht", "meta.sr.ht")
+    assert git.admin == "host=127.0.0.1 port=16432 user=pgbouncer dbname=pgbouncer"
+    assert inv.replication.user == "replicator"
+    assert inv.node_at("10.0.0.3", "5432") is konpaku
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("dsn = host=a\n", 1, "outside any section"),
+        ("[node]\ndsn = host=a\n", 1, "needs a name"),
+        ("[nodes remilia]\n", 1, "unknown section"),
+        ("[node a]\ndsn = host=a\ndata = /d\n[node a]\n", 4, "appears twice"),
+        ("[node a]\ndsn = host=a\ndsn = host=b\ndata = /d\n", 3, "set twice"),
+        ("[node a]\ndsn = host=a\ndata = /d\nos_user = postgres\n", 4, "did you mean 'os-user'"),
+        ("[node a]\ndata = /d\n", 1, "no 'dsn'"),
+        ("[node a]\ndsn =\ndata = /d\n", 2, "empty"),
+        ("[node a]\ndsn = host='a\ndata = /d\n", 2, "not a libpq connection string"),
+        ("[node a]\ndsn = dbname=x\ndata = /d\n", 2, "no TCP host"),
+        ("[node a]\ndsn = host=a\ndata = relative/dir\n", 3, "absolute path"),
+        ("[node a]\ndsn = host=a\ndata = /d\n[node b]\ndsn = host=a\ndata = /d\n", 4, "same target"),
+        ("[node a]\ndsn = host=a\ndata = /d\n[pgbouncer p]\nconfig = /c\nadmin = host=x\n", 6, "dbname=pgbouncer"),
+        ("[node a]\ndsn = host=a\ndata = /d\n[pgbouncer p]\nconfig = /c\nadmin = dbname=pgbouncer\n"
+         "databases = ,\n", 7, "lists no database"),
+        ("[node a]\ndsn = host=a\ndata = /d\njust words\n", 4, "expected 'key = value'"),
+        ("[pgbouncer p]\nconfig = /c\nadmin = dbname=pgbouncer\n", None, "no [node NAME]"),
+    ],
+)
+def test_malformed_inventory_names_line_and_fault(text, line, words):
+    with pytest.raises(InventoryError) as info:
+        parse(text, "/etc/sr.ht/readonly.ini")
+    assert info.value.line == line
+    assert words in info.value.problem
+    where = f"/etc/sr.ht/readonly.ini:{line}: " if line else "/etc/sr.ht/readonly.ini: "
+    assert str(info.value).startswith(where)
+
+
+def test_missing_inventory_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(InventoryError, match="pass --config FILE or set \\$SRHT_READONLY_CONFIG"):
+        load(tmp_path / "absent.ini")
+
+
+def test_password_file_is_read_only_when_needed_and_errors_say_what_to_do(tmp_path):
+    inv = parse(DESIGN_EXAMPLE.replace("/etc/sr.ht/replication.password", str(tmp_path / "pw")))
+    with pytest.raises(Exception, match="create it \\(mode 600\\)"):
+        inv.replication.password()
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert inv.replication.password() == "s3cret"
+
+
+def test_cli_exits_2_naming_file_and_line(tmp_path):
+    bad = tmp_path / "readonly.ini"
+    bad.write_text("[node remilia]\ndsn = host=a\ndata = /d\nport = 5432\n")
+    result = CliRunner().invoke(main, ["--config", str(bad), "status"])
+    assert result.exit_code == EXIT_USAGE
+    assert f"{bad}:4: unknown key 'port'" in result.output
+
+
+def test_cli_subprocess_exits_2_for_missing_inventory_without_traceback(tmp_path):
+    script = Path(sys.executable).with_name("srht-readonly")
+    proc = subprocess.run([str(script), "--config", str(tmp_path / "none.ini"), "switchover", "--to", "x", "--yes"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_USAGE
+    assert "none.ini: no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_node_is_a_configuration_error(tmp_path):
+    good = tmp_path / "readonly.ini"
+    good.write_text(DESIGN_EXAMPLE)
+    result = CliRunner().invoke(main, ["--config", str(good), "promote", "yukari", "--dry-run"])
+    assert result.exit_code == EXIT_USAGE
+    assert "no [node yukari]" in result.output and "remilia, konpaku" in result.output
+
+
+@pytest.mark.parametrize("command", [
+    [], ["status"], ["standby", "prepare"], ["failover"], ["promote"], ["demote"], ["switchover"], ["lab"],
+])
+def test_every_command_has_help_with_an_example(command):
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output and "srht-readonly" in result.output

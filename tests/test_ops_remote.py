@@ -1,0 +1,132 @@
+"""SshHost against a real OpenSSH sshd on loopback: the same interface and guarantees as LocalHost."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from srht_readonly.ops.errors import CommandFailed, Refused, Unreachable
+from srht_readonly.ops.lock import OperatorLock
+from srht_readonly.ops.remote import LocalHost, SshHost
+from srht_readonly.testing.sshd import Sshd
+
+
+@pytest.fixture(scope="module")
+def ssh(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sshd")
+    sshd = Sshd(base / "sshd")
+    sshd.start()
+    host = SshHost("lab-host", ssh_config=sshd.client_config(base / "ssh_config", "lab-host"))
+    try:
+        yield host
+    finally:
+        host.close()
+        sshd.stop()
+
+
+def test_runs_commands_as_the_login_user_and_as_another_user(ssh):
+    assert ssh.run(["id", "-un"]).stdout.strip() == "root"
+    assert ssh.run(["id", "-un"], user="postgres").stdout.strip() == "postgres"
+    assert ssh.run(["printenv", "GREETING"], env={"GREETING": "a b'c"}).stdout == "a b'c\n"
+
+
+def test_failed_command_raises_with_its_status_and_stderr(ssh):
+    with pytest.raises(CommandFailed) as info:
+        ssh.run(["sh", "-c", "echo nope >&2; exit 7"])
+    assert info.value.returncode == 7 and "nope" in str(info.value) and "lab-host" in str(info.value)
+    assert ssh.run(["false"], check=False).returncode == 1
+
+
+def test_atomic_write_keeps_mode_and_owner_and_never_shows_half_a_file(ssh, tmp_path):
+    path = tmp_path / "pgbouncer.ini"
+    path.write_text("[databases]\nold = host=a\n")
+    os.chmod(path, 0o640)
+    pg = pwd.getpwnam("postgres")
+    os.chown(path, pg.pw_uid, pg.pw_gid)
+    ssh.write_text_atomic(path, "[databases]\nnew = host=b\n")
+    st = path.stat()
+    assert path.read_text() == "[databases]\nnew = host=b\n"
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, pg.pw_uid, pg.pw_gid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pgbouncer.ini"]  # no temporary file left
+
+
+def test_file_operations_mirror_localhost(ssh, tmp_path):
+    local = LocalHost()
+    (tmp_path / "a").write_text("x")
+    assert ssh.read_text(tmp_path / "a") == local.read_text(tmp_path / "a") == "x"
+    assert ssh.exists(tmp_path / "a") and not ssh.exists(tmp_path / "b")
+    assert ssh.listdir(tmp_path) == local.listdir(tmp_path) == ["a"]
+    assert ssh.owner(tmp_path / "a") == local.owner(tmp_path / "a") == "root"
+    with pytest.raises(FileNotFoundError):
+        ssh.read_text(tmp_path / "b")
+    ssh.make_dir(tmp_path / "d" / "e", owner="postgres", mode=0o750)
+    assert (tmp_path / "d" / "e").stat().st_mode & 0o777 == 0o750
+    ssh.rename(tmp_path / "a", tmp_path / "c")
+    ssh.remove(tmp_path / "c")
+    assert ssh.listdir(tmp_path) == ["d"]
+
+
+def test_tunnel_reaches_a_port_as_the_remote_host_sees_it(ssh):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        target = server.getsockname()[1]
+        host, port = ssh.tunnel("127.0.0.1", target)
+        assert host == "127.0.0.1" and port != server.getsockname()[1]
+        with socket.create_connection((host, port), timeout=5) as client:
+            peer, _ = server.accept()
+            peer.sendall(b"hello")
+            assert client.recv(5) == b"hello"
+            peer.close()
+    assert ssh.tunnel("127.0.0.1", target) == (host, port)  # one forward per target
+
+
+def test_commands_reuse_one_connection(ssh):
+    ssh.run(["true"])
+    start = time.monotonic()
+    for _ in range(3):
+        ssh.run(["true"])
+    assert (time.monotonic() - start) / 3 < 1.0
+
+
+def test_unreachable_host_says_which_and_how_to_check():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = SshHost(f"ssh://root@127.0.0.1:{port}", name="git.sr.ht", connect_timeout=2)
+    with pytest.raises(Unreachable) as info:
+        host.run(["true"])
+    assert "git.sr.ht" in str(info.value) and "ssh" in str(info.value) and "true` works" in str(info.value)
+
+
+def test_operator_lock_refuses_a_second_operator_and_names_the_first(tmp_path):
+    path = tmp_path / "lock"
+    with OperatorLock(path, "switchover --to konpaku"), pytest.raises(Refused) as info:
+        OperatorLock(path, "failover --to konpaku").acquire()
+    assert "switchover --to konpaku" in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+    with OperatorLock(path, "failover --to konpaku"):
+        pass  # released: the next operator gets it
+
+
+def test_operator_lock_is_released_when_its_holder_is_killed(tmp_path):
+    path = tmp_path / "lock"
+    code = ("import sys, time; from srht_readonly.ops.lock import OperatorLock; "
+            f"OperatorLock({str(path)!r}, 'demote remilia').acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(Refused, match="demote remilia"):
+            OperatorLock(path, "promote konpaku").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    with OperatorLock(path, "promote konpaku"):
+        pass
