@@ -197,6 +197,17 @@ def test_an_unreachable_database_is_a_short_message(tmp_path: Path) -> None:
     assert "Connection refused" not in proc.stderr
 
 
+def test_the_example_of_docs_ssh_md_prints_what_the_page_says(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "ssh.md").read_text(encoding="utf-8")
+    example = re.findall(r"```python\n(.*?)```", page, re.DOTALL)[0]
+    expected = page.split("exits 75:\n\n```\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    proc = subprocess.run([sys.executable, str(script), "create"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "SRHT_SSH_LOG": str(tmp_path / "ssh.log")})
+    assert (proc.returncode, proc.stderr) == (EX_TEMPFAIL, expected)
+
+
 # --- the pipeline's programs where sshd adds nothing ---------------------------------------------
 
 

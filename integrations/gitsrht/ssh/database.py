@@ -35,11 +35,21 @@ def url(connection_string: str) -> URL:
 
 
 def connect(config: Config) -> tuple[Engine, ReadOnlyMonitor]:
-    """An instrumented engine for ``config.connection_string`` and its monitor."""
+    """An instrumented engine for ``config.connection_string`` and its monitor.
+
+    Every process pays SQLAlchemy's first-connect queries once (server version, schema,
+    isolation level, ``standard_conforming_strings``: one short transaction); the hstore
+    lookup that psycopg2's dialect would add is switched off, as sr.ht has no hstore column.
+    """
+    target = url(config.connection_string)
+    options: dict[str, object] = {}
+    if target.get_driver_name() == "psycopg2":
+        options["use_native_hstore"] = False
     engine = create_engine(
-        url(config.connection_string),
+        target,
         poolclass=NullPool,
         connect_args={"connect_timeout": CONNECT_TIMEOUT, "application_name": "gitsrht-ssh"},
+        **options,
     )
     monitor = ReadOnlyMonitor()
     instrument(engine, monitor)
