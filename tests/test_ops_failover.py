@@ -41,7 +41,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(fleet):
     proc = fleet.cli("failover", "--to", "konpaku", "--dry-run")
     assert proc.returncode == 0, out(proc)
     assert "RELOAD all 3 PgBouncers at once" in proc.stderr and "nothing was changed" in proc.stderr
-    assert "git.sr.ht: SET server_login_retry = 1 (now 15)" in proc.stderr
+    assert "git.sr.ht: then SET server_login_retry = 1 (now 15)" in proc.stderr
     assert {b.name: b.config_path.read_bytes() for b in fleet.lab.bouncers} == before
     assert reloads(fleet) == reloaded
 

@@ -130,11 +130,14 @@ def demote_node(cluster: Cluster, plan: DemotePlan, *, timeout: float = 120) -> 
         server.stop("fast")
     replication.ensure_slot(pspec.dsn, plan.node, reserve=True)
     control = server.controldata()
-    if control.get("Database cluster state") not in CLEAN:
+    crashed = control.get("Database cluster state") not in CLEAN
+    if crashed:
         _finish_crash_recovery(server)
         control = server.controldata()
     primary_tli = sql.timeline(pspec.dsn)
     rewind, reason = needs_rewind(control, timeline_history(pspec.dsn, primary_tli), primary_tli)
+    if crashed:
+        reason = f"it had crashed (recovered in single-user mode first); {reason}"
     if rewind:
         _check_rewind_possible(cluster, plan.node, plan.primary, control,
                                dict(sql.query(pspec.dsn, "SELECT name, setting FROM pg_settings "

@@ -260,23 +260,60 @@ class Fleet:
         m.text = text
         return None
 
-    def reload(self, *, login_retry: int | None = None, timeout: float = 5) -> dict[str, consoles.Outcome]:
-        """Phase two: ``RELOAD`` every console at once; then ``SET server_login_retry`` where it is higher.
+    def reload(self, *, login_retry: float | None = None, timeout: float = 5) -> dict[str, consoles.Outcome]:
+        """Phase two: ``RELOAD`` every console at once; then, with ``login_retry``, cut PgBouncer's back-off.
 
-        The SET comes after the RELOAD because a RELOAD puts back the file's value.
+        After a crash each pool has a failed login to the dead server and waits
+        ``server_login_retry`` (default 15 s) before trying again, whatever its new target.
+        So, right after the RELOAD (which would put back the file's value), every console gets
+        ``server_login_retry = 0`` until its pools have reached the new server (at most 2 s),
+        then ``login_retry`` (or the file's value where that is lower).
         """
         ready = [m.console for m in self.members.values() if m.error is None and m.console is not None]
         results = consoles.execute(ready, "RELOAD", timeout=timeout)
-        if login_retry is not None:
-            lower = [m.console for m in self.members.values() if m.console is not None and results.get(m.name)
-                     and results[m.name].ok and seconds_setting(m.config.get("server_login_retry")) > login_retry]
-            for key, outcome in consoles.execute(lower, f"SET server_login_retry = '{login_retry}'",
-                                                 timeout=timeout).items():
-                if not outcome.ok:
-                    results[key] = outcome
-                else:
-                    self.members[key].config["server_login_retry"] = str(login_retry)
+        if login_retry is None:
+            return results
+        reloaded = [m for m in self.members.values() if m.console is not None and results.get(m.name)
+                    and results[m.name].ok]
+        for key, outcome in consoles.execute([m.console for m in reloaded if m.console],
+                                             "SET server_login_retry = '0'", timeout=timeout).items():
+            if not outcome.ok:
+                results[key] = outcome
+        reloaded = [m for m in reloaded if results[m.name].ok]
+        self._settle(reloaded, timeout=2)
+        final = {}
+        for m in reloaded:
+            current = m.config.get("server_login_retry", "")
+            final[m.name] = current if seconds_setting(current) <= login_retry else f"{login_retry:g}"
+        for key, outcome in consoles.execute([m.console for m in reloaded if m.console],
+                                             {n: f"SET server_login_retry = '{v}'" for n, v in final.items()},
+                                             timeout=timeout).items():
+            if not outcome.ok:
+                results[key] = outcome
+            else:
+                self.members[key].config["server_login_retry"] = final[key]
         return results
+
+    def _settle(self, members: list[Member], *, timeout: float) -> None:
+        """Wait until no followed pool has clients waiting without a server connection (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        pending = list(members)
+        while pending and time.monotonic() < deadline:
+            shown = consoles.execute([m.console for m in pending if m.console], "SHOW POOLS", timeout=timeout)
+            still = []
+            for m in pending:
+                outcome = shown.get(m.name)
+                if outcome is None or not outcome.ok:
+                    continue
+                follows = set(m.entries())
+                starved = [r for r in outcome.rows if r["database"] != "pgbouncer"
+                           and ("*" in follows or r["database"] in follows) and int(r["cl_waiting"]) > 0
+                           and not sum(int(r[k]) for k in ("sv_active", "sv_idle", "sv_used", "sv_tested"))]
+                if starved:
+                    still.append(m)
+            pending = still
+            if pending:
+                time.sleep(0.01)
 
     def verify(self, node: NodeSpec, *, timeout: float = 5) -> dict[str, str]:
         """Wait until every PgBouncer's ``SHOW DATABASES`` points its entries at ``node``; {name: why not}."""
