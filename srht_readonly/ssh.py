@@ -202,8 +202,9 @@ def run(
     * ``DatabaseUnavailable``, ``DeadlineExceeded``, or a database error that ``classify``
       recognises: a short message naming ``service`` (read-only, unreachable, or "may or
       may not have been saved" for an unknown COMMIT), exit 75;
+    * ``sys.exit("text")``: ``error: text``, exit 1 (an ``int`` or None exits as it says);
     * anything else: a short message with a reference, exit 70; the traceback is logged
-      under that reference. ``SystemExit`` passes; ``KeyboardInterrupt`` exits 130.
+      under that reference. ``KeyboardInterrupt`` exits 130.
 
     ``name`` labels log lines (default: the program's file name).
     """
@@ -231,7 +232,7 @@ def _run(main: Callable[[], int | None] | str, service: str, stream: IO[str] | N
         return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
+    except BaseException as exc:  # anything at all: the pusher never gets a traceback
         message = _refusal(exc, service)
         if message is not None:
             cause = str(exc.__cause__ or exc).strip().splitlines()

@@ -236,7 +236,9 @@ class GitSshd:
             wrapper = self.program(program)
             wrapper.write_text(
                 f"#!/bin/sh\n# git.sr.ht {program} for the sshd in {self.base} (integrations.gitsrht.ssh.sshd)\n"
-                f"{exports}exec {shlex.quote(self.python)} -m integrations.gitsrht.ssh {program} \"$@\"\n"
+                # -P: the hook runs inside the repository and the shell in the account's home;
+                # no file there may shadow a module.
+                f"{exports}exec {shlex.quote(self.python)} -P -m integrations.gitsrht.ssh {program} \"$@\"\n"
             )
             wrapper.chmod(0o755)
         self.config_path.write_text(
