@@ -204,7 +204,8 @@ def run(
       may not have been saved" for an unknown COMMIT), exit 75;
     * ``sys.exit("text")``: ``error: text``, exit 1 (an ``int`` or None exits as it says);
     * anything else: a short message with a reference, exit 70; the traceback is logged
-      under that reference. ``KeyboardInterrupt`` exits 130.
+      under that reference. ``KeyboardInterrupt`` exits 130, a hung-up pusher
+      (``BrokenPipeError``) 141, silently.
 
     ``name`` labels log lines (default: the program's file name).
     """
@@ -232,6 +233,9 @@ def _run(main: Callable[[], int | None] | str, service: str, stream: IO[str] | N
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the pusher hung up: nobody is left to tell anything
+        logger.info("the pusher hung up")
+        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by it
     except BaseException as exc:  # anything at all: the pusher never gets a traceback
         message = _refusal(exc, service)
         if message is not None:
