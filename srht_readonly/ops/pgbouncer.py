@@ -159,12 +159,24 @@ class PgBouncerProcess:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if _gone(pid):
                 return
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited; a zombie (daemons are reaped by init, sometimes seconds later) counts."""
+    if not os.path.isdir("/proc"):  # not Linux: signal 0 is all we have
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
 
 
 # --- admin console -----------------------------------------------------------------------------
