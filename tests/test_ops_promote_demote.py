@@ -103,6 +103,8 @@ def test_split_brain_is_resolved_by_forced_promote_then_forced_demote_with_rewin
     assert proc.returncode == 0, out(proc)
     assert roles(f) == {"remilia": "primary", "konpaku": "primary"}
     q(f.lab.nodes["remilia"].dsn, "CREATE TABLE only_on_remilia (v int)")  # diverge
+    refused = f.cli("standby", "prepare", "remilia", "--from", "konpaku", "--force", "--yes")
+    assert refused.returncode == 1 and "remilia is running as a primary; refusing to overwrite it" in refused.stderr
     refused = f.cli("demote", "remilia", "--primary", "konpaku", "--yes")
     assert refused.returncode == 1 and "running as a primary" in refused.stderr
     hba = Path(q(konpaku.admin_dsn, "SHOW hba_file")[0][0])

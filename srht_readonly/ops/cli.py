@@ -50,7 +50,7 @@ class Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int, label: str, as_json: bool = False,
                  hosts: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it on the class
         self.label = label
         self.as_json = as_json
         self.hosts = hosts or {}

@@ -5,9 +5,10 @@ confirm, run, render. The group and the shared options live in ``cli``.
 
 from __future__ import annotations
 
-import time
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import click
 
@@ -291,16 +292,15 @@ class _ProgressBar:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.bar = None
+        self.bar: Any = None
         self.done = 0
-        self.started = time.monotonic()
 
     def update(self, done: int, total: int) -> None:
         if self.quiet:
             return
         if self.bar is None:
-            self.bar = click.progressbar(length=max(total, 1), label="base backup (kB)", file=click.get_text_stream(
-                "stderr"), show_pos=True)
+            self.bar = click.progressbar(length=max(total, 1), label="base backup (kB)", file=sys.stderr,
+                                         show_pos=True)
             self.bar.__enter__()
         self.bar.length = max(total, done, 1)
         self.bar.update(done - self.done)

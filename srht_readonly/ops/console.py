@@ -94,14 +94,14 @@ def execute(consoles: Iterable[Console], command: str | Mapping[str, str], *, ti
             results[c.key] = Outcome(False, error=_message(exc))
     results.update(_drive(started, timeout, command if isinstance(command, str) else "command"))
     for key, outcome in results.items():
-        c = started.get(key)
-        if c is None:
+        done = started.get(key)
+        if done is None:
             continue
-        if outcome.ok and c.cursor is not None and c.cursor.description is not None:
-            cols = [d.name for d in c.cursor.description]
-            outcome.rows = [dict(zip(cols, row, strict=True)) for row in c.cursor.fetchall()]
+        if outcome.ok and done.cursor is not None and done.cursor.description is not None:
+            cols = [d.name for d in done.cursor.description]
+            outcome.rows = [dict(zip(cols, row, strict=True)) for row in done.cursor.fetchall()]
         if not outcome.ok:
-            c.close()
+            done.close()
     return results
 
 
