@@ -9,7 +9,8 @@ from srht_readonly.testing.fleet import fleet_fixture
 from tests._fleet import out, q, roles, running_ports, status
 
 fleet = fleet_fixture("module")
-fresh_fleet = fleet_fixture("function")
+# remilia's server is driven over ssh here: stop, pg_controldata, settings, start all go through sshd.
+fresh_fleet = fleet_fixture("function", over_ssh=("meta.sr.ht", "remilia"))
 
 HEALTHY = {"remilia": "primary", "konpaku": "standby"}
 

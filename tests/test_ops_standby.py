@@ -8,7 +8,8 @@ from pathlib import Path
 from srht_readonly.testing.fleet import fleet_fixture
 from tests._fleet import out, q, roles
 
-fleet = fleet_fixture("function", extra=(), over_ssh=())
+# konpaku is reached over ssh: the base backup streams its progress back through sshd.
+fleet = fleet_fixture("function", extra=(), over_ssh=("konpaku",))
 
 SECRET = "correct horse battery staple"
 
@@ -57,6 +58,8 @@ def test_prepare_rebuilds_a_standby_with_its_own_hba_line_and_a_secret_password(
     proc = fleet.cli("-vv", "standby", "prepare", "konpaku", "--from", "remilia", "--force", "--yes")
     assert proc.returncode == 0, out(proc)
     assert "konpaku is a streaming hot standby of remilia (timeline 1, same databases)" in proc.stdout
+    assert "ssh = konpaku.lab-ssh" in fleet.inventory.read_text()
+    assert "base backup (kB)" in proc.stderr  # pg_basebackup's progress, streamed back through sshd
     assert SECRET not in out(proc)  # not in output nor in debug logs
     added = [line for line in hba.read_text().splitlines() if "replication" in line and not line.startswith("#")]
     assert added == ["host replication replicator 127.0.0.1/32 scram-sha-256"]  # this address only

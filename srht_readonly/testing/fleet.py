@@ -57,14 +57,13 @@ def write_inventory(
 ) -> Path:
     """Write DESIGN.md's inventory for ``lab``: every node, every PgBouncer, ``[replication]``.
 
-    ``ssh`` maps PgBouncer names to the ssh destination that reaches their host; ``databases``
-    restricts which entries of a PgBouncer follow the primary.
+    ``ssh`` maps node or PgBouncer names to the ssh destination that reaches their host;
+    ``databases`` restricts which entries of a PgBouncer follow the primary.
     """
     ssh, databases = dict(ssh or {}), dict(databases or {})
     out = [f"; srht-readonly lab in {lab.directory}", ""]
     for node in lab.nodes.values():
-        out += [
-            f"[node {node.name}]",
+        out += [f"[node {node.name}]"] + ([f"ssh = {ssh[node.name]}"] if node.name in ssh else []) + [
             f"dsn = {node.admin_dsn}",
             f"data = {node.server.data}",
             f"bin = {lab.bin}",
@@ -126,7 +125,8 @@ def build_fleet(
     databases: Mapping[str, Iterable[str]] | None = None,
     password_file: str | os.PathLike[str] | None = None,
 ) -> LabFleet:
-    """Add PgBouncers ``extra`` to a started lab, reach ``over_ssh`` ones through a real sshd, write the inventory.
+    """Add PgBouncers ``extra`` to a started lab, reach ``over_ssh`` ones (PgBouncers or nodes) through a
+    real sshd, write the inventory.
 
     By default the extra PgBouncers keep PgBouncer's own ``server_login_retry`` (15 s), as a
     fresh production install would, so tests see what ``failover`` does about it.
