@@ -6,6 +6,7 @@ import json
 import time
 
 import psycopg2
+import pytest
 
 from srht_readonly.ops.pgbouncer import Admin
 from srht_readonly.testing.fleet import fleet_fixture
@@ -54,10 +55,11 @@ def test_refuses_with_an_unreachable_pgbouncer_naming_it(fleet):
     _unchanged(fleet)
 
 
-def test_a_pause_that_times_out_switches_back_without_hanging(fleet):
+@pytest.mark.parametrize("name", ["git.sr.ht", "meta.sr.ht"])  # global PAUSE locally; PAUSE srht over ssh
+def test_a_pause_that_times_out_switches_back_without_hanging(fleet, name):
     """A long transaction holds PAUSE: after --pause-timeout everything is resumed and put back (issue 715)."""
-    git = fleet.lab.extra_bouncers["git.sr.ht"]
-    holder = psycopg2.connect(git.dsn)
+    bouncer = fleet.lab.extra_bouncers[name]
+    holder = psycopg2.connect(bouncer.dsn)
     holder.autocommit = False
     with holder.cursor() as cur:
         cur.execute("SELECT 1")  # a transaction is open: PAUSE must wait for it
@@ -66,7 +68,7 @@ def test_a_pause_that_times_out_switches_back_without_hanging(fleet):
         proc = fleet.cli("switchover", "--to", "konpaku", "--pause-timeout", "1", "--yes")
         took = time.monotonic() - started
         assert proc.returncode == 1, out(proc)
-        assert "PAUSE did not finish on git.sr.ht" in proc.stderr and "Switched back" in proc.stderr
+        assert f"PAUSE did not finish on {name}" in proc.stderr and "Switched back" in proc.stderr
         assert took < 15
         holder.commit()  # the transaction could finish, and the pooler serves it
         _unchanged(fleet)

@@ -357,26 +357,29 @@ class Fleet:
         return merged
 
     def resume(self, *, timeout: float = 5) -> dict[str, consoles.Outcome]:
-        """``RESUME`` every PgBouncer, reopening consoles that a failed PAUSE closed; "not paused" is fine."""
-        reopen = [m for m in self.members.values() if m.console is not None and not m.console.is_open]
-        consoles.connect([m.console for m in reopen if m.console], timeout=timeout)
+        """``RESUME`` every PgBouncer (each listed database, or all); "not paused" counts as done.
+
+        Consoles closed by a failed PAUSE or command are reopened first, so nothing is left paused
+        because of an earlier error.
+        """
+        members = [m for m in self.members.values() if m.console is not None]
+        steps = {m.name: [f'RESUME "{db}"' for db in m.spec.databases] if m.spec.databases else ["RESUME"]
+                 for m in members}
         results: dict[str, consoles.Outcome] = {}
-        plain = [m.console for m in self.members.values() if m.console is not None and m.spec.databases is None]
-        results.update(consoles.execute(plain, "RESUME", timeout=timeout))
-        per_db = [m for m in self.members.values() if m.console is not None and m.spec.databases is not None]
-        for i in range(max((len(m.spec.databases or ()) for m in per_db), default=0)):
-            batch = {m.name: f'RESUME "{m.spec.databases[i]}"' for m in per_db if m.spec.databases and
-                     i < len(m.spec.databases) and results.get(m.name, consoles.Outcome(True)).ok}
-            chosen = [m.console for m in per_db if m.console is not None and m.name in batch]
-            results.update(consoles.execute(chosen, batch, timeout=timeout))
-        for outcome in results.values():
-            if not outcome.ok and outcome.error and "not paused" in outcome.error:
-                outcome.ok, outcome.error = True, None
-        if any(not o.ok for o in results.values()):
-            # A console closed by a failed RESUME must be reopened for the next try.
-            for m in self.members.values():
-                if m.console is not None and not m.console.is_open:
-                    consoles.connect([m.console], timeout=timeout)
+        for i in range(max((len(s) for s in steps.values()), default=0)):
+            batch = {n: s[i] for n, s in steps.items() if i < len(s)}
+            chosen = [m for m in members if m.name in batch and m.console is not None]
+            consoles.connect([m.console for m in chosen if m.console is not None and not m.console.is_open],
+                             timeout=timeout)
+            for name, outcome in consoles.execute([m.console for m in chosen if m.console], batch,
+                                                  timeout=timeout).items():
+                if not outcome.ok and outcome.error and "not paused" in outcome.error:
+                    outcome = consoles.Outcome(True, seconds=outcome.seconds)
+                if name not in results or results[name].ok:
+                    results[name] = outcome
+        # Leave every console open for whatever comes next (a failed command closed its own).
+        consoles.connect([m.console for m in members if m.console is not None and not m.console.is_open],
+                         timeout=timeout)
         return results
 
 
