@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from srht_readonly.ops.cluster import Cluster
-from srht_readonly.ops.errors import OpsError, Refused
+from srht_readonly.ops.errors import OpsError, PartlyDone, Refused
 from srht_readonly.ops.failover import check_failover, run_failover
 from srht_readonly.ops.fleet import Fleet
 from srht_readonly.ops.inventory import load
@@ -142,3 +142,23 @@ def test_unconfirmed_failover_changes_nothing(fleet):
     proc = fleet.cli("failover", "--to", "konpaku", input="n\n")
     assert proc.returncode == 1 and "Proceed?" in proc.stderr and "nothing was changed" in proc.stderr
     assert {b.name: b.config_path.read_bytes() for b in fleet.lab.bouncers} == before
+
+
+def test_a_reload_that_fails_is_exit_3_naming_the_host_and_running_again_finishes(fleet, monkeypatch, back_to_primary):
+    monkeypatch.setenv("SRHT_READONLY_SSH_CONFIG", str(fleet.ssh_config))
+    git = fleet.lab.extra_bouncers["git.sr.ht"]
+    konpaku = fleet.lab.nodes["konpaku"].port
+    with Cluster(load(fleet.inventory)) as cluster, Fleet(cluster) as pgbouncers:
+        plan = check_failover(cluster, pgbouncers, "konpaku")
+        git.stop()  # dies between the checks and the switch
+        try:
+            with pytest.raises(PartlyDone) as info:
+                run_failover(cluster, pgbouncers, plan)
+        finally:
+            git.start()
+    assert "git.sr.ht" in info.value.hosts and "RELOAD failed" in info.value.hosts["git.sr.ht"]
+    assert info.value.hosts["pgbouncer"] == "switched to konpaku"
+    proc = fleet.cli("failover", "--to", "konpaku", "--yes")
+    assert proc.returncode == 0, out(proc)
+    assert "0 config(s) rewritten, 3 reloaded" in proc.stdout  # the files were right already
+    assert set(running_ports(fleet).values()) == {konpaku}

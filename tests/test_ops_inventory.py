@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from srht_readonly.ops.cli import EXIT_USAGE, main
+from srht_readonly.ops.cli import EXIT_USAGE, Failure, failures, main
+from srht_readonly.ops.errors import OpsError, PartlyDone, Refused
 from srht_readonly.ops.inventory import InventoryError, load, parse
 
 DESIGN_EXAMPLE = """\
@@ -127,3 +128,22 @@ def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0
     assert "Example:" in result.output and "srht-readonly" in result.output
+
+
+@pytest.mark.parametrize(("error", "code", "label"), [
+    (Refused("no"), 1, "refused"),
+    (InventoryError("f.ini", 3, "bad"), 2, "configuration error"),
+    (PartlyDone("half", {"git.sr.ht": "switched", "meta.sr.ht": "RELOAD failed"}), 3, "partly done"),
+])
+def test_package_errors_become_design_exit_statuses(error, code, label):
+    with pytest.raises(Failure) as info, failures(as_json=True):
+        raise error
+    assert (info.value.exit_code, info.value.label) == (code, label)
+    if code == 3:
+        assert "meta.sr.ht: RELOAD failed" in info.value.message and info.value.hosts["git.sr.ht"] == "switched"
+
+
+def test_an_unexpected_error_after_the_plan_was_accepted_is_partly_done():
+    with pytest.raises(Failure) as info, failures(changing=True):
+        raise OpsError("pg_ctl exited 1")
+    assert info.value.exit_code == 3 and "running the same command again is safe" in info.value.message

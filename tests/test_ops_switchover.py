@@ -126,3 +126,30 @@ def test_switchover_under_8_writers_loses_nothing_and_pauses_writes_under_a_seco
     _switch_under_load(fleet, "konpaku", figures)
     _switch_under_load(fleet, "remilia", figures)
     assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}
+
+
+def test_after_a_failure_past_the_promotion_running_again_says_what_is_left(fleet, monkeypatch):
+    """Exit 3 names the old primary; the re-run refuses harmlessly and points at demote, which finishes."""
+    from srht_readonly.ops import switchover
+    from srht_readonly.ops.cluster import Cluster
+    from srht_readonly.ops.errors import OpsError, PartlyDone
+    from srht_readonly.ops.fleet import Fleet
+    from srht_readonly.ops.inventory import load
+
+    def broken_demote(*args, **kwargs):
+        raise OpsError("the old primary's disk is full")
+
+    monkeypatch.setenv("SRHT_READONLY_SSH_CONFIG", str(fleet.ssh_config))
+    monkeypatch.setattr(switchover, "demote_node", broken_demote)
+    with Cluster(load(fleet.inventory)) as cluster, Fleet(cluster) as pgbouncers:
+        plan = switchover.check_switchover(cluster, pgbouncers, "konpaku")
+        with pytest.raises(PartlyDone) as info:
+            switchover.run_switchover(cluster, pgbouncers, plan)
+    assert "remilia" in info.value.hosts and "demote remilia --primary konpaku" in str(info.value)
+    again = fleet.cli("switchover", "--to", "konpaku", "--yes")
+    assert again.returncode == 1 and "demote remilia --primary konpaku" in again.stderr, out(again)
+    finish = fleet.cli("demote", "remilia", "--primary", "konpaku", "--yes")
+    assert finish.returncode == 0 and "no pg_rewind needed" in finish.stdout, out(finish)
+    back = fleet.cli("switchover", "--to", "remilia", "--yes")
+    assert back.returncode == 0, out(back)
+    assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}

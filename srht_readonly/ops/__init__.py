@@ -6,6 +6,6 @@ are built from these same primitives, so every lab test exercises what operators
 
 from __future__ import annotations
 
-from .errors import CommandFailed, OpsError, ToolMissing
+from .errors import CommandFailed, OpsError, PartlyDone, Refused, Timeout, ToolMissing, Unreachable
 
-__all__ = ["CommandFailed", "OpsError", "ToolMissing"]
+__all__ = ["CommandFailed", "OpsError", "PartlyDone", "Refused", "Timeout", "ToolMissing", "Unreachable"]
