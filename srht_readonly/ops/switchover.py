@@ -134,44 +134,45 @@ def run_switchover(cluster: Cluster, fleet: Fleet, plan: SwitchoverPlan, *, say:
     """Carry out ``plan``; see the module docstring for the order and the failure handling."""
     old, new = plan.old, plan.new
     old_server, new_dsn = cluster.server(old), cluster.node(new).dsn
-    say(f"writing {sum(c.changed for c in plan.changes.values())} PgBouncer config(s) (not reloaded yet)")
-    fleet.write(plan.changes)
-    try:
-        slot_created = replication.ensure_slot(new_dsn, old, reserve=True)
-        sql.execute(cluster.node(old).dsn, "CHECKPOINT")
-    except OpsError as exc:
-        fleet.write({n: Change(n, c.new, c.old) for n, c in plan.changes.items()})
-        raise Refused(f"preparing the switchover failed: {exc}; the PgBouncer configs were put back") from exc
-
-    def switch_back(why: str, restart_old: bool) -> OpsError:
-        """Undo everything before the promotion; the error to raise after RESUME."""
-        problems = {}
-        if restart_old:
-            try:
-                if not old_server.is_running():
-                    old_server.start()
-            except OpsError as exc:
-                problems[old] = f"could not be started again: {exc}"
-        try:
-            fleet.write({n: Change(n, c.new, c.old) for n, c in plan.changes.items()})
-        except OpsError as exc:
-            problems["pgbouncer configs"] = f"could not all be put back: {exc}"
-        if slot_created:
-            try:
-                replication.drop_slot(new_dsn, old)
-            except OpsError as exc:
-                problems[new] = f"slot {old!r} left behind: {exc}"
-        if problems:
-            return PartlyDone(f"switchover aborted ({why}), and switching back failed:", problems)
-        return Refused(f"switchover aborted: {why}. Switched back: {old} is the primary again, every PgBouncer "
-                       f"was resumed on it, nothing changed")
-
-    phases: dict[str, float] = {}
-    failure: OpsError | None = None
-    promoted: tuple[int, int, float] | None = None
-    lsn = ""
-    stage = "pause"
+    # One connection to the new primary, open before anything changes, polls replay and promotion.
     with sql.connect(new_dsn) as conn, conn.cursor() as cur:
+        say(f"writing {sum(c.changed for c in plan.changes.values())} PgBouncer config(s) (not reloaded yet)")
+        fleet.write(plan.changes)
+        try:
+            slot_created = replication.ensure_slot(new_dsn, old, reserve=True)
+            sql.execute(cluster.node(old).dsn, "CHECKPOINT")
+        except OpsError as exc:
+            fleet.write({n: Change(n, c.new, c.old) for n, c in plan.changes.items()})
+            raise Refused(f"preparing the switchover failed: {exc}; the PgBouncer configs were put back") from exc
+
+        def switch_back(why: str, restart_old: bool) -> OpsError:
+            """Undo everything before the promotion; the error to raise after RESUME."""
+            problems = {}
+            if restart_old:
+                try:
+                    if not old_server.is_running():
+                        old_server.start()
+                except OpsError as exc:
+                    problems[old] = f"could not be started again: {exc}"
+            try:
+                fleet.write({n: Change(n, c.new, c.old) for n, c in plan.changes.items()})
+            except OpsError as exc:
+                problems["pgbouncer configs"] = f"could not all be put back: {exc}"
+            if slot_created:
+                try:
+                    replication.drop_slot(new_dsn, old)
+                except OpsError as exc:
+                    problems[new] = f"slot {old!r} left behind: {exc}"
+            if problems:
+                return PartlyDone(f"switchover aborted ({why}), and switching back failed:", problems)
+            return Refused(f"switchover aborted: {why}. Switched back: {old} is the primary again, every PgBouncer "
+                           f"was resumed on it, nothing changed")
+
+        phases: dict[str, float] = {}
+        failure: OpsError | None = None
+        promoted: tuple[int, int, float] | None = None
+        lsn = ""
+        stage = "pause"
         say(f"PAUSE {len(fleet.members)} PgBouncer(s)")
         t0 = time.monotonic()
         try:
