@@ -7,6 +7,7 @@ finds a lab that another process started (``srht-readonly lab up``/``down``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -397,7 +398,7 @@ class Lab:
         if self.pgbouncer is not None:
             _quietly(self.pgbouncer.stop, "stop pgbouncer")
         for node in self.nodes.values():
-            _quietly(lambda n=node: n.server.stop("immediate", timeout=20), f"stop {node.name}")
+            _quietly(functools.partial(node.server.stop, "immediate", timeout=20), f"stop {node.name}")
             _quietly(node.kill, f"kill {node.name}")
         if self.owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
