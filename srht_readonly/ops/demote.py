@@ -126,7 +126,7 @@ def demote_node(cluster: Cluster, plan: DemotePlan, *, timeout: float = 120) -> 
         return DemoteResult(plan.node, plan.primary, False, "already following", 0.0, nothing_to_do=True)
     spec, pspec = cluster.node(plan.node), cluster.node(plan.primary)
     server = cluster.server(plan.node)
-    _wait_reaped(server)
+    server.wait_reaped()
     if server.is_running():
         server.stop("fast")
     replication.ensure_slot(pspec.dsn, plan.node, reserve=True)
@@ -207,22 +207,6 @@ def _check_rewind_possible(cluster: Cluster, node: str, primary: str, control: d
             f"{node} {maybe or 'needs pg_rewind, which cannot run: '}{'; '.join(missing)}. Rebuild it from a "
             f"base backup instead: srht-readonly standby prepare {node} --from {primary} --force"
         )
-
-
-def _wait_reaped(server: PostgresServer, timeout: float = 30) -> None:
-    """Wait while a killed postmaster is a zombie: pg_ctl and ``postgres --single`` take it for alive.
-
-    Daemons are reaped by init, which some containers do only every few seconds.
-    """
-    pid = server.postmaster_pid()
-    if pid is None:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = server.host.run(["ps", "-o", "stat=", "-p", str(pid)], check=False).stdout.strip()
-        if not state.startswith("Z"):
-            return
-        time.sleep(0.1)
 
 
 def _finish_crash_recovery(server: PostgresServer) -> None:

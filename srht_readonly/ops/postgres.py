@@ -80,9 +80,28 @@ class PostgresServer:
                  "--no-sync", "-U", "postgres", *options)
 
     def is_running(self) -> bool:
-        """True while a postmaster serves this data directory."""
+        """True while a postmaster serves this data directory.
+
+        A killed postmaster stays a zombie until init reaps it (some containers do so only every few
+        seconds); pg_ctl and postgres itself take a zombie for alive, so wait for the reaping first.
+        """
+        self.wait_reaped()
         proc = self.run("pg_ctl", "status", "-D", self.data, check=False, timeout=30)
         return proc.returncode == 0
+
+    def wait_reaped(self, timeout: float = 30) -> None:
+        """Return once the postmaster named in ``postmaster.pid`` is not a zombie (or there is none)."""
+        pid = self.postmaster_pid()
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.host.run(["ps", "-o", "stat=", "-p", str(pid)], check=False).stdout.strip()
+            if not state.startswith("Z"):
+                return
+            if time.monotonic() > deadline:
+                raise OpsError(f"{self.data}: postmaster {pid} killed but not reaped after {timeout:.0f} s")
+            time.sleep(0.05)
 
     def start(self, *, timeout: float = 60) -> None:
         """Start and wait until it accepts connections (a hot standby: until consistent)."""
