@@ -7,9 +7,10 @@ PYTEST_ARGS ?=
 bootstrap:
 	VENV=$(VENV) ./scripts/bootstrap
 
+# The drill starts its own lab and services and stops them all at the end; DRILL_ARGS e.g. --duration 4.
+DRILL_ARGS ?=
 drill: bootstrap
-	$(VENV)/bin/srht-readonly lab up
-	$(VENV)/bin/srht-readonly lab down
+	$(VENV)/bin/srht-readonly drill $(DRILL_ARGS)
 
 test: bootstrap
 	$(VENV)/bin/ruff check .

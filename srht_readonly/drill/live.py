@@ -37,6 +37,11 @@ class LiveDisplay:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="drill-live")
             self._thread.start()
 
+    def say(self, message: str) -> None:
+        """A line of its own, outside any scenario (setting up, tearing down)."""
+        self._finish_line()
+        self._print(f"... {message}")
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:

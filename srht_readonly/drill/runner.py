@@ -37,11 +37,16 @@ class TrafficSource(Protocol):
 
 @dataclass
 class Fleet:
-    """Where the drill acts and sends traffic."""
+    """Where the drill acts and sends traffic.
+
+    ``traffic_dsns`` go through the PgBouncers (one per PgBouncer); the ledger table is created
+    through the first. ``ledger_dsn(node)`` reads that database directly on ``node``, as a user
+    that may read the ledger, to count what survived.
+    """
 
     procedures: Procedures
     traffic_dsns: Sequence[str]
-    admin_dsn: Callable[[str], str]
+    ledger_dsn: Callable[[str], str]
 
 
 Progress = Callable[[str, Recorder | None], None]
@@ -51,7 +56,7 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
                  sources: Sequence[TrafficSource] = (), progress: Progress | None = None) -> dict[str, Any]:
     """Play one scenario under traffic; return its result (expectations, figures, timeline)."""
     p = fleet.procedures
-    ledger_mod.prepare(fleet.admin_dsn(p.primary()))
+    ledger_mod.prepare(fleet.traffic_dsns[0])
     recorder = Recorder()
     settings = LOADS[load]
     ledgers = [ledger_mod.Ledger(dsn, recorder, writers=max(1, settings["writers"] // len(fleet.traffic_dsns)),
@@ -111,7 +116,7 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
 
 def _verify(ledgers: Sequence[ledger_mod.Ledger], fleet: Fleet, p: Procedures) -> ledger_mod.LedgerResult:
     total = ledger_mod.LedgerResult(0)
-    dsn = fleet.admin_dsn(p.primary())
+    dsn = fleet.ledger_dsn(p.primary())
     for lg in ledgers:
         r = lg.verify(dsn)
         total.acknowledged += r.acknowledged

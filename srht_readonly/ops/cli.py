@@ -168,7 +168,8 @@ def _print_lab(desc: dict[str, object], as_json: bool, note: str) -> None:
         click.echo(f"  {s['name']:<10} {s['role']:<22} {s['url']}")
 
 
-# The procedure commands register themselves on ``main``.
+# The procedure commands, and the drill (built on them), register themselves on ``main``.
+from ..drill import command as _drill_command  # noqa: E402, F401
 from . import commands  # noqa: E402, F401
 
 

@@ -42,6 +42,8 @@ ENV_VAR = "SRHT_READONLY_CONFIG"
 NODE_KEYS = {"dsn": True, "data": True, "ssh": False, "bin": False, "os-user": False, "target": False}
 BOUNCER_KEYS = {"config": True, "admin": True, "ssh": False, "databases": False}
 REPLICATION_KEYS = {"user": False, "password-file": False}
+# Sections the procedures ignore and the drill reads (srht_readonly/drill/config.py): kind -> takes a name.
+OTHER_SECTIONS = {"drill": False, "probe": True}
 
 
 class InventoryError(OpsError):
@@ -122,6 +124,8 @@ class Inventory:
     nodes: dict[str, NodeSpec]
     pgbouncers: dict[str, BouncerSpec]
     replication: ReplicationSpec = field(default_factory=ReplicationSpec)
+    # Sections other tools read (the drill's [drill] and [probe NAME]): {(kind, name): {key: (value, line)}}.
+    others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = field(default_factory=dict)
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; ``InventoryError`` listing the known ones otherwise."""
@@ -192,8 +196,11 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
     nodes: dict[str, NodeSpec] = {}
     bouncers: dict[str, BouncerSpec] = {}
     replication = ReplicationSpec()
+    others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = {}
     for kind, name, number, entries in sections:
-        if kind == "node":
+        if kind in OTHER_SECTIONS:
+            others[kind, name] = {**entries, "": ("", number)}  # "" keeps the header's line for messages
+        elif kind == "node":
             assert name is not None
             nodes[name] = _node(name, number, entries, path)
         elif kind == "pgbouncer":
@@ -214,19 +221,21 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             raise InventoryError(path, node.line, f"nodes {targets[key]} and {node.name} have the same target "
                                                   f"{node.address}:{node.port}; set target = to tell them apart")
         targets[key] = node.name
-    return Inventory(path, nodes, bouncers, replication)
+    return Inventory(path, nodes, bouncers, replication, others)
 
 
 def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]:
     parts = header.split()
     if parts == ["replication"]:
         return "replication", None
+    if parts and parts[0] in OTHER_SECTIONS and len(parts) == (2 if OTHER_SECTIONS[parts[0]] else 1):
+        return parts[0], (parts[1] if len(parts) == 2 else None)
     if len(parts) == 2 and parts[0] in ("node", "pgbouncer"):
         return parts[0], parts[1]
     if len(parts) == 1 and parts[0] in ("node", "pgbouncer"):
         raise InventoryError(path, number, f"[{header}] needs a name, e.g. [{parts[0]} remilia]")
     raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME] "
-                                       f"or [replication]")
+                                       f"or [replication] (the drill also reads [drill] and [probe NAME])")
 
 
 def _check_keys(entries: dict[str, tuple[str, int]], allowed: dict[str, bool], section: str, number: int,

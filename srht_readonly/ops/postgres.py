@@ -140,6 +140,9 @@ class PostgresServer:
         pid = self.postmaster_pid()
         if pid is None:
             return
+        if not isinstance(self.host, LocalHost):
+            self.host.run(["kill", "-9", str(pid)], user=self.os_user, check=False)
+            return
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -1,0 +1,99 @@
+"""The drill's part of the inventory, for a run against real hosts (``drill --config FILE``).
+
+The procedures use the inventory's nodes and PgBouncers as every other command does; the drill
+also needs to know where to send its own writes and which service probes to play::
+
+    [drill]
+    ; the ledger's writes, one URL per PgBouncer (comma-separated); a database the drill may write to
+    traffic = postgresql://drill@git.sr.ht.example.org:6432/drill, postgresql://drill@meta.example.org:6432/drill
+
+    [probe git-web]
+    url = https://git.sr.ht.example.org/~drill/probe
+    every = 1                      ; seconds between two tries (default 1)
+
+    [probe git-push]
+    command = git -C /srv/drill/probe commit -q --allow-empty -m drill && git -C /srv/drill/probe push -q
+    write = yes                    ; a write: judged against the read-only window
+    explained = read-only          ; regex: a failure whose output matches is the explained refusal
+    dropped = webhooks             ; regex: a success whose output matches dropped an allowed write
+    timeout = 20
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..ops.inventory import Inventory, InventoryError
+
+DRILL_KEYS = {"traffic"}
+PROBE_KEYS = {"url", "method", "data", "command", "write", "explained", "dropped", "every", "timeout"}
+DEFAULT_EXPLAINED = r"read[- ]only"
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One service probe: an HTTP request (``url``) or a shell command run on this machine."""
+
+    name: str
+    url: str | None = None
+    method: str = "GET"
+    data: str | None = None
+    command: str | None = None
+    write: bool = False
+    explained: re.Pattern[str] = re.compile(DEFAULT_EXPLAINED, re.I)
+    dropped: re.Pattern[str] | None = None
+    every: float = 1.0
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DrillConfig:
+    traffic: list[str]
+    probes: list[ProbeSpec] = field(default_factory=list)
+
+
+def drill_config(inventory: Inventory) -> DrillConfig:
+    """Read ``[drill]`` and every ``[probe NAME]``; ``InventoryError`` on anything wrong or missing."""
+    path = inventory.path
+    drill = inventory.others.get(("drill", None))
+    if drill is None:
+        raise InventoryError(path, None, "no [drill] section: add 'traffic = postgresql://USER@PGBOUNCER:PORT/DB' "
+                                         "(a database the drill may write its ledger to, through each PgBouncer)")
+    _check(drill, DRILL_KEYS, "[drill]", path)
+    traffic = [u.strip() for u in drill.get("traffic", ("", 0))[0].split(",") if u.strip()]
+    if not traffic:
+        raise InventoryError(path, drill[""][1], "[drill] needs traffic = URL[, URL...]")
+    probes = [_probe(name or "", entries, path) for (kind, name), entries in inventory.others.items()
+              if kind == "probe"]
+    return DrillConfig(traffic, probes)
+
+
+def _probe(name: str, entries: dict[str, tuple[str, int]], path: str) -> ProbeSpec:
+    section = f"[probe {name}]"
+    _check(entries, PROBE_KEYS, section, path)
+    value = {k: v for k, (v, _) in entries.items() if k}
+    line = entries[""][1]
+    if ("url" in value) == ("command" in value):
+        raise InventoryError(path, line, f"{section} needs exactly one of url = or command =")
+    try:
+        return ProbeSpec(
+            name=name,
+            url=value.get("url"),
+            method=value.get("method", "POST" if "data" in value else "GET").upper(),
+            data=value.get("data"),
+            command=value.get("command"),
+            write=value.get("write", "no").lower() in ("yes", "true", "on", "1"),
+            explained=re.compile(value.get("explained", DEFAULT_EXPLAINED), re.I),
+            dropped=re.compile(value["dropped"], re.I) if "dropped" in value else None,
+            every=float(value.get("every", 1.0)),
+            timeout=float(value.get("timeout", 10.0)),
+        )
+    except (re.error, ValueError) as exc:
+        raise InventoryError(path, line, f"{section}: {exc}") from None
+
+
+def _check(entries: dict[str, tuple[str, int]], allowed: set[str], section: str, path: str) -> None:
+    for key, (_, line) in entries.items():
+        if key and key not in allowed:
+            raise InventoryError(path, line, f"{section} has no key {key!r}; known: {', '.join(sorted(allowed))}")

@@ -1,0 +1,91 @@
+"""Traffic sources for a real deployment: the probes of ``[probe NAME]`` (see ``config``).
+
+Each probe runs in its own thread every ``every`` seconds and records what a user would have
+seen: an HTTP request (2xx ok; 503 carrying ``Srht-Read-Only`` or the explanation: explained) or
+a shell command (exit 0 ok, or dropped when its output matches ``dropped``; a failure whose
+output matches ``explained`` is the explained refusal). Anything else is an error.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .config import ProbeSpec
+from .recorder import Outcome, Recorder
+from .scenarios import Expectation
+from .verdicts import service_expectations
+
+
+class ProbeSource:
+    """One ``[probe NAME]`` as a ``TrafficSource``."""
+
+    def __init__(self, spec: ProbeSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, recorder: Recorder) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, args=(recorder,), daemon=True, name=f"probe-{self.name}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.spec.timeout + 1)
+
+    def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
+        return service_expectations(self.name, scenario, recorder, facts)
+
+    def _loop(self, recorder: Recorder) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            outcome, detail = self.try_once()
+            recorder.record(self.name, self.spec.method if self.spec.url else "command", outcome,
+                            started=started, write=self.spec.write, detail=detail)
+            self._stop.wait(max(0.0, self.spec.every - (time.monotonic() - started)))
+
+    def try_once(self) -> tuple[Outcome, str]:
+        """Run the probe once: its outcome and what the user saw (short)."""
+        return self._http() if self.spec.url else self._command()
+
+    def _http(self) -> tuple[Outcome, str]:
+        spec = self.spec
+        assert spec.url is not None
+        body = spec.data.encode() if spec.data is not None else None
+        request = urllib.request.Request(spec.url, data=body, method=spec.method)
+        try:
+            with urllib.request.urlopen(request, timeout=spec.timeout) as response:
+                return Outcome.OK, f"{response.status}"
+        except urllib.error.HTTPError as exc:
+            text = exc.read(4096).decode(errors="replace")
+            explained = exc.headers.get("Srht-Read-Only") == "true" or bool(spec.explained.search(text))
+            if exc.code == 503 and explained:
+                return Outcome.EXPLAINED, "503 read-only"
+            return Outcome.ERROR, f"{exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError) as exc:
+            return Outcome.ERROR, f"{type(exc).__name__}: {exc}"
+
+    def _command(self) -> tuple[Outcome, str]:
+        spec = self.spec
+        assert spec.command is not None
+        try:
+            proc = subprocess.run(spec.command, shell=True, capture_output=True, text=True, timeout=spec.timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return Outcome.ERROR, f"no answer in {spec.timeout:g} s"
+        output = (proc.stdout + proc.stderr).strip()
+        last = output.splitlines()[-1] if output else ""
+        if proc.returncode == 0:
+            if spec.dropped is not None and spec.dropped.search(output):
+                return Outcome.DROPPED, last
+            return Outcome.OK, "exit 0"
+        if spec.explained.search(output):
+            return Outcome.EXPLAINED, last
+        return Outcome.ERROR, f"exit {proc.returncode}: {last}"

@@ -1,0 +1,84 @@
+"""The scenarios' steps carried out by the operations commands' own code, on any inventory.
+
+The local drill writes an inventory for its lab and uses this class too, so a drill exercises
+exactly what ``srht-readonly switchover``/``failover``/``promote``/``demote`` run in production.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..ops import replication, sql
+from ..ops.cluster import Cluster
+from ..ops.demote import check_demote, demote_node
+from ..ops.errors import OpsError
+from ..ops.failover import check_failover, run_failover
+from ..ops.fleet import Fleet
+from ..ops.observe import observe_nodes, primaries
+from ..ops.promote import check_promote, promote_node
+from ..ops.switchover import check_switchover, run_switchover
+
+
+class InventoryProcedures:
+    """``scenarios.Procedures`` over a ``Cluster``; roles are observed each time they are asked for."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def primary(self) -> str:
+        live = primaries(observe_nodes(self.cluster.inventory))
+        if len(live) != 1:
+            raise OpsError(f"expected one primary, found {len(live)}: {', '.join(live) or 'none'}")
+        return live[0]
+
+    def standby(self) -> str:
+        states = observe_nodes(self.cluster.inventory)
+        live = primaries(states)
+        streaming = [n for n, s in states.items() if s.role == "standby" and s.receiver_status == "streaming"
+                     and (not live or s.upstream == live[0])]
+        if not streaming:
+            raise OpsError("no standby streams from the primary; the drill needs a healthy pair "
+                           "(srht-readonly status shows what is wrong)")
+        return streaming[0]
+
+    def switchover(self, to: str) -> dict[str, Any]:
+        with Fleet(self.cluster) as fleet:
+            result = run_switchover(self.cluster, fleet, check_switchover(self.cluster, fleet, to))
+        return {"write_pause": round(result.write_pause, 3), "phases": result.phases,
+                "timeline": [result.timeline_before, result.timeline_after]}
+
+    def failover(self, to: str) -> None:
+        with Fleet(self.cluster) as fleet:
+            run_failover(self.cluster, fleet, check_failover(self.cluster, fleet, to))
+
+    def promote(self, node: str) -> None:
+        promote_node(self.cluster, check_promote(self.cluster, node))
+
+    def demote(self, node: str, primary: str) -> None:
+        demote_node(self.cluster, check_demote(self.cluster, node, primary))
+
+    def stop(self, node: str, mode: str = "fast") -> None:
+        self.cluster.server(node).stop(mode)
+
+    def start(self, node: str) -> None:
+        self.cluster.server(node).start()
+
+    def kill(self, node: str) -> None:
+        self.cluster.server(node).kill()
+
+    def receive_lsn(self, node: str) -> str | None:
+        """What ``node`` (a standby) has received, or None if it does not answer."""
+        try:
+            (lsn,) = sql.query_one(self.cluster.node(node).dsn, "SELECT pg_last_wal_receive_lsn()::text")
+        except OpsError:
+            return None
+        return str(lsn) if lsn else None
+
+    def wait_caught_up(self, node: str, timeout: float = 60) -> float:
+        """Wait until ``node`` streams and has replayed what the primary had written; seconds waited."""
+        started = time.monotonic()
+        dsn = self.cluster.node(node).dsn
+        replication.wait_streaming(dsn, timeout=timeout)
+        replication.wait_caught_up(self.cluster.node(self.primary()).dsn, dsn, timeout=timeout)
+        return time.monotonic() - started

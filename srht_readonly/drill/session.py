@@ -1,0 +1,88 @@
+"""Where a drill runs: the embedded lab with the registered stand-in services, or an inventory.
+
+Both give a ``runner.Fleet`` (procedures from ``ops``, traffic through the PgBouncers) and the
+traffic sources, and both tear down everything they started, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2.extensions
+
+from ..ops.cluster import Cluster
+from ..ops.inventory import load
+from ..ops.lock import OperatorLock, lock_path
+from .config import drill_config
+from .probes import ProbeSource
+from .procedures import InventoryProcedures
+from .runner import Fleet, TrafficSource
+from .services import DrillEnvironment, registered
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Setting:
+    """A fleet ready to drill, the traffic sources, and a line describing where it runs."""
+
+    fleet: Fleet
+    sources: Sequence[TrafficSource]
+    environment: str
+
+
+@contextlib.contextmanager
+def local(*, load_name: str, duration: float, services: bool = True, say: Say = lambda _m: None) -> Iterator[Setting]:
+    """A fresh lab (primary, hot standby, PgBouncer) and the stand-in services, all removed afterwards."""
+    from ..testing.lab import Lab
+
+    scratch = Path(tempfile.mkdtemp(prefix="srht-drill-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            lab = Lab()
+            say("starting the lab: primary, hot standby (pg_basebackup), PgBouncer")
+            lab.start(progress=lambda m: say(f"  {m}"))
+            stack.callback(lab.close)
+            cluster = stack.enter_context(Cluster(load(lab.write_inventory(scratch / "inventory.ini"))))
+            assert lab.pgbouncer is not None
+            fleet = Fleet(InventoryProcedures(cluster), [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
+            sources: list[TrafficSource] = []
+            if services:
+                env = DrillEnvironment(lab.pgbouncer.url, scratch / "services", load_name, duration)
+                env.directory.mkdir()
+                for name, factory in registered().items():
+                    say(f"starting services: {name}")
+                    made = factory(env)
+                    stack.callback(made.close)
+                    sources += made.sources
+            names = ", ".join(s.name for s in sources) or "none (database traffic only)"
+            pg = lab.primary.server.run("postgres", "--version").stdout.strip()
+            yield Setting(fleet, sources, f"embedded lab in {lab.directory}: {pg}; services: {names}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def deployment(path: str | Path, *, ssh_config: str | Path | None = None) -> Iterator[Setting]:
+    """The hosts of the inventory at ``path``, its ``[drill]`` traffic and ``[probe NAME]`` probes."""
+    inventory = load(path)
+    config = drill_config(inventory)
+    database = psycopg2.extensions.parse_dsn(config.traffic[0]).get("dbname")
+    lock = OperatorLock(lock_path(inventory.path), "drill")
+    lock.acquire()
+    try:
+        with Cluster(inventory, ssh_config=ssh_config) as cluster:
+            def ledger_dsn(node: str) -> str:
+                return psycopg2.extensions.make_dsn(cluster.node(node).dsn, dbname=database)
+
+            fleet = Fleet(InventoryProcedures(cluster), config.traffic, ledger_dsn)
+            sources = [ProbeSource(p) for p in config.probes]
+            yield Setting(fleet, sources, f"inventory {inventory.path}: nodes {', '.join(inventory.nodes)}; "
+                                          f"probes: {', '.join(p.name for p in config.probes) or 'none'}")
+    finally:
+        lock.release()
