@@ -80,10 +80,17 @@ class DeadlineExceeded(SrhtReadOnlyError):
 
     ``failure`` is the classification of the last error (its exception is ``__cause__``),
     ``attempts`` how many tries were made and ``waited`` the seconds spent since the first.
+    Like every exception of the package it pickles (Celery sends it between processes): only
+    ``message`` is positional and every field travels in ``__dict__``.
     """
 
     def __init__(
-        self, message: str, *, failure: Failure | None, attempts: int = 0, waited: float = 0.0
+        self,
+        message: str,
+        *,
+        failure: Failure | None = None,
+        attempts: int = 0,
+        waited: float = 0.0,
     ) -> None:
         super().__init__(message)
         self.message = message

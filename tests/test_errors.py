@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import psycopg
 import psycopg2
 import pytest
 import sqlalchemy as sa
+from celery.utils.serialization import get_pickleable_exception
 from sqlalchemy.pool import NullPool
 
 from srht_readonly import (
@@ -189,6 +191,27 @@ def test_own_exceptions_carry_their_failure_and_share_the_root():
     ]
     assert str(errors[0]) == "read-only maintenance"
     assert (errors[2].attempts, errors[2].waited) == (3, 1.5)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_own_exceptions_survive_pickling_with_every_field(protocol):
+    errors = [
+        ReadOnlyError("read-only maintenance"),
+        ReadOnlyError("refused", failure=None),
+        DatabaseUnavailable("down"),
+        DatabaseUnavailable("lost in COMMIT", failure=Failure.COMMIT_UNKNOWN),
+        DeadlineExceeded("gave up", failure=Failure.UNAVAILABLE, attempts=3, waited=1.5),
+        DeadlineExceeded("gave up, no details"),  # every field has a default
+    ]
+    for error in errors:
+        error.__cause__ = Pg2Error("read-only", "25006")  # not pickled: only what is in the error
+        copy = pickle.loads(pickle.dumps(error, protocol=protocol))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert vars(copy) == vars(error)
+        assert classify(copy) is error.failure
+        # Celery wraps what it cannot pickle in UnpickleableExceptionWrapper; ours go as they are.
+        assert get_pickleable_exception(error) is error
+    assert DeadlineExceeded("x").failure is None and DeadlineExceeded("x").attempts == 0
 
 
 # --- real servers: every row of REFERENCE's table, for every driver -------------------------
