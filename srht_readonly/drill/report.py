@@ -32,7 +32,7 @@ def timeline(events: list[Event], *, slice_s: float = 0.25) -> dict[str, Any]:
 def svg_timeline(tl: dict[str, Any], marks: list[Mark], *, width: int = 960, lane_h: int = 56) -> str:
     """The timeline as an SVG: a lane per service, stacked outcome bars, steps as lines."""
     lanes: dict[str, list[list[int]]] = tl["lanes"]
-    left, top, bottom = 110, 18, 28
+    left, top, bottom = 110, 18, 40
     height = top + bottom + lane_h * max(len(lanes), 1)
     plot_w = width - left - 10
     end = max(tl["end"], max((m.t for m in marks), default=0.0), 1e-3)
@@ -60,12 +60,11 @@ def svg_timeline(tl: dict[str, Any], marks: list[Mark], *, width: int = 960, lan
         x = left + m.t * x_of
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 4}" y2="{height - bottom + 4}" stroke="#333" '
                    'stroke-dasharray="3,3"/>')
-        anchor = "end" if x > left + plot_w * 0.85 else "start"
-        out.append(f'<text x="{x + (-3 if anchor == "end" else 3):.1f}" y="{top - 6 + (k % 2) * 0}" '
-                   f'text-anchor="{anchor}" font-size="10">{html.escape(m.label)}</text>'
-                   if k % 2 == 0 else
-                   f'<text x="{x + (-3 if anchor == "end" else 3):.1f}" y="{height - bottom + 16}" '
-                   f'text-anchor="{anchor}" font-size="10">{html.escape(m.label)}</text>')
+        # Labels alternate above and below the plot; one that would run off the right edge ends at its line.
+        anchor = "end" if x + 5.5 * len(m.label) > left + plot_w else "start"
+        y = top - 6 if k % 2 == 0 else height - bottom + 14
+        out.append(f'<text x="{x + (-3 if anchor == "end" else 3):.1f}" y="{y}" text-anchor="{anchor}" '
+                   f'font-size="10">{html.escape(m.label)}</text>')
     step = _tick_step(end)
     t = 0.0
     while t <= end:

@@ -1,0 +1,120 @@
+"""``srht-readonly drill``: every scenario's expectations hold on the real lab with the stand-in
+services; a drill against an inventory plays its probes; a failing probe fails the drill."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srht_readonly.drill.config import drill_config
+from srht_readonly.drill.scenarios import SCENARIOS
+from srht_readonly.ops.inventory import InventoryError, parse
+
+SERVICES = {"database", "web", "ssh", "builds", "celery"}
+CLI = str(Path(sys.executable).with_name("srht-readonly"))
+
+
+def drill(*args: str, cwd: Path, config: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    argv = [CLI, *(["--config", str(config)] if config else []), "drill", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _running(pattern: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
+    proc = drill("--duration", "2.5", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["passed"] is True
+    assert [s["name"] for s in report["scenarios"]] == [s.name for s in SCENARIOS]
+    for scenario in report["scenarios"]:
+        failed = [e for e in scenario["expectations"] if not e["passed"]]
+        assert scenario["passed"] and not failed, (scenario["name"], failed)
+        assert set(scenario["services"]) >= SERVICES, (scenario["name"], scenario["services"])
+        assert scenario["timeline"]["lanes"], scenario["name"]
+    by = {s["name"]: s for s in report["scenarios"]}
+    for planned in ("switchover", "readonly-failover", "standby-crash", "minor-upgrade"):
+        assert by[planned]["ledger"]["lost"] == 0 and by[planned]["ledger"]["acknowledged"] > 100
+    assert by["switchover"]["write_unavailability"] < 1.0
+    assert by["readonly-failover"]["services"]["web"]["explained"] > 0
+    crash = by["primary-crash"]
+    if crash["ledger"]["lost"]:
+        assert "asynchronous" in crash["lost_because"]
+    # The report, in the current directory: a page with a picture per scenario, and the JSON.
+    page = (tmp_path / "drill-report" / "index.html").read_text()
+    assert page.count("<svg") == len(SCENARIOS)
+    assert json.loads((tmp_path / "drill-report" / "report.json").read_text())["passed"] is True
+    # The summary and the live progress went to stderr; nothing is left running.
+    assert "every expectation held" in proc.stderr
+    lab_dir = report["environment"].split("embedded lab in ")[1].split(":")[0]
+    assert not Path(lab_dir).exists()
+    assert not _running(lab_dir)
+    assert not _running("srht-drill-")
+
+
+def _inventory_with_probes(lab, path: Path, *, failing: bool = False) -> Path:
+    lab.write_inventory(path)
+    read = f"import psycopg2; psycopg2.connect({lab.pgbouncer.dsn!r}).cursor().execute('SELECT 1')"
+    write = (f"import psycopg2; c = psycopg2.connect({lab.pgbouncer.dsn!r}); "
+             "c.cursor().execute('CREATE TEMP TABLE t (v int) ON COMMIT DROP'); c.commit()")
+    extra = [
+        "[drill]", f"traffic = {lab.pgbouncer.url}", "",
+        "[probe reader]", f'command = {sys.executable} -c "{read}"', "every = 0.2", "",
+        "[probe writer]", f'command = {sys.executable} -c "{write}"', "write = yes", "every = 0.2", "",
+    ]
+    if failing:
+        extra += ["[probe broken]", "command = echo 'no such page' >&2; exit 4", "every = 0.5", ""]
+    path.write_text(path.read_text() + "\n" + "\n".join(extra))
+    return path
+
+
+def test_drill_against_an_inventory_plays_its_probes(srht_fresh_lab, tmp_path):
+    config = _inventory_with_probes(srht_fresh_lab, tmp_path / "fleet.ini")
+    proc = drill("--scenario", "readonly-failover", "--duration", "1.5", "--json", "--report", str(tmp_path / "r"),
+                 cwd=tmp_path, config=config)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (scenario,) = json.loads(proc.stdout)["scenarios"]
+    services = scenario["services"]
+    assert services["reader"]["ok"] > 0 and services["reader"].get("error", 0) == 0
+    # The writer's refusals on the standby say "read-only transaction": explained, not errors.
+    assert services["writer"]["explained"] > 0 and services["writer"].get("error", 0) == 0
+    assert srht_fresh_lab.primary.name == "konpaku"  # the drill promoted the standby, for real
+
+
+def test_a_probe_that_fails_fails_the_drill_with_exit_1(srht_fresh_lab, tmp_path):
+    config = _inventory_with_probes(srht_fresh_lab, tmp_path / "fleet.ini", failing=True)
+    proc = drill("--scenario", "switchover", "--duration", "1", "--report", str(tmp_path / "r"),
+                 cwd=tmp_path, config=config)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "broken: no user saw an unexplained error" in proc.stdout
+    assert "exit 4: no such page" in proc.stdout
+    assert "SOME EXPECTATIONS FAILED" in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "no [drill] section"),
+    ("[drill]\nspeed = 3\n", "[drill] has no key 'speed'"),
+    ("[drill]\ntraffic = postgresql://x@h/db\n[probe a]\nevery = 1\n", "needs exactly one of url = or command ="),
+    ("[drill]\ntraffic = postgresql://x@h/db\n[probe a]\nurl = http://h/\nexplained = (\n", "[probe a]:"),
+])
+def test_drill_sections_are_checked_with_the_line_at_fault(text, message):
+    inventory = parse("[node a]\ndsn = host=h\ndata = /d\n" + text, "fleet.ini")
+    with pytest.raises(InventoryError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        drill_config(inventory)
+
+
+def test_probes_are_read_with_their_defaults():
+    inventory = parse("[node a]\ndsn = host=h\ndata = /d\n[drill]\ntraffic = postgresql://x@h/db, postgresql://x@g/db\n"
+                      "[probe web]\nurl = http://h/\n[probe push]\ncommand = git push\nwrite = yes\n", "fleet.ini")
+    config = drill_config(inventory)
+    assert config.traffic == ["postgresql://x@h/db", "postgresql://x@g/db"]
+    web, push = config.probes
+    assert (web.name, web.method, web.write, web.every) == ("web", "GET", False, 1.0)
+    assert (push.command, push.write) == ("git push", True)
