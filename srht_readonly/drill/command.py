@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,8 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
       srht-readonly --config /etc/sr.ht/readonly.ini drill --scenario readonly-failover
     """
     names = list(scenarios) or NAMES
+    # A drill killed with SIGTERM (a CI timeout, systemd) still stops every server it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     config = ctx.obj["config"]
     live = LiveDisplay()
     say = live.say
