@@ -164,7 +164,8 @@ class ReadOnlyTasks:
             if self._policy(task) == DEFER and self.monitor is not None and self.monitor.read_only:
                 state = self.monitor.state
                 failure = state.failure or Failure.READ_ONLY
-                known = ReadOnlyError(f"the database is read-only ({state.detail}); not run now")
+                known: ReadOnlyError | DatabaseUnavailable = ReadOnlyError(
+                    f"the database is read-only ({state.detail}); not run now")
                 if failure is not Failure.READ_ONLY:
                     known = DatabaseUnavailable(f"the database is unreachable ({state.detail}); not run now",
                                                 failure=failure)
