@@ -1,7 +1,8 @@
 """SQLAlchemy hook: every database error of a service reaches its ``ReadOnlyMonitor``.
 
-``instrument(engine, monitor)`` listens on the engine's events (like Flask-SQLAlchemy's
-``record_queries``):
+``instrument(engine, monitor)`` costs nothing on a healthy transaction: it adds no per-statement
+or per-transaction event, only code that runs when something fails (like Flask-SQLAlchemy's
+``record_queries``, one small ``_listen``):
 
 * ``handle_error`` feeds every DBAPI error, wherever it happens, to ``monitor.observe``;
 * a lost connection (``UNAVAILABLE``, ``COMMIT_UNKNOWN``) is flagged as a disconnect, so
@@ -10,39 +11,54 @@
 * a read-only refusal soft-invalidates its connection: the current transaction carries on (so a
   ``drop_on_read_only`` savepoint can still be rolled back to) and the connection is replaced
   at its next checkout, reaching whatever node is primary by then;
-* ``commit`` marks the connection, so an error raised by the DBAPI ``commit()`` classifies as
-  ``Failure.COMMIT_UNKNOWN`` when the connection was lost (``errors.mark_commit``);
-* the monitor probes through the same engine.
+* the dialect's ``do_commit`` is wrapped: an error raised by the DBAPI ``commit()`` is marked
+  (``errors.mark_commit``) before SQLAlchemy handles it, so a connection lost there classifies
+  as ``Failure.COMMIT_UNKNOWN``. On success the wrapper costs one extra function call;
+* the monitor probes through the same engine; ``monitor_of(engine)`` gives it back.
 
-Nothing here keeps session state on the server: no ``SET``, no ``LISTEN``, no prepared
-statements, so it works through PgBouncer in transaction mode. (With psycopg 3 behind
-PgBouncer older than 1.21, also pass ``connect_args={"prepare_threshold": None}`` to
-``create_engine``: psycopg 3 prepares a statement it runs five times.)
+Behind PgBouncer in transaction mode nothing may keep session state on the server: no ``SET``,
+no ``LISTEN``, no prepared statements. ``create_engine(url)`` (or ``pgbouncer_safe_url``) makes
+sure the driver does not prepare: a bare ``postgresql://`` means psycopg2 (SQLAlchemy 2.1 would
+pick psycopg 3, which prepares a statement it has run five times, which PgBouncer before 1.21
+cannot route), and a psycopg 3 engine gets ``prepare_threshold=None``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import threading
-import weakref
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, ExceptionContext
+from sqlalchemy.engine import URL, Dialect, Engine, ExceptionContext
 
 from .errors import Failure, mark_commit
 from .monitor import ReadOnlyMonitor
 
-__all__ = ["instrument", "is_instrumented"]
+__all__ = ["create_engine", "instrument", "is_instrumented", "monitor_of", "pgbouncer_safe_url"]
 
 logger = logging.getLogger(__name__)
 
-_INSTRUMENTED = "_srht_readonly_monitor"
+# Kept on the dialect, which an engine shares with its ``execution_options()`` copies and which
+# holds the ``handle_error`` listener: what is instrumented is the dialect.
+_MONITOR = "_srht_readonly_monitor"
+_WRAPPED_COMMIT = "_srht_readonly_commit_wrapped"
+_BARE = ("postgresql", "postgres")
+
+
+def monitor_of(engine: Engine) -> ReadOnlyMonitor | None:
+    """The monitor ``instrument`` connected ``engine`` to, or None if it was not instrumented.
+
+    Works for the engine's ``execution_options()`` copies too.
+    """
+    monitor: ReadOnlyMonitor | None = getattr(engine.dialect, _MONITOR, None)
+    return monitor
 
 
 def is_instrumented(engine: Engine) -> bool:
     """Whether ``instrument`` was already called on ``engine``."""
-    return getattr(engine, _INSTRUMENTED, None) is not None
+    return monitor_of(engine) is not None
 
 
 def instrument(engine: Engine, monitor: ReadOnlyMonitor) -> Engine:
@@ -51,42 +67,20 @@ def instrument(engine: Engine, monitor: ReadOnlyMonitor) -> Engine:
     Returns the engine. Instrumenting the same engine twice with the same monitor does
     nothing; with another monitor it raises ``ValueError`` (one monitor per process).
     """
-    current = getattr(engine, _INSTRUMENTED, None)
+    dialect = engine.dialect
+    current = monitor_of(engine)
     if current is monitor:
         return engine
     if current is not None:
         raise ValueError("this engine already reports to another ReadOnlyMonitor")
-    setattr(engine, _INSTRUMENTED, monitor)
+    setattr(dialect, _MONITOR, monitor)
     if monitor.engine is None:
         monitor.use_engine(engine)
-
-    # Connections whose DBAPI commit() is under way (``Connection.info`` is unusable once a
-    # connection is invalidated, so the flag lives here).
-    committing: weakref.WeakSet[Connection] = weakref.WeakSet()
-    lock = threading.Lock()
-
-    def on_commit(conn: Connection) -> None:
-        with lock:
-            committing.add(conn)
-
-    def on_transaction_end(conn: Connection, *args: Any) -> None:
-        with lock:
-            committing.discard(conn)
-
-    def was_committing(conn: Connection) -> bool:
-        with lock:
-            found = conn in committing
-            committing.discard(conn)
-        return found
+    _wrap_commit(dialect)
 
     def on_error(ctx: ExceptionContext) -> None:
         exc = ctx.original_exception
         conn = ctx.connection
-        # The DBAPI commit() is the only failing call with no statement on a marked connection.
-        if conn is not None and ctx.statement is None and was_committing(conn):
-            mark_commit(exc)
-            if ctx.sqlalchemy_exception is not None:
-                mark_commit(ctx.sqlalchemy_exception)
         failure = monitor.observe(exc)
         if failure in (Failure.UNAVAILABLE, Failure.COMMIT_UNKNOWN):
             ctx.is_disconnect = True
@@ -96,8 +90,61 @@ def instrument(engine: Engine, monitor: ReadOnlyMonitor) -> Engine:
             except Exception as failed:  # already closed: nothing left to recycle
                 logger.debug("soft invalidation failed: %s", failed)
 
-    event.listen(engine, "commit", on_commit)
-    event.listen(engine, "begin", on_transaction_end)
-    event.listen(engine, "rollback", on_transaction_end)
     event.listen(engine, "handle_error", on_error)
+    return engine
+
+
+def _wrap_commit(dialect: Dialect) -> None:
+    """Mark every error of the DBAPI ``commit()`` as a COMMIT failure (``errors.mark_commit``).
+
+    ``Connection`` calls ``dialect.do_commit`` and hands its error to ``handle_error`` with no
+    statement, exactly as it does a failed ROLLBACK, so *where* it failed is only known here.
+    An instance attribute shadows the class's method; SQLAlchemy looks it up at every commit.
+    """
+    if getattr(dialect, _WRAPPED_COMMIT, False):
+        return
+    do_commit = dialect.do_commit
+
+    def do_commit_marked(dbapi_connection: Any) -> None:
+        try:
+            do_commit(dbapi_connection)
+        except BaseException as exc:
+            mark_commit(exc)
+            raise
+
+    dialect.do_commit = do_commit_marked  # type: ignore[method-assign]
+    setattr(dialect, _WRAPPED_COMMIT, True)
+
+
+def pgbouncer_safe_url(url: str | URL) -> URL:
+    """``url`` with a driver that never prepares statements behind PgBouncer.
+
+    A bare ``postgresql://`` (or ``postgres://``) becomes ``postgresql+psycopg2://``, the driver
+    SourceHut's services run, or ``postgresql+psycopg://`` if psycopg2 is not installed (then
+    pass the engine ``prepare_threshold=None``, as :func:`create_engine` does). A URL naming its
+    driver is returned unchanged.
+    """
+    parsed = sa.make_url(url)
+    if parsed.drivername in _BARE:
+        driver = "psycopg2" if importlib.util.find_spec("psycopg2") is not None else "psycopg"
+        parsed = parsed.set(drivername=f"postgresql+{driver}")
+    return parsed
+
+
+def create_engine(url: str | URL, *, monitor: ReadOnlyMonitor | None = None, **options: Any) -> Engine:
+    """``sqlalchemy.create_engine`` made safe for PgBouncer in transaction mode, and instrumented.
+
+    The URL goes through :func:`pgbouncer_safe_url`; a psycopg 3 engine also gets
+    ``connect_args={"prepare_threshold": None}`` (unless ``connect_args`` sets it), so that no
+    statement is ever prepared on a PgBouncer server connection. ``options`` go to SQLAlchemy;
+    with ``monitor``, the engine is passed to :func:`instrument`.
+    """
+    target = pgbouncer_safe_url(url)
+    if target.get_driver_name() == "psycopg":
+        connect_args = dict(options.get("connect_args") or {})
+        connect_args.setdefault("prepare_threshold", None)
+        options["connect_args"] = connect_args
+    engine = sa.create_engine(target, **options)
+    if monitor is not None:
+        instrument(engine, monitor)
     return engine
