@@ -262,7 +262,7 @@ class ReadOnly:
             except ValueError as exc:
                 raise ValueError(
                     "this engine already reports to another ReadOnlyMonitor: pass that one, "
-                    "ReadOnly(app, monitor=..., session=...)"
+                    "ReadOnly(app, monitor=srht_readonly.sqlalchemy.monitor_of(engine), session=...)"
                 ) from exc
         state = ReadOnlyState(self, monitor, self.session, settings)
         app.extensions[EXTENSION_KEY] = state
