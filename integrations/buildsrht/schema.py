@@ -23,11 +23,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    create_engine,
     func,
     insert,
-    make_url,
 )
+
+from srht_readonly.sqlalchemy import create_engine
 
 metadata = MetaData()
 
@@ -89,10 +89,8 @@ def submit(conn: Connection, manifest: dict[str, Any], *, note: str | None = Non
     return job_id
 
 
-def connect(url: str, **options: object) -> Engine:
-    """An engine for the service's connection URL; a bare ``postgresql://`` uses psycopg2, as
-    SourceHut does (psycopg 3 would need ``prepare_threshold=None`` behind PgBouncer < 1.21)."""
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg2")
-    return create_engine(parsed, **options)  # type: ignore[arg-type]
+def connect(url: str, **options: Any) -> Engine:
+    """An engine for the service's connection URL, safe behind PgBouncer in transaction mode
+    (``srht_readonly.sqlalchemy.create_engine``: a bare ``postgresql://`` uses psycopg2, as
+    SourceHut does)."""
+    return create_engine(url, **options)

@@ -1,7 +1,8 @@
 """git.sr.ht's web front, as far as a failover drill needs it, written as an sr.ht service is.
 
-``create_app(database_url)`` builds the Flask app: a ``scoped_session`` over a plain
-``create_engine`` (as core.sr.ht does), the ``srht_readonly.flask.ReadOnly`` extension on top,
+``create_app(database_url)`` builds the Flask app: a ``scoped_session`` over an engine (as
+core.sr.ht does; made by ``srht_readonly.sqlalchemy.create_engine``, so a bare ``postgresql://``
+is psycopg2 behind PgBouncer), the ``srht_readonly.flask.ReadOnly`` extension on top,
 and the pages a user touches: the repository list (``/``), creating one (``/create``), a
 repository's page and its settings (``/~owner/name``, ``/~owner/name/settings``), a search form
 that POSTs without writing (exempt), and a small JSON API (``/api/repos``).
@@ -26,12 +27,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import flask
-from sqlalchemy import URL, Engine, create_engine, func, insert, make_url, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import scoped_session, sessionmaker
 from werkzeug.serving import make_server
 
 from srht_readonly import abort_on_read_only, drop_on_read_only
 from srht_readonly.flask import ReadOnly, exempt
+from srht_readonly.sqlalchemy import create_engine
 
 from . import schema
 
@@ -71,7 +73,7 @@ def create_app(
         SRHT_READONLY_SITE_NAME="git.sr.ht",
     )
     app.config.update(config or {})
-    engine = create_engine(_psycopg2(database_url), **(engine_options or {}))
+    engine = create_engine(database_url, **(engine_options or {}))
     db = scoped_session(sessionmaker(bind=engine))
     app.extensions["gitsrht.db"] = db
 
@@ -216,12 +218,6 @@ def _views(db: scoped_session[Any]) -> flask.Blueprint:
         return _repo_json(find_repo(user.username, form["name"]), user.username), 201
 
     return bp
-
-
-def _psycopg2(database_url: str) -> URL:
-    """sr.ht's services run psycopg2; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql://."""
-    url = make_url(database_url)
-    return url.set(drivername="postgresql+psycopg2") if url.drivername in ("postgresql", "postgres") else url
 
 
 def _repo_json(repo: Any, owner: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ application does when it queues a delivery, and returns its id.
 from __future__ import annotations
 
 import uuid as _uuid
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -18,11 +19,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     func,
     insert,
-    make_url,
 )
+
+from srht_readonly.sqlalchemy import create_engine
 
 metadata = MetaData()
 
@@ -57,10 +58,8 @@ def new_delivery(conn: Connection, url: str, payload: str, *, event: str = "repo
     return int(row.scalar_one())
 
 
-def connect(url: str, **options: object) -> Engine:
-    """An engine for the service's connection URL; a bare ``postgresql://`` uses psycopg2, as
-    SourceHut does (psycopg 3 would need ``prepare_threshold=None`` behind PgBouncer < 1.21)."""
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg2")
-    return create_engine(parsed, **options)  # type: ignore[arg-type]
+def connect(url: str, **options: Any) -> Engine:
+    """An engine for the service's connection URL, safe behind PgBouncer in transaction mode
+    (``srht_readonly.sqlalchemy.create_engine``: a bare ``postgresql://`` uses psycopg2, as
+    SourceHut does)."""
+    return create_engine(url, **options)

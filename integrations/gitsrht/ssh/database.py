@@ -9,11 +9,11 @@ only from this process's own failures, or from an operator's announcement file
 
 from __future__ import annotations
 
-from sqlalchemy import URL, Engine, create_engine, make_url
+from sqlalchemy import URL, Engine
 from sqlalchemy.pool import NullPool
 
 from srht_readonly import ReadOnlyMonitor
-from srht_readonly.sqlalchemy import instrument
+from srht_readonly.sqlalchemy import create_engine, pgbouncer_safe_url
 
 from .config import Config
 
@@ -24,14 +24,9 @@ CONNECT_TIMEOUT = 5
 
 
 def url(connection_string: str) -> URL:
-    """The SQLAlchemy URL; a bare ``postgresql://`` means psycopg2, as sr.ht's services use.
-
-    (SQLAlchemy 2.1 would pick psycopg 3, which prepares statements behind PgBouncer < 1.21.)
-    """
-    parsed = make_url(connection_string)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg2")
-    return parsed
+    """The SQLAlchemy URL, safe behind PgBouncer (``srht_readonly.sqlalchemy.pgbouncer_safe_url``):
+    a bare ``postgresql://`` means psycopg2, as sr.ht's services use."""
+    return pgbouncer_safe_url(connection_string)
 
 
 def connect(config: Config) -> tuple[Engine, ReadOnlyMonitor]:
@@ -45,12 +40,12 @@ def connect(config: Config) -> tuple[Engine, ReadOnlyMonitor]:
     options: dict[str, object] = {}
     if target.get_driver_name() == "psycopg2":
         options["use_native_hstore"] = False
+    monitor = ReadOnlyMonitor()
     engine = create_engine(
         target,
+        monitor=monitor,
         poolclass=NullPool,
         connect_args={"connect_timeout": CONNECT_TIMEOUT, "application_name": "gitsrht-ssh"},
         **options,
     )
-    monitor = ReadOnlyMonitor()
-    instrument(engine, monitor)
     return engine, monitor
