@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypedDict, TypeVar
+from typing import Any, ParamSpec, TypeAlias, TypedDict, TypeVar
 
 import backoff
 
@@ -25,6 +27,29 @@ logger = logging.getLogger("srht_readonly.policies")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: Where a retry policy says that it waits: a logger, a ``LoggerAdapter`` (a build's own, say)
+#: or None for silence.
+Log: TypeAlias = "logging.Logger | logging.LoggerAdapter[Any] | None"
+
+# What each log target was last told about the database: the failure of its last wait, absent
+# once a write went through. Shared by every policy of the process that logs there, so eight
+# threads blocked on one read-only database say so once, not eight times per backoff step.
+_told: weakref.WeakKeyDictionary[Any, Failure] = weakref.WeakKeyDictionary()
+_told_lock = threading.Lock()
+
+
+def _tell(log: Log, failure: Failure | None) -> bool:
+    """Record what ``log`` now knows; True if that is news (a change of state) for it."""
+    if log is None:
+        return False
+    with _told_lock:
+        before = _told.get(log)
+        if failure is None:
+            _told.pop(log, None)
+        else:
+            _told[log] = failure
+    return before is not failure
 
 
 class Deadline:
@@ -149,6 +174,7 @@ class RetryPolicy:
         commit: bool = True,
         monitor: Any = None,
         on_wait: Callable[[RetryEvent], object] | None = None,
+        log: Log = logger,
         wait_gen: Callable[..., Any] = backoff.expo,
         jitter: Callable[[float], float] | None = backoff.full_jitter,
         factor: float = 0.1,
@@ -161,6 +187,7 @@ class RetryPolicy:
         self.commit = commit
         self.monitor = monitor
         self.on_wait = on_wait
+        self.log = log
         self.wait_gen = wait_gen
         self.jitter = jitter
         self.factor = factor
@@ -188,17 +215,23 @@ class RetryPolicy:
             if attempt.outcome in (None, "running"):
                 raise RuntimeError("use each attempt as `with attempt:` inside the loop")
             if attempt.outcome == "ok":
+                if _tell(self.log, None) and self.log is not None:
+                    self.log.info(
+                        "database writable again: the write went through (attempt %d, after %.1f s)",
+                        number, deadline.clock() - started,
+                    )
                 return
             assert attempt.failure is not None and attempt.exception is not None
             value = min(float(next(waits)), self.max_wait)
             if self.jitter is not None:
                 value = self.jitter(value)
             wait = max(0.0, min(value, deadline.remaining()))
-            log = logger.info if number == 1 else logger.debug
-            log(
-                "database %s; retrying the write in %.2f s (attempt %d, %.1f s left)",
-                attempt.failure.value, wait, number, deadline.remaining(),
-            )
+            if self.log is not None:
+                level = logging.INFO if _tell(self.log, attempt.failure) else logging.DEBUG
+                self.log.log(
+                    level, "database %s; retrying the write in %.2f s (attempt %d, %.1f s left)",
+                    attempt.failure.value, wait, number, deadline.remaining(),
+                )
             if self.on_wait is not None:
                 self.on_wait({
                     "attempt": number, "wait": wait, "remaining": deadline.remaining(),

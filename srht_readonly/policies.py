@@ -6,7 +6,7 @@ Each is usable as a decorator and as a context manager:
   ``DatabaseUnavailable(message)`` if the database went away), for adapters to show the user.
 * ``drop_on_read_only(session_or_conn, warn=None)``: the write runs inside a SAVEPOINT and is
   silently rolled back to it on a read-only failure, so the caller's transaction still reads;
-  ``warn`` is printed to stderr once per process.
+  ``warn`` is written to stderr (flushed) once per process.
 * ``retry_until_writable(deadline)``: retries with backoff until the write succeeds or the
   deadline passes (``DeadlineExceeded``). A ``with`` block cannot re-run its body, so the
   context-manager form is a loop of attempts::
@@ -30,7 +30,8 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, Literal, ParamSpec, TypeVar
 
-from ._retry import Attempt, Deadline, RetryEvent, RetryPolicy
+from ._retry import Attempt, Deadline, Log, RetryEvent, RetryPolicy
+from ._retry import logger as _retry_logger
 from ._root import SrhtReadOnlyError
 from .errors import DatabaseUnavailable, Failure, ReadOnlyError, classify
 
@@ -153,7 +154,10 @@ class DropPolicy:
                 first = self.warn not in _warned
                 _warned.add(self.warn)
             if first:
-                print(self.warn, file=self.stream or sys.stderr, flush=True)
+                # sys.stderr looked up now, not at import: it may have been replaced since.
+                stream = self.stream if self.stream is not None else sys.stderr
+                stream.write(self.warn + "\n")
+                stream.flush()
         return True
 
     @staticmethod
@@ -181,7 +185,7 @@ def drop_on_read_only(
 
     ``session_or_conn`` is a SQLAlchemy ``Session`` (or ``scoped_session``) or ``Connection``;
     its transaction stays usable for reads after a dropped write (a failed statement on a
-    standby would otherwise abort the whole transaction). ``warn``, if given, is printed to
+    standby would otherwise abort the whole transaction). ``warn``, if given, is written to
     ``stream`` (default stderr) the first time this process drops a write with that text;
     otherwise dropping is silent. Other errors are re-raised after rolling back the savepoint.
     As a decorator the function returns None when its write was dropped.
@@ -197,6 +201,7 @@ def retry_until_writable(
     commit: bool = True,
     monitor: Any = None,
     on_wait: Callable[[RetryEvent], object] | None = None,
+    log: Log = _retry_logger,
     **strategy: Any,
 ) -> RetryPolicy:
     """Retry a write until it succeeds; past ``deadline`` raise ``DeadlineExceeded``.
@@ -208,11 +213,15 @@ def retry_until_writable(
     whose outcome is unknown raises ``DatabaseUnavailable`` unless ``idempotent=True``; other
     errors pass unchanged. With ``session`` (a Session, Connection or DBAPI connection) every
     try starts with a rollback and, if ``commit``, ends with a commit that is part of the try.
-    ``on_wait(event)`` is called before each wait. ``strategy`` may set ``wait_gen``,
-    ``jitter``, ``factor``, ``max_wait`` and ``sleep``.
+    ``on_wait(event)`` is called before each wait. Waits are logged to ``log`` (default: the
+    ``srht_readonly.policies`` logger) at INFO once per change of state (the first wait, the
+    failure changing, the database writable again), shared by every policy logging there, and
+    at DEBUG otherwise; pass another logger or adapter to send it there instead, or None
+    to silence it (an ``on_wait`` of your own then says what you want). ``strategy`` may set
+    ``wait_gen``, ``jitter``, ``factor``, ``max_wait`` and ``sleep``.
     """
     return RetryPolicy(
         deadline, idempotent=idempotent, session=session, commit=commit, monitor=monitor,
-        on_wait=on_wait, **strategy,
+        on_wait=on_wait, log=log, **strategy,
     )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import sys
 import threading
 import time
 import uuid
@@ -294,6 +297,54 @@ def test_retry_as_loop_of_attempts_decorator_and_on_wait_events():
             pass
 
 
+def test_retry_logs_once_per_state_change_not_once_per_try(caplog):
+    fake = FakeTime()
+    caplog.set_level(logging.DEBUG, logger="srht_readonly.policies")
+    policy = retry_until_writable(Deadline(60, clock=fake.clock), sleep=fake.sleep)
+    policy.call(failing(read_only()))  # whatever an earlier test left: the process saw a success
+    caplog.clear()
+
+    policy.call(failing(*[read_only() for _ in range(6)], *[lost() for _ in range(4)]))
+    waits = [r for r in caplog.records if "retrying the write" in r.getMessage()]
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(waits) == 10  # every wait is logged, ...
+    assert len(info) == 3  # ... at INFO only when the state changed:
+    assert info[0].startswith("database read_only; retrying the write")
+    assert info[1].startswith("database unavailable; retrying the write")
+    assert info[2].startswith("database writable again: the write went through (attempt 11")
+    assert all(r.name == "srht_readonly.policies" for r in caplog.records)
+
+    # Eight writes blocked on the same read-only database (threads of one worker, say) say
+    # so once between them, not once each.
+    caplog.clear()
+    for _ in range(8):
+        with pytest.raises(DeadlineExceeded):
+            retry_until_writable(Deadline(2, clock=fake.clock), sleep=fake.sleep).call(
+                failing(*[read_only() for _ in range(100)]))
+    assert [r.levelno for r in caplog.records].count(logging.INFO) == 1
+    policy.call(failing())  # writable again, said once
+    assert [r.getMessage() for r in caplog.records][-1].startswith("database writable again")
+    policy.call(failing())
+    assert [r.levelno for r in caplog.records].count(logging.INFO) == 2
+
+
+def test_retry_log_can_be_sent_elsewhere_or_silenced(caplog):
+    fake = FakeTime()
+    caplog.set_level(logging.DEBUG)
+    build_log = logging.LoggerAdapter(logging.getLogger(f"test.build.{uuid.uuid4().hex}"), {})
+    retry_until_writable(Deadline(60, clock=fake.clock), log=build_log, sleep=fake.sleep).call(
+        failing(read_only(), read_only()))
+    assert {r.name for r in caplog.records} == {build_log.logger.name}
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.DEBUG, logging.INFO]
+
+    caplog.clear()
+    events: list[Any] = []
+    retry_until_writable(Deadline(60, clock=fake.clock), log=None, on_wait=events.append,
+                         sleep=fake.sleep).call(failing(read_only(), lost()))
+    assert caplog.records == []  # silent: the caller's on_wait says what it wants
+    assert [e["failure"] for e in events] == [Failure.READ_ONLY, Failure.UNAVAILABLE]
+
+
 # --- real servers ----------------------------------------------------------------------------
 
 
@@ -350,6 +401,37 @@ def test_drop_keeps_the_session_transaction_readable_and_warns_once(readonly_tab
         assert session.in_transaction()  # the same transaction all along
     out, err = capfd.readouterr()
     assert err.count(warning) == 1 and warning not in out
+    engine.dispose()
+
+
+class RecordingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+        super().flush()
+
+
+@pytest.mark.lab
+def test_drop_warning_goes_to_the_current_stderr_flushed_without_print(readonly_table, monkeypatch):
+    stream = RecordingStream()
+    monkeypatch.setattr(sys, "stderr", stream)  # replaced after import, as SSH hooks and tests do
+
+    def no_print(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("print() used")
+
+    monkeypatch.setattr("builtins.print", no_print)
+    engine = sa.create_engine(readonly_table.url)
+    warning = unique_warning()
+    with Session(engine) as session:
+        for _ in range(2):
+            with drop_on_read_only(session, warn=warning) as drop:
+                session.execute(sa.text("INSERT INTO notes VALUES ('dropped')"))
+            assert drop.dropped
+    assert stream.getvalue() == warning + "\n"
+    assert stream.flushed == [warning + "\n"]  # flushed at once: the pusher sees it before git ends
     engine.dispose()
 
 
