@@ -285,7 +285,8 @@ def _register(app: flask.Flask, state: ReadOnlyState) -> None:
     methods = state.settings.methods
 
     def refuse_writes() -> flask.Response | None:
-        if flask.request.method not in methods or not monitor.read_only:
+        # The monitor first: a field read while writable, where ``flask.request`` is a proxy lookup.
+        if not monitor.read_only or flask.request.method not in methods:
             return None
         if flask.request.routing_exception is not None:
             return None  # a 404 or 405 stays one
