@@ -1,0 +1,232 @@
+"""git.sr.ht's SSH pipeline under real ``git`` traffic, through OpenSSH's sshd.
+
+Set up once: meta.sr.ht's stand-in, ``GitSshd`` (sshd on a loopback port in front of the
+pipeline, whose programs reach the database through the drill's PgBouncer), a user with a
+known key, and one repository per client loop with a webhook subscription to the drill's
+receiver. Each loop walks a developer's round, with ``git`` over ssh:
+
+* ``push`` to its repository: ``ok``; ``dropped`` when the push was saved and the pusher was
+  warned that its webhooks were not delivered (the plan's drop, read-only or unreachable);
+* ``push-new`` to a repository that does not exist yet (auto-creation): ``ok`` when created,
+  ``explained`` when refused with the read-only message;
+* ``fetch`` from its repository: ``ok``;
+* ``new-key``: ``git ls-remote`` with a key only meta.sr.ht knows: ``ok`` if the key works and
+  was stored, ``dropped`` if it worked and was not stored (the plan: use it, don't store it).
+
+Anything else (non-zero exit, a traceback, an unexpected message) is an ``error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.pool import NullPool
+
+from integrations.gitsrht import schema
+from integrations.gitsrht.ssh import repos
+from integrations.gitsrht.ssh.database import url as sqlalchemy_url
+from integrations.gitsrht.ssh.hook import UNREACHABLE_WARNING
+from integrations.gitsrht.ssh.keys import fingerprint, normalise
+from integrations.gitsrht.ssh.meta import MetaServer
+from integrations.gitsrht.ssh.sshd import GitSshd, make_key
+from integrations.gitsrht.ssh.webhooks import READ_ONLY_WARNING
+from srht_readonly.drill import Outcome, Recorder
+from srht_readonly.drill.scenarios import Expectation
+from srht_readonly.drill.services import DrillEnvironment
+
+from . import verdicts
+from ._traffic import Traffic
+
+__all__ = ["SshTraffic"]
+
+#: load -> (client loops, pause between git commands in seconds)
+LOADS = {"typical": (2, 0.05), "excessive": (4, 0.0)}
+#: Each loop starts one step further, so that any two consecutive operations of two loops
+#: include both kinds of push (a push costs ~1-2 s: ssh, the keys program twice, the shell, the hook).
+ROUND = ("push", "push-new", "fetch", "push", "push-new", "new-key")
+GIT_TIMEOUT = 60
+
+
+def _words(message: str) -> str:
+    return " ".join(message.split())
+
+
+class SshTraffic(Traffic):
+    """Runs sshd and the pipeline for the drill's lifetime and pushes/fetches through them."""
+
+    name = "ssh"
+
+    def __init__(self, env: DrillEnvironment, stack: contextlib.ExitStack, engine: Engine, webhook_url: str) -> None:
+        threads, pause = LOADS[env.load]
+        super().__init__(threads=threads, pause=pause)
+        self.dir = env.directory / "ssh"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.user = f"git-{uuid.uuid4().hex[:6]}"
+        self.meta = stack.enter_context(MetaServer())
+        self.sshd = stack.enter_context(GitSshd(connection_string=env.database_url, meta_origin=self.meta.origin,
+                                                webhook_timeout=2))
+        stack.callback(self.close)
+        self.check = create_engine(sqlalchemy_url(env.database_url), poolclass=NullPool,
+                                   connect_args={"connect_timeout": 2})
+        stack.callback(self.check.dispose)
+        self.key = self.dir / "id_known"
+        public = make_key(self.key, comment=self.user)
+        key_type, b64 = public.split()[:2]
+        schema.create(engine)
+        hook = str(self.sshd.program("post-update"))
+        with engine.begin() as conn:
+            u, r = schema.user, schema.repository
+            user_id = conn.execute(u.insert().values(username=self.user).returning(u.c.id)).scalar_one()
+            meta_id = conn.execute(select(func.coalesce(func.max(schema.sshkey.c.meta_id), 0) + 1)).scalar_one()
+            conn.execute(schema.sshkey.insert().values(user_id=user_id, meta_id=meta_id + 10**6,
+                                                       key=normalise(key_type, b64), fingerprint=fingerprint(b64)))
+            for i in range(threads):
+                path = self.sshd.repo_path(self.user, f"push-{i}")
+                repo_id = conn.execute(r.insert().values(owner_id=user_id, name=f"push-{i}", path=str(path))
+                                       .returning(r.c.id)).scalar_one()
+                conn.execute(schema.webhook_subscription.insert().values(repo_id=repo_id, url=webhook_url))
+                repos.create_on_disk(path, hook)
+        self._names = itertools.count()
+        self._rounds = [itertools.islice(itertools.cycle(ROUND), i, None) for i in range(threads)]
+        for i in range(threads):
+            work = self.work(i)
+            work.mkdir()
+            for args in (("init", "-q", "-b", "main"), ("config", "user.name", "Drill"),
+                         ("config", "user.email", "drill@example.org")):
+                self.git(i, *args)
+            self._commit(i)
+            first = self.git(i, "push", "-q", self.sshd.url(self.user, f"push-{i}"), "HEAD:refs/heads/main")
+            if first.returncode:
+                raise RuntimeError(f"the SSH pipeline refused the drill's first push: {first.stderr.strip()}")
+
+    def work(self, worker: int) -> Path:
+        return self.dir / f"work-{worker}"
+
+    def git(self, worker: int, *args: str, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir), "LC_ALL": "C",
+            "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
+            "GIT_SSH_COMMAND": self.sshd.ssh_command(key or self.key),
+        }
+        return subprocess.run(["git", *args], cwd=self.work(worker), env=env, capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT)
+
+    def _commit(self, worker: int) -> None:
+        with (self.work(worker) / "log.txt").open("a") as log:
+            log.write(f"{time.time()}\n")
+        self.git(worker, "add", "log.txt")
+        self.git(worker, "commit", "-q", "-m", "drill")
+
+    def step(self, worker: int) -> None:
+        op = next(self._rounds[worker])
+        own = self.sshd.url(self.user, f"push-{worker}")
+        started = time.monotonic()
+        try:
+            if op == "push":
+                self._commit(worker)
+                started = time.monotonic()
+                proc = self.git(worker, "push", "--porcelain", own, "HEAD:refs/heads/main")
+                outcome, detail = judge_push(proc)
+                self.record(op, outcome, started, write=True, detail=detail)
+            elif op == "push-new":
+                name = f"new-{next(self._names)}"
+                proc = self.git(worker, "push", "--porcelain", self.sshd.url(self.user, name), "HEAD:refs/heads/main")
+                outcome, detail = judge_new(proc, self.user, name)
+                self.record(op, outcome, started, write=True, detail=detail)
+            elif op == "fetch":
+                proc = self.git(worker, "fetch", "-q", own, "main")
+                outcome, detail = judge_plain(proc)
+                self.record(op, outcome, started, detail=detail)
+            else:
+                self._new_key(worker, started)
+        except subprocess.TimeoutExpired:
+            self.record(op, Outcome.ERROR, started, write=op.startswith("push"), detail=f"git hung {GIT_TIMEOUT} s")
+
+    def _new_key(self, worker: int, started: float) -> None:
+        key = self.dir / f"id_new_{next(self._names)}"
+        public = make_key(key, comment="new")
+        self.meta.add_key(public, owner=self.user)
+        started = time.monotonic()
+        proc = self.git(worker, "ls-remote", self.sshd.url(self.user, f"push-{worker}"), key=key)
+        outcome, detail = judge_plain(proc)
+        if outcome is Outcome.OK:
+            key_type, b64 = public.split()[:2]
+            try:
+                with self.check.connect() as conn:
+                    stored = conn.execute(text("SELECT count(*) FROM sshkey WHERE key = :k"),
+                                          {"k": normalise(key_type, b64)}).scalar_one()
+            except Exception as exc:  # the drill's own check; the user saw the key work
+                outcome, detail = Outcome.DROPPED, f"key worked; could not check whether it was stored: {exc!r}"[:200]
+            else:
+                if not stored:
+                    outcome, detail = Outcome.DROPPED, "key worked and was not stored"
+        self.record("new-key", outcome, started, detail=detail)
+        for path in (key, key.with_name(key.name + ".pub")):
+            path.unlink(missing_ok=True)
+
+    def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
+        events = verdicts.of_service(recorder.events, self.name)
+        checks = verdicts.common(self.name, scenario, events, facts)
+        if scenario == "readonly-failover":
+            inside = verdicts.during(events, facts["read_only_from"], facts["read_only_until"])
+            ops = {op: [e for e in inside if e.op == op] for op in ROUND}
+            checks += [
+                verdicts.all_are("ssh: pushes in the read-only window were saved, their webhooks dropped with "
+                                 "the warning", ops["push"], (Outcome.DROPPED,)),
+                verdicts.all_are("ssh: pushes creating a repository in the read-only window were refused with "
+                                 "the reason", ops["push-new"], (Outcome.EXPLAINED,)),
+                verdicts.all_are("ssh: fetches kept working in the read-only window", ops["fetch"], (Outcome.OK,),
+                                 at_least=0),
+                verdicts.all_are("ssh: unknown keys used in the read-only window worked and were not stored",
+                                 ops["new-key"], (Outcome.DROPPED,), at_least=0),
+            ]
+        return checks
+
+
+def _remote(proc: subprocess.CompletedProcess[str]) -> str:
+    """What the server said (the ``remote:`` lines), as one line."""
+    return _words(" ".join(line.removeprefix("remote:") for line in proc.stderr.splitlines()
+                           if line.startswith("remote:")))
+
+
+def _gist(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return f"exit {proc.returncode}: " + " / ".join(lines[:3])[:200]
+
+
+def judge_plain(proc: subprocess.CompletedProcess[str]) -> tuple[Outcome, str]:
+    if proc.returncode == 0 and "Traceback" not in proc.stderr:
+        return Outcome.OK, ""
+    return Outcome.ERROR, _gist(proc)
+
+
+def judge_push(proc: subprocess.CompletedProcess[str]) -> tuple[Outcome, str]:
+    remote = _remote(proc)
+    if proc.returncode or "Traceback" in proc.stderr:
+        return Outcome.ERROR, _gist(proc)
+    if _words(READ_ONLY_WARNING) in remote:
+        return Outcome.DROPPED, "saved; webhooks dropped with the read-only warning"
+    if _words(UNREACHABLE_WARNING) in remote:
+        return Outcome.DROPPED, "saved; webhooks not delivered, database unreachable (warned)"
+    if remote:
+        return Outcome.ERROR, f"unexpected remote output: {remote[:200]}"
+    return Outcome.OK, ""
+
+
+def judge_new(proc: subprocess.CompletedProcess[str], owner: str, name: str) -> tuple[Outcome, str]:
+    said = _words(proc.stderr)
+    if "Traceback" in said:
+        return Outcome.ERROR, _gist(proc)
+    if proc.returncode == 0 and f"You created a new repository, ~{owner}/{name}." in _remote(proc):
+        return Outcome.OK, ""
+    if proc.returncode and "read-only mode" in said and f"~{owner}/{name} cannot be created right now" in said:
+        return Outcome.EXPLAINED, "refused: read-only, repository not created"
+    return Outcome.ERROR, _gist(proc)

@@ -1,0 +1,140 @@
+"""The git.sr.ht web front under a browser's and an API client's traffic.
+
+The stand-in app (``integrations.gitsrht.web``) is served by a real threaded HTTP server on a
+loopback port, in a thread of the drill. Each client loop walks a user's round: the repository
+list, a repository's page, its settings form, a new repository by form and one by the JSON API.
+What the user saw:
+
+* ``ok``: the page (200) or the redirect after a form (302) or the API's 201;
+* ``dropped``: a page served while read-only (``Srht-Read-Only: true``): the page works and its
+  "last seen" update was dropped, as the plan allows;
+* ``explained``: a write answered 503 with the read-only page (HTML) or ``READ_ONLY`` (JSON);
+* ``error``: anything else, including the 503 "database unavailable" answer (a clean page, but
+  not the read-only explanation: the database was away, not read-only), 500s and connection
+  errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from typing import Any
+
+import requests
+from sqlalchemy import Engine
+
+from integrations.gitsrht.web import create_app, init_db, serve
+from srht_readonly.drill import Outcome, Recorder
+from srht_readonly.drill.scenarios import Expectation
+from srht_readonly.drill.services import DrillEnvironment
+from srht_readonly.flask import HEADER
+
+from . import verdicts
+from ._traffic import Traffic
+
+__all__ = ["WebTraffic"]
+
+#: load -> (client loops, pause between requests in seconds)
+LOADS = {"typical": (2, 0.1), "excessive": (8, 0.0)}
+#: One user's round; creating repositories is rarer than reading, as on the real site.
+ROUND = ("index", "repo", "settings", "index", "create", "repo", "api")
+TIMEOUT = 30
+
+
+class WebTraffic(Traffic):
+    """Serves the web front for the drill's lifetime and sends it a user's traffic."""
+
+    name = "web"
+
+    def __init__(self, env: DrillEnvironment, stack: contextlib.ExitStack, engine: Engine) -> None:
+        threads, pause = LOADS[env.load]
+        super().__init__(threads=threads, pause=pause)
+        self.user = f"web-{uuid.uuid4().hex[:6]}"
+        init_db(engine, self.user)
+        # werkzeug logs every request at INFO on its own handler unless told otherwise: the drill's
+        # terminal would drown in them.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        app = create_app(env.database_url, config={
+            "GITSRHT_USER": self.user, "GITSRHT_REPOS": str(env.directory / "web-repos"),
+            "SRHT_READONLY_RECHECK": 0.5,
+        }, engine_options={"pool_size": threads + 2, "max_overflow": threads})
+        stack.callback(app.extensions["gitsrht.db"].get_bind().dispose)
+        self.url = stack.enter_context(serve(app))
+        stack.callback(self.close)
+        self._sessions = [requests.Session() for _ in range(threads)]
+        for s in self._sessions:
+            stack.callback(s.close)
+        self._rounds = [itertools.cycle(ROUND) for _ in range(threads)]
+        self._names = itertools.count()
+        self.repo = "site"
+        created = self._sessions[0].post(f"{self.url}/create", data={"name": self.repo}, allow_redirects=False,
+                                         timeout=TIMEOUT)
+        if created.status_code != 302:
+            raise RuntimeError(f"the web front could not create {self.repo}: {created.status_code} "
+                               f"{created.text[:200]}")
+
+    def step(self, worker: int) -> None:
+        op = next(self._rounds[worker])
+        http = self._sessions[worker]
+        repo = f"{self.url}/~{self.user}/{self.repo}"
+        html = {"Accept": "text/html"}
+        started = time.monotonic()
+        try:
+            if op == "index":
+                r = http.get(f"{self.url}/", headers=html, timeout=TIMEOUT)
+            elif op == "repo":
+                r = http.get(f"{repo}/", headers=html, timeout=TIMEOUT)
+            elif op == "settings":
+                r = http.post(f"{repo}/settings", data={"description": f"edit {next(self._names)}",
+                                                        "visibility": "public"},
+                              headers=html, allow_redirects=False, timeout=TIMEOUT)
+            elif op == "create":
+                r = http.post(f"{self.url}/create", data={"name": f"form-{next(self._names)}"}, headers=html,
+                              allow_redirects=False, timeout=TIMEOUT)
+            else:
+                r = http.post(f"{self.url}/api/repos", json={"name": f"api-{next(self._names)}"}, timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            self.record(op, Outcome.ERROR, started, write=op not in ("index", "repo"),
+                        detail=f"connection error: {type(exc).__name__}")
+            return
+        outcome, detail = judge(r)
+        self.record(op, outcome, started, write=r.request.method == "POST", detail=detail)
+
+    def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
+        events = verdicts.of_service(recorder.events, self.name)
+        checks = verdicts.common(self.name, scenario, events, facts)
+        if scenario == "readonly-failover":
+            lo, hi = facts["read_only_from"], facts["read_only_until"]
+            inside = verdicts.during(events, lo, hi)
+            checks.append(verdicts.all_are("web: every form and API write in the read-only window got the "
+                                           "read-only explanation (503)", [e for e in inside if e.write],
+                                           (Outcome.EXPLAINED,)))
+            checks.append(verdicts.all_are("web: pages kept working in the read-only window",
+                                           [e for e in inside if not e.write], (Outcome.OK, Outcome.DROPPED)))
+            back = verdicts.first(verdicts.after(events, hi), lambda e: e.write and e.outcome is Outcome.OK)
+            checks.append(Expectation(f"web: writes accepted again within {verdicts.GRACE:g} s of the promotion",
+                                      back is not None and back.t - hi <= verdicts.GRACE,
+                                      "never" if back is None else f"{back.t - hi:.2f} s"))
+        return checks
+
+
+def judge(r: requests.Response) -> tuple[Outcome, str]:
+    """What the user made of response ``r``."""
+    if r.status_code in (200, 201, 302):
+        if r.headers.get(HEADER) == "true":
+            return Outcome.DROPPED, f"{r.status_code}, served read-only (last-seen update dropped)"
+        return Outcome.OK, ""
+    if r.status_code == 503:
+        if "json" in r.headers.get("Content-Type", ""):
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                code = r.json()["errors"][0]["extensions"]["code"]
+                return (Outcome.EXPLAINED if code == "READ_ONLY" else Outcome.ERROR), f"503 {code}"
+        elif "<title>Read-only mode" in r.text:
+            return Outcome.EXPLAINED, "503 read-only page"
+        elif "<title>Database unavailable" in r.text:
+            return Outcome.ERROR, "503 database unavailable page"
+    first_line = next((line.strip() for line in r.text.splitlines() if line.strip()), "")
+    return Outcome.ERROR, f"{r.status_code}: {first_line[:120]}"
