@@ -20,7 +20,8 @@ Promises:
   disk or in Redis. Views decorated with :func:`exempt` run anyway.
 * Every response carries ``Srht-Read-Only: true`` while read-only; templates get
   ``read_only_banner`` (text, or None), with the operator's announcement when there is one.
-* A healthy request costs two attribute reads on the monitor: no query, no I/O.
+* A healthy request costs two attribute reads on the monitor (and a context processor on
+  rendered pages): no query, no I/O.
 """
 
 from __future__ import annotations
