@@ -101,7 +101,8 @@ class Ledger:
                         self.unknown.add((writer, seq))
                 self.recorder.record(SERVICE, "write", _outcome(exc), started=started, write=True,
                                      detail=_detail(exc))
-                conn = _discard(conn)
+                _discard(conn)
+                conn = None
                 self._stop.wait(0.05)
             self._stop.wait(self.pause)
         _discard(conn)
@@ -119,7 +120,8 @@ class Ledger:
                 self.recorder.record(SERVICE, "read", Outcome.OK, started=started)
             except psycopg2.Error as exc:
                 self.recorder.record(SERVICE, "read", Outcome.ERROR, started=started, detail=_detail(exc))
-                conn = _discard(conn)
+                _discard(conn)
+                conn = None
                 self._stop.wait(0.05)
             self._stop.wait(self.pause)
         _discard(conn)

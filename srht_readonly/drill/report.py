@@ -48,7 +48,7 @@ def svg_timeline(tl: dict[str, Any], marks: list[Mark], *, width: int = 960, lan
                    'stroke="#ccc"/>')
         for j, counts in enumerate(bins):
             x = left + j * tl["slice"] * x_of
-            y = y0 + lane_h - 4
+            y: float = y0 + lane_h - 4
             for outcome, count in zip(ORDER, counts, strict=True):
                 if count:
                     h = (lane_h - 10) * count / peak

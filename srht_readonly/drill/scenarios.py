@@ -128,7 +128,11 @@ def minor_upgrade(s: Step) -> None:
     s.hold(0.5)
     s.facts["there"] = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
     s.hold(0.5)
-    s.do(f"upgrade {old}: restart", lambda: (p.stop(old, "fast"), p.start(old)))
+    def restart() -> None:  # where an upgrade installs the new minor version's binaries
+        p.stop(old, "fast")
+        p.start(old)
+
+    s.do(f"upgrade {old}: restart", restart)
     s.do(f"{old} caught up", lambda: p.wait_caught_up(old))
     s.hold(0.5)
     s.facts["back"] = s.do(f"switchover {new} -> {old}", lambda: p.switchover(old))
