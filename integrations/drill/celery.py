@@ -42,7 +42,7 @@ from ._traffic import STOP_WAIT, Traffic
 __all__ = ["CeleryTraffic"]
 
 #: load -> (client loops, worker processes, pause between tasks in seconds)
-LOADS = {"typical": (2, 2, 0.1), "excessive": (6, 4, 0.0)}
+LOADS = {"typical": (2, 2, 0.2), "excessive": (6, 4, 0.0)}
 DELIVERIES = 32
 TASK_TIMEOUT = 20.0
 RETRY_LINE = r"webhooks\.async_request\[[^]]*\] retry: "
@@ -126,7 +126,7 @@ class CeleryTraffic(Traffic):
             checks.append(Expectation("celery: no delivery was retried (no retry storm)", retried == 0,
                                       f"{retried} retries in the worker's log"))
         if scenario == "readonly-failover":
-            inside = verdicts.during(events, facts["read_only_from"], facts["read_only_until"])
+            inside = verdicts.during(events, *verdicts.read_only_window(recorder, facts))
             wrong = [e for e in inside if e.outcome is not Outcome.EXPLAINED or "ReadOnlyError" not in e.detail]
             checks.append(Expectation("celery: deliveries in the read-only window failed cleanly with ReadOnlyError",
                                       bool(inside) and not wrong,

@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from srht_readonly.drill import Event, Outcome
+from srht_readonly.drill import Event, Outcome, Recorder
 from srht_readonly.drill.scenarios import Expectation
 
-__all__ = ["GRACE", "after", "all_are", "common", "during", "first", "of_service", "sample", "started"]
+__all__ = ["GRACE", "after", "all_are", "common", "during", "first", "of_service", "read_only_window", "sample",
+           "started"]
 
 #: Seconds after a step (failover, promotion) the services are given to notice it.
 GRACE = 2.0
@@ -47,6 +48,15 @@ def during(events: Iterable[Event], lo: float, hi: float) -> list[Event]:
 def after(events: Iterable[Event], t: float) -> list[Event]:
     """Operations that started at or after ``t``."""
     return [e for e in events if started(e) >= t]
+
+
+def read_only_window(recorder: Recorder, facts: dict[str, Any]) -> tuple[float, float]:
+    """When the database was certainly read-only in ``readonly-failover``: from ``read_only_from``
+    to the start of the promotion step (``read_only_until`` is when the promotion was *verified*,
+    and the standby already takes writes during that verification)."""
+    lo, hi = facts["read_only_from"], facts["read_only_until"]
+    promote = min((m.t for m in recorder.marks if m.label.startswith("promote ") and lo <= m.t <= hi), default=hi)
+    return lo, promote
 
 
 def sample(events: list[Event], what: str = "errors", limit: int = 3) -> str:

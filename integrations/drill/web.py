@@ -38,7 +38,7 @@ from ._traffic import Traffic
 __all__ = ["WebTraffic"]
 
 #: load -> (client loops, pause between requests in seconds)
-LOADS = {"typical": (2, 0.1), "excessive": (8, 0.0)}
+LOADS = {"typical": (2, 0.2), "excessive": (8, 0.0)}
 #: One user's round; creating repositories is rarer than reading, as on the real site.
 ROUND = ("index", "repo", "settings", "index", "create", "repo", "api")
 TIMEOUT = 30
@@ -107,8 +107,8 @@ class WebTraffic(Traffic):
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts)
         if scenario == "readonly-failover":
-            lo, hi = facts["read_only_from"], facts["read_only_until"]
-            inside = verdicts.during(events, lo, hi)
+            hi = facts["read_only_until"]
+            inside = verdicts.during(events, *verdicts.read_only_window(recorder, facts))
             checks.append(verdicts.all_are("web: every form and API write in the read-only window got the "
                                            "read-only explanation (503)", [e for e in inside if e.write],
                                            (Outcome.EXPLAINED,)))
