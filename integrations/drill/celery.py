@@ -42,7 +42,7 @@ from ._traffic import STOP_WAIT, Traffic
 __all__ = ["CeleryTraffic"]
 
 #: load -> (client loops, worker processes, pause between tasks in seconds)
-LOADS = {"typical": (2, 2, 0.2), "excessive": (6, 4, 0.0)}
+LOADS = {"typical": (2, 2, 0.2), "excessive": (4, 3, 0.0)}
 DELIVERIES = 32
 TASK_TIMEOUT = 20.0
 RETRY_LINE = r"webhooks\.async_request\[[^]]*\] retry: "

@@ -38,7 +38,7 @@ from ._traffic import Traffic
 __all__ = ["WebTraffic"]
 
 #: load -> (client loops, pause between requests in seconds)
-LOADS = {"typical": (2, 0.2), "excessive": (8, 0.0)}
+LOADS = {"typical": (2, 0.2), "excessive": (4, 0.0)}
 #: One user's round; creating repositories is rarer than reading, as on the real site.
 ROUND = ("index", "repo", "settings", "index", "create", "repo", "api")
 TIMEOUT = 30
