@@ -250,7 +250,9 @@ class ReadOnlyMonitor:
                 detail = f"database unreachable: {_first_line(exc)}"
                 self._transition(True, "probe", detail, classify(exc), generation=generation)
             return
-        if read_only != state.read_only:
+        # Also when it was unreachable and now answers as a standby: users must hear "read-only"
+        # (refresh later), not "unavailable", for as long as the read-only failover lasts.
+        if read_only != state.read_only or (read_only and state.failure is Failure.UNAVAILABLE):
             detail = "the database refuses writes" if read_only else "the database takes writes"
             self._transition(read_only, "probe", detail, None, generation=generation)
 
@@ -306,7 +308,7 @@ class ReadOnlyMonitor:
             old = self._state
             if generation is not None and generation != self._generation:
                 return  # something newer than this probe's question already decided
-            if old.read_only == read_only and (not read_only or old.reason == reason):
+            if old.read_only == read_only and (not read_only or (old.reason, old.failure) == (reason, failure)):
                 return
             if read_only and not old.read_only:
                 self._next_probe = self._clock() + self._interval()
@@ -314,7 +316,7 @@ class ReadOnlyMonitor:
             since = old.since if old.read_only == read_only else self._wall()
             new = MonitorState(read_only, since, reason, detail, failure)
             self._state = new
-        if read_only and not old.read_only:
+        if read_only and (not old.read_only or old.failure != failure):
             logger.warning("database is read-only (%s): %s", reason, detail)
         elif not read_only and old.read_only:
             logger.warning(

@@ -162,6 +162,26 @@ def test_lost_connection_makes_the_next_read_probe_once(clock):
     assert monitor.state.failure is Failure.UNAVAILABLE
 
 
+def test_unreachable_then_a_standby_is_read_only_not_unavailable(clock, caplog):
+    # kill -9 of the primary, then PgBouncer repointed at the hot standby: the first probe finds
+    # nothing, the next one a standby. Users must be told "read-only", not "unavailable".
+    probe = Probe(clock, answer=Pg2Error('connection to server at "127.0.0.1" failed: Connection refused'))
+    monitor = make(clock, probe, recheck=2.0, jitter=0.0)
+    monitor.observe(LOST)
+    assert monitor.read_only is True
+    assert monitor.state.failure is Failure.UNAVAILABLE
+    probe.answer = True
+    clock.advance(2.1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="srht_readonly.monitor"):
+        assert monitor.read_only is True
+    assert monitor.state.failure is None and monitor.state.detail == "the database refuses writes"
+    assert [r.getMessage() for r in caplog.records] == ["database is read-only (probe): the database refuses writes"]
+    clock.advance(2.1)
+    assert monitor.read_only is True  # still a standby: nothing new, nothing logged
+    assert len(caplog.records) == 1
+
+
 def test_a_probe_answer_older_than_an_observed_failure_is_ignored(clock):
     monitor: ReadOnlyMonitor
 
