@@ -29,7 +29,9 @@ def _running(pattern: str) -> list[str]:
 
 
 def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
-    proc = drill("--duration", "2.5", "--json", cwd=tmp_path)
+    # 5 s per state: the read-only window certainly holds a push and a push creating a repository
+    # (each has a client of its own), so the SSH pipeline's window checks judge them.
+    proc = drill("--duration", "5", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report["passed"] is True
@@ -40,6 +42,11 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
         assert set(scenario["services"]) >= SERVICES, (scenario["name"], scenario["services"])
         assert scenario["timeline"]["lanes"], scenario["name"]
     by = {s["name"]: s for s in report["scenarios"]}
+    window = [e for e in by["readonly-failover"]["expectations"]
+              if e["text"].startswith("ssh: in the read-only window")]
+    assert len(window) == 4, window
+    pushes = [e for e in window if "pushes" in e["text"]]
+    assert len(pushes) == 2 and all(int(str(e["observed"]).split()[0]) >= 1 for e in pushes), pushes
     for planned in ("switchover", "readonly-failover", "standby-crash", "minor-upgrade"):
         assert by[planned]["ledger"]["lost"] == 0 and by[planned]["ledger"]["acknowledged"] > 100
     assert by["switchover"]["write_unavailability"] < 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import time
@@ -62,6 +63,7 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     config = ctx.obj["config"]
     live = LiveDisplay()
     say = live.say
+    log_file = _log_to_file(report_dir / "drill.log") if ctx.find_root().params.get("verbose", 0) == 0 else None
     started = time.monotonic()
     with failures(as_json):
         where = (deployment(config, ssh_config=ctx.obj["ssh_config"]) if config is not None
@@ -80,5 +82,18 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     else:
         click.echo(summary_table(result))
     verdict = "every expectation held" if result["passed"] else "SOME EXPECTATIONS FAILED"
-    click.echo(f"drill: {verdict} ({result['seconds']:.0f} s); report: {page}", err=True)
+    logs = f"; services' and procedures' log: {log_file}" if log_file else ""
+    click.echo(f"drill: {verdict} ({result['seconds']:.0f} s); report: {page}{logs}", err=True)
     sys.exit(0 if result["passed"] else EXIT_REFUSED)
+
+
+def _log_to_file(path: Path) -> Path:
+    """Send warnings of the services and procedures to ``path``, so stderr shows the progress only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    return path
