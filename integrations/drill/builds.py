@@ -28,12 +28,11 @@ from sqlalchemy import Engine
 from integrations.buildsrht import BuildResult, BuildRunner
 from integrations.buildsrht import schema as builds
 from srht_readonly import ReadOnlyMonitor
-from srht_readonly.drill import Event, Outcome, Recorder
+from srht_readonly.drill import Event, Outcome, Recorder, verdicts
 from srht_readonly.drill.scenarios import Expectation
 from srht_readonly.drill.services import DrillEnvironment
 from srht_readonly.sqlalchemy import instrument
 
-from . import verdicts
 from ._traffic import STOP_WAIT, Traffic
 
 __all__ = ["BuildTraffic"]

@@ -32,11 +32,10 @@ from integrations.webhooks import make_worker
 from integrations.webhooks import schema as webhooks
 from integrations.webhooks.harness import CeleryWorker, RedisServer
 from srht_readonly import DatabaseUnavailable, ReadOnlyError
-from srht_readonly.drill import Outcome, Recorder
+from srht_readonly.drill import Outcome, Recorder, verdicts
 from srht_readonly.drill.scenarios import Expectation
 from srht_readonly.drill.services import DrillEnvironment
 
-from . import verdicts
 from ._traffic import STOP_WAIT, Traffic
 
 __all__ = ["CeleryTraffic"]

@@ -42,11 +42,10 @@ from integrations.gitsrht.ssh.keys import fingerprint, normalise
 from integrations.gitsrht.ssh.meta import MetaServer
 from integrations.gitsrht.ssh.sshd import GitSshd, make_key
 from integrations.gitsrht.ssh.webhooks import READ_ONLY_WARNING
-from srht_readonly.drill import Outcome, Recorder
+from srht_readonly.drill import Outcome, Recorder, verdicts
 from srht_readonly.drill.scenarios import Expectation
 from srht_readonly.drill.services import DrillEnvironment
 
-from . import verdicts
 from ._traffic import Traffic
 
 __all__ = ["SshTraffic"]

@@ -27,12 +27,11 @@ import requests
 from sqlalchemy import Engine
 
 from integrations.gitsrht.web import create_app, init_db, serve
-from srht_readonly.drill import Outcome, Recorder
+from srht_readonly.drill import Outcome, Recorder, verdicts
 from srht_readonly.drill.scenarios import Expectation
 from srht_readonly.drill.services import DrillEnvironment
 from srht_readonly.flask import HEADER
 
-from . import verdicts
 from ._traffic import Traffic
 
 __all__ = ["WebTraffic"]

@@ -15,10 +15,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from . import verdicts
 from .config import ProbeSpec
 from .recorder import Outcome, Recorder
 from .scenarios import Expectation
-from .verdicts import service_expectations
 
 
 class ProbeSource:
@@ -41,7 +41,7 @@ class ProbeSource:
             self._thread.join(timeout=self.spec.timeout + 1)
 
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
-        return service_expectations(self.name, scenario, recorder, facts)
+        return verdicts.common(self.name, scenario, verdicts.of_service(recorder.events, self.name), facts)
 
     def _loop(self, recorder: Recorder) -> None:
         while not self._stop.is_set():
