@@ -105,6 +105,20 @@ def test_a_probe_that_fails_fails_the_drill_with_exit_1(srht_fresh_lab, tmp_path
     assert "SOME EXPECTATIONS FAILED" in proc.stderr
 
 
+def test_a_fleet_without_a_streaming_standby_is_not_drilled(srht_fresh_lab, tmp_path):
+    config = _inventory_with_probes(srht_fresh_lab, tmp_path / "fleet.ini")
+    srht_fresh_lab.standby.stop("fast")
+    proc = drill("--scenario", "switchover", "--duration", "1", "--json", "--report", str(tmp_path / "r"),
+                 cwd=tmp_path, config=config)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    (scenario,) = json.loads(proc.stdout)["scenarios"]
+    (check,) = scenario["expectations"]
+    assert check["text"] == "the fleet had a primary with a streaming standby to start from"
+    assert not check["passed"] and "no standby streams from the primary" in check["observed"]
+    assert srht_fresh_lab.primary.name == "remilia"  # nothing was switched
+    assert (tmp_path / "r" / "index.html").exists()
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("", "no [drill] section"),
     ("[drill]\nspeed = 3\n", "[drill] has no key 'speed'"),
