@@ -18,7 +18,8 @@ Promises:
 * While the monitor knows the database is read-only, unsafe methods are refused with that
   response **before** any ``before_request`` function or view runs, so nothing is half-done on
   disk or in Redis. Views decorated with :func:`exempt` run anyway.
-* Every response carries ``Srht-Read-Only: true`` while read-only; templates get
+* Every response carries ``Srht-Read-Only: true`` while read-only (not while the database is
+  unreachable: that is no read-only mode, and its 503 says "unavailable"); templates get
   ``read_only_banner`` (text, or None), with the operator's announcement when there is one.
 * A healthy request costs two attribute reads on the monitor (and a context processor on
   rendered pages): no query, no I/O.
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 #: Where ``init_app`` registers the per-app :class:`ReadOnlyState`.
 EXTENSION_KEY = "srht_readonly"
-#: Response header present (``true``) on every response while the database is read-only.
+#: Response header present (``true``) on every response while the database is read-only
+#: (and answers: never while it is unreachable).
 HEADER = "Srht-Read-Only"
 #: Template name looked up first in the app's own template folders; the packaged page otherwise.
 DEFAULT_TEMPLATE = "srht_readonly/read_only.html"
@@ -299,7 +301,9 @@ def _register(app: flask.Flask, state: ReadOnlyState) -> None:
         return respond(state, failure)
 
     def mark_response(response: flask.Response) -> flask.Response:
-        if monitor.read_only:
+        # Only while the database answers read-only: an unreachable one is no read-only mode,
+        # and respond() leaves the header off its "unavailable" 503 for the same reason.
+        if monitor.read_only and monitor.state.failure is not Failure.UNAVAILABLE:
             response.headers[HEADER] = "true"
         return response
 

@@ -249,6 +249,45 @@ def test_an_unreachable_database_gets_a_503_unavailable():
     assert response.get_json()["errors"][0]["extensions"] == {"code": "DATABASE_UNAVAILABLE"}
 
 
+def test_the_header_is_left_off_while_the_database_is_unreachable_and_back_once_it_is_read_only():
+    answers: list[bool | Exception] = [Pg2Error('connection to server at "127.0.0.1", port 1 failed: '
+                                                "Connection refused", None)]
+
+    def probe() -> bool:
+        answer = answers[-1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    app = flask.Flask(__name__)
+    app.config["TESTING"] = True
+    monitor = ReadOnlyMonitor(recheck=600, probe=probe, announce_file=None)
+    ReadOnly(app, monitor=monitor, session=FakeSession())
+    app.add_url_rule("/", "index", lambda: "page", methods=["GET", "POST"])
+
+    @app.get("/down")
+    def down() -> str:
+        raise DatabaseUnavailable("database went away", failure=Failure.UNAVAILABLE)
+
+    client = app.test_client()
+    response = client.get("/down", headers={"Accept": "application/json"})
+    assert response.status_code == 503
+    assert response.get_json()["errors"][0]["extensions"] == {"code": "DATABASE_UNAVAILABLE"}
+    # The after-request hook read the monitor, which probed and found the database unreachable.
+    assert monitor.state.read_only and monitor.state.failure is Failure.UNAVAILABLE
+    assert HEADER not in response.headers
+    assert HEADER not in client.get("/").headers
+    refused = client.post("/", data={})
+    assert refused.status_code == 503 and "cannot reach its database" in refused.text
+    assert HEADER not in refused.headers
+    answers.append(True)  # it answers again, as a hot standby: read-only now
+    assert monitor.check() is True and monitor.state.failure is None
+    assert client.get("/").headers[HEADER] == "true"
+    refused = client.post("/", data={})
+    assert refused.status_code == 503 and "is in read-only mode" in refused.text
+    assert refused.headers[HEADER] == "true"
+
+
 def test_other_database_errors_stay_500s():
     app, monitor, session = make_app()
     app.config["PROPAGATE_EXCEPTIONS"] = False

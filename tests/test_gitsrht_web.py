@@ -22,8 +22,10 @@ from sqlalchemy import create_engine, insert
 
 from integrations.gitsrht import schema
 from integrations.gitsrht.web import create_app, init_db
+from srht_readonly import Failure
 from srht_readonly.flask import HEADER
 from srht_readonly.ops import replication, sql
+from srht_readonly.testing.lab import free_port
 
 RECHECK = 0.3
 
@@ -196,6 +198,21 @@ def test_after_the_first_failure_the_next_post_never_reaches_the_view(web_db, ap
         assert again.status_code == 503 and again.headers[HEADER] == "true"
     assert len(spool.read_text().splitlines()) == 1  # refused before the view: nothing on disk
     assert client.post("/search", data={"q": "x"}).status_code == 200  # exempt views still run
+
+
+def test_an_unreachable_database_gets_the_unavailable_503_and_no_read_only_header(apps):
+    app = apps(f"postgresql://srht@127.0.0.1:{free_port()}/srht")  # nothing listens there
+    monitor = app.extensions["srht_readonly"].monitor
+    client = app.test_client()
+    page = client.get("/")
+    assert page.status_code == 503 and "cannot reach its database" in page.text
+    assert HEADER not in page.headers
+    assert monitor.read_only and monitor.state.failure is Failure.UNAVAILABLE
+    again = client.get("/", headers={"Accept": "application/json"})
+    assert again.status_code == 503 and HEADER not in again.headers
+    assert again.get_json()["errors"][0]["extensions"] == {"code": "DATABASE_UNAVAILABLE"}
+    refused = client.post("/create", data={"name": unique("down"), "visibility": "public"})
+    assert refused.status_code == 503 and HEADER not in refused.headers
 
 
 def test_a_view_may_word_its_own_refusal(web_db, apps, srht_lab):
