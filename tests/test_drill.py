@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from srht_readonly.drill.config import drill_config
@@ -105,18 +106,41 @@ def test_a_probe_that_fails_fails_the_drill_with_exit_1(srht_fresh_lab, tmp_path
     assert "SOME EXPECTATIONS FAILED" in proc.stderr
 
 
-def test_a_fleet_without_a_streaming_standby_is_not_drilled(srht_fresh_lab, tmp_path):
-    config = _inventory_with_probes(srht_fresh_lab, tmp_path / "fleet.ini")
-    srht_fresh_lab.standby.stop("fast")
+@pytest.mark.parametrize("broken", ["standby stopped", "pgbouncer on the standby", "pgbouncer paused"])
+def test_a_fleet_that_is_not_ready_is_not_drilled(srht_fresh_lab, tmp_path, broken):
+    lab = srht_fresh_lab
+    config = _inventory_with_probes(lab, tmp_path / "fleet.ini")
+    if broken == "standby stopped":
+        lab.standby.stop("fast")
+        why = "no standby streams from the primary"
+    elif broken == "pgbouncer on the standby":
+        lab.pgbouncer.point_at(lab.standby)
+        why = f"pgbouncer points at {lab.standby.name}"
+    else:
+        admin = psycopg2.connect(lab.pgbouncer.admin_dsn)
+        admin.autocommit = True
+        admin.cursor().execute("PAUSE srht")  # per database, as the switchover does (1.18 hides a global one)
+        why = "pgbouncer paused"
     proc = drill("--scenario", "switchover", "--duration", "1", "--json", "--report", str(tmp_path / "r"),
                  cwd=tmp_path, config=config)
     assert proc.returncode == 1, proc.stderr[-4000:]
     (scenario,) = json.loads(proc.stdout)["scenarios"]
     (check,) = scenario["expectations"]
-    assert check["text"] == "the fleet had a primary with a streaming standby to start from"
-    assert not check["passed"] and "no standby streams from the primary" in check["observed"]
-    assert srht_fresh_lab.primary.name == "remilia"  # nothing was switched
+    assert check["text"].startswith("the fleet was ready") and not check["passed"]
+    assert why in check["observed"], check
+    assert lab.nodes["remilia"].role() == "primary" and lab.nodes["konpaku"].role() in ("standby", "down")
     assert (tmp_path / "r" / "index.html").exists()
+    if broken == "pgbouncer paused":
+        admin.cursor().execute("RESUME srht")
+        admin.close()
+
+
+def test_a_drill_that_cannot_start_exits_2(tmp_path):
+    config = tmp_path / "fleet.ini"
+    config.write_text("[node a]\ndsn = host=127.0.0.1 port=1\ndata = /nonexistent\n")
+    proc = drill("--scenario", "switchover", cwd=tmp_path, config=config)
+    assert proc.returncode == 2, proc.stderr
+    assert "no [drill] section" in proc.stderr
 
 
 @pytest.mark.parametrize(("text", "message"), [

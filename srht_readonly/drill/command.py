@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ..ops.cli import EXIT_REFUSED, failures, main
+from ..ops.cli import EXIT_REFUSED, EXIT_USAGE, Failure, failures
+from ..ops.errors import Refused
+from ..ops.inventory import InventoryError
 from . import report as report_mod
 from .live import LiveDisplay, summary_table
 from .runner import LOADS, run
 from .scenarios import SCENARIOS
-from .session import deployment, local
+from .session import Setting, deployment, local
 
 NAMES = [s.name for s in SCENARIOS]
 
 
-@main.command()
+@click.command()
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(NAMES), metavar="NAME",
               help=f"Play only this scenario (repeatable): {', '.join(NAMES)}. [default: all, in this order]")
 @click.option("--duration", default=8.0, show_default=True, metavar="SECONDS",
@@ -29,9 +34,10 @@ NAMES = [s.name for s in SCENARIOS]
 @click.option("--load", "load_name", type=click.Choice(list(LOADS)), default="typical", show_default=True,
               help="Traffic: typical, or excessive (many more clients, no pauses).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("drill-report"), show_default=True, help="Directory for index.html and report.json.")
+              default=Path("drill-report"), show_default=True,
+              help="Directory for index.html, report.json and drill.log.")
 @click.option("--no-services", is_flag=True, help="Local drill: database traffic only (no web, ssh, builds, "
-                                                  "celery stand-ins).")
+                                                  "celery stand-ins; these need root and the drill extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
 def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_name: str, report_dir: Path,
@@ -40,39 +46,37 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
 
     Without --config: on a fresh embedded lab (primary, hot standby, PgBouncer on loopback)
     with the stand-in services (git.sr.ht web and SSH pipeline, build runner, Celery webhook
-    worker), all started here and all stopped at the end. With --config: against the
-    inventory's real hosts, its [drill] traffic and [probe NAME] probes (docs/drill.md).
+    worker), all started here and all stopped at the end. With --config (given explicitly;
+    $SRHT_READONLY_CONFIG is not used here): against the inventory's hosts, with its [drill]
+    traffic and [probe NAME] probes (docs/drill.md). It kills and promotes servers: never
+    point it at production.
 
     Scenarios: planned switchover; read-only failover then promotion (the plan's path);
     primary killed (kill -9), failover, promotion, pg_rewind rejoin; standby killed and caught
-    up; minor upgrade (switch over, restart, switch back). Each ends with a primary and a
-    streaming standby, possibly swapped.
+    up; minor upgrade (switch over, restart, switch back). Each starts from, and ends with, a
+    primary with a streaming standby and every PgBouncer on the primary.
 
-    Writes a report (index.html with a timeline per scenario, report.json) and prints a
-    summary. Exit 0 only when every expectation held, 1 otherwise.
+    Writes a report (index.html with a timeline per scenario, report.json, drill.log) and
+    prints a summary. Exit 0 when every expectation held, 1 when some did not, 2 when the
+    drill could not start (inventory, services, lab).
 
     \b
     Example:
-      srht-readonly drill                                   # everything, ~4 minutes
+      srht-readonly drill                                   # everything, about 2 minutes
       srht-readonly drill --scenario switchover --duration 3 --json | jq '.scenarios[0].passed'
-      srht-readonly --config /etc/sr.ht/readonly.ini drill --scenario readonly-failover
+      srht-readonly --config /etc/sr.ht/drill.ini drill --scenario readonly-failover
     """
     names = list(scenarios) or NAMES
-    # A drill killed with SIGTERM (a CI timeout, systemd) still stops every server it started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     config = ctx.obj["config"]
     live = LiveDisplay()
-    say = live.say
-    log_file = _log_to_file(report_dir / "drill.log") if ctx.find_root().params.get("verbose", 0) == 0 else None
+    verbose = ctx.find_root().params.get("verbose", 0)
     started = time.monotonic()
-    with failures(as_json):
+    log = None if verbose else report_dir / "drill.log"
+    with _terminated_cleanly(), _logs_to(log) as log_file, failures(as_json):
         where = (deployment(config, ssh_config=ctx.obj["ssh_config"]) if config is not None
-                 else local(load_name=load_name, duration=duration, services=not no_services, say=say))
+                 else local(load_name=load_name, duration=duration, services=not no_services, say=live.say))
         try:
-            with where as setting:
-                say(f"drill on {setting.environment}")
-                result = run(setting.fleet, names, duration=duration, load=load_name, sources=setting.sources,
-                             progress=live, environment=setting.environment)
+            result = _play(where, names, duration=duration, load_name=load_name, live=live, as_json=as_json)
         finally:
             live.stop()
     result["seconds"] = round(time.monotonic() - started, 1)
@@ -87,13 +91,50 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     sys.exit(0 if result["passed"] else EXIT_REFUSED)
 
 
-def _log_to_file(path: Path) -> Path:
-    """Send warnings of the services and procedures to ``path``, so stderr shows the progress only."""
+def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *, duration: float, load_name: str,
+          live: LiveDisplay, as_json: bool) -> dict[str, Any]:
+    """Set up (a failure there is exit 2: nothing was drilled), play every scenario, tear down."""
+    with contextlib.ExitStack() as stack:
+        try:
+            setting = stack.enter_context(where)
+        except (InventoryError, Refused):
+            raise  # exit 2 and exit 1 with their own messages (see ops.cli.failures)
+        except Exception as exc:  # the lab or a service cannot start: not root, a missing program or package
+            raise Failure(f"the drill could not start: {type(exc).__name__}: {exc}", EXIT_USAGE,
+                          "drill not started", as_json) from exc
+        live.say(f"drill on {setting.environment}")
+        return run(setting.fleet, names, duration=duration, load=load_name, sources=setting.sources,
+                   progress=live, environment=setting.environment)
+
+
+@contextlib.contextmanager
+def _terminated_cleanly() -> Iterator[None]:
+    """SIGTERM (a CI timeout, systemd) unwinds like Ctrl-C, so every server started is stopped."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path | None) -> Iterator[Path | None]:
+    """While the drill runs, log lines go to ``path`` (if given), so stderr shows the progress only."""
+    if path is None:
+        yield None
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    for old in list(root.handlers):
+    kept = list(root.handlers)
+    for old in kept:
         root.removeHandler(old)
     root.addHandler(handler)
-    return path
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for old in kept:
+            root.addHandler(old)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import psycopg2.extensions
+
 from ..ops.inventory import Inventory, InventoryError
 
 DRILL_KEYS = {"traffic"}
@@ -52,6 +54,11 @@ class DrillConfig:
     traffic: list[str]
     probes: list[ProbeSpec] = field(default_factory=list)
 
+    @property
+    def database(self) -> str:
+        """The database the traffic URLs name (the same on every node)."""
+        return _dbname(self.traffic[0]) or ""
+
 
 def drill_config(inventory: Inventory) -> DrillConfig:
     """Read ``[drill]`` and every ``[probe NAME]``; ``InventoryError`` on anything wrong or missing."""
@@ -64,6 +71,11 @@ def drill_config(inventory: Inventory) -> DrillConfig:
     traffic = [u.strip() for u in drill.get("traffic", ("", 0))[0].split(",") if u.strip()]
     if not traffic:
         raise InventoryError(path, drill[""][1], "[drill] needs traffic = URL[, URL...]")
+    databases = {_dbname(url) for url in traffic}
+    if None in databases or len(databases) != 1:
+        raise InventoryError(path, drill["traffic"][1], "[drill] traffic URLs must all name the same database "
+                                                        "(postgresql://USER@HOST:PORT/DATABASE): the drill reads its "
+                                                        "ledger there on each node to count what survived")
     probes = [_probe(name or "", entries, path) for (kind, name), entries in inventory.others.items()
               if kind == "probe"]
     return DrillConfig(traffic, probes)
@@ -97,3 +109,10 @@ def _check(entries: dict[str, tuple[str, int]], allowed: set[str], section: str,
     for key, (_, line) in entries.items():
         if key and key not in allowed:
             raise InventoryError(path, line, f"{section} has no key {key!r}; known: {', '.join(sorted(allowed))}")
+
+
+def _dbname(url: str) -> str | None:
+    try:
+        return psycopg2.extensions.parse_dsn(url).get("dbname")
+    except psycopg2.ProgrammingError:
+        return None

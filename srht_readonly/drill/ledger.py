@@ -71,12 +71,6 @@ class Ledger:
         for t in self._threads:
             t.join(timeout=30)
 
-    def _connect(self) -> psycopg2.extensions.connection | None:
-        try:
-            return psycopg2.connect(self.dsn, connect_timeout=2)
-        except psycopg2.Error:
-            return None
-
     def _write(self, writer: int) -> None:
         conn = None
         seq = 0
@@ -152,4 +146,3 @@ def _discard(conn: Any) -> None:
     if conn is not None:
         with contextlib.suppress(psycopg2.Error):
             conn.close()
-    return None

@@ -1,13 +1,18 @@
 """Traffic sources for a real deployment: the probes of ``[probe NAME]`` (see ``config``).
 
 Each probe runs in its own thread every ``every`` seconds and records what a user would have
-seen: an HTTP request (2xx ok; 503 carrying ``Srht-Read-Only`` or the explanation: explained) or
-a shell command (exit 0 ok, or dropped when its output matches ``dropped``; a failure whose
-output matches ``explained`` is the explained refusal). Anything else is an error.
+seen. An HTTP request: 2xx is ok; a 503 carrying ``Srht-Read-Only: true`` (what
+``srht_readonly.flask`` sends while the database is read-only, and only then) or, for services
+without it, a 503 whose body matches ``explained``, is the explained refusal. A shell command:
+exit 0 is ok, or dropped when its output matches ``dropped``; a failure whose output matches
+``explained`` is the explained refusal. Anything else, including a probe that could not run,
+is an error.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -31,8 +36,9 @@ class ProbeSource:
         self._thread: threading.Thread | None = None
 
     def start(self, recorder: Recorder) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, args=(recorder,), daemon=True, name=f"probe-{self.name}")
+        self._stop = threading.Event()  # a thread that overran the last stop() keeps its own, set, event
+        self._thread = threading.Thread(target=self._loop, args=(recorder, self._stop), daemon=True,
+                                        name=f"probe-{self.name}")
         self._thread.start()
 
     def stop(self) -> None:
@@ -43,13 +49,16 @@ class ProbeSource:
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         return verdicts.common(self.name, scenario, verdicts.of_service(recorder.events, self.name), facts)
 
-    def _loop(self, recorder: Recorder) -> None:
-        while not self._stop.is_set():
+    def _loop(self, recorder: Recorder, stop: threading.Event) -> None:
+        while not stop.is_set():
             started = time.monotonic()
-            outcome, detail = self.try_once()
+            try:
+                outcome, detail = self.try_once()
+            except Exception as exc:  # the probe could not run: the user would have seen nothing work
+                outcome, detail = Outcome.ERROR, f"{type(exc).__name__}: {exc}"
             recorder.record(self.name, self.spec.method if self.spec.url else "command", outcome,
                             started=started, write=self.spec.write, detail=detail)
-            self._stop.wait(max(0.0, self.spec.every - (time.monotonic() - started)))
+            stop.wait(max(0.0, self.spec.every - (time.monotonic() - started)))
 
     def try_once(self) -> tuple[Outcome, str]:
         """Run the probe once: its outcome and what the user saw (short)."""
@@ -65,7 +74,8 @@ class ProbeSource:
                 return Outcome.OK, f"{response.status}"
         except urllib.error.HTTPError as exc:
             text = exc.read(4096).decode(errors="replace")
-            explained = exc.headers.get("Srht-Read-Only") == "true" or bool(spec.explained.search(text))
+            header = exc.headers.get("Srht-Read-Only")
+            explained = header == "true" if header is not None else bool(spec.explained.search(text))
             if exc.code == 503 and explained:
                 return Outcome.EXPLAINED, "503 read-only"
             return Outcome.ERROR, f"{exc.code} {exc.reason}"
@@ -75,12 +85,16 @@ class ProbeSource:
     def _command(self) -> tuple[Outcome, str]:
         spec = self.spec
         assert spec.command is not None
+        # Its own process group, so that a timeout kills the whole pipeline (a hung ssh too), not just sh.
+        proc = subprocess.Popen(spec.command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(spec.command, shell=True, capture_output=True, text=True, timeout=spec.timeout,
-                                  stdin=subprocess.DEVNULL)
+            stdout, stderr = proc.communicate(timeout=spec.timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return Outcome.ERROR, f"no answer in {spec.timeout:g} s"
-        output = (proc.stdout + proc.stderr).strip()
+        output = (stdout + stderr).strip()
         last = output.splitlines()[-1] if output else ""
         if proc.returncode == 0:
             if spec.dropped is not None and spec.dropped.search(output):

@@ -32,6 +32,21 @@ class InventoryProcedures:
             raise OpsError(f"expected one primary, found {len(live)}: {', '.join(live) or 'none'}")
         return live[0]
 
+    def ready(self) -> None:
+        """``OpsError`` unless a primary has a streaming standby and every PgBouncer points at it, not paused.
+
+        Checked before each scenario, so one left half-done (a PgBouncer on the standby, paused)
+        is reported where it happened instead of spoiling the scenarios after it.
+        """
+        primary, _ = self.primary(), self.standby()
+        with Fleet(self.cluster) as fleet:
+            fleet.open()
+            fleet.require_all()
+            wrong = {name: ("paused" if b.paused else f"points at {b.target or 'an unknown server'}")
+                     for name, b in fleet.observe().items() if b.paused or b.target != primary}
+        if wrong:
+            raise OpsError(f"PgBouncers not ready on {primary}: " + "; ".join(f"{n} {w}" for n, w in wrong.items()))
+
     def standby(self) -> str:
         states = observe_nodes(self.cluster.inventory)
         live = primaries(states)

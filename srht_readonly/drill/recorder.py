@@ -14,9 +14,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 
 class Outcome(StrEnum):
@@ -54,6 +53,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._events: list[Event] = []
         self._marks: list[Mark] = []
+        self._closed = False
         self.t0 = time.monotonic()
 
     def now(self) -> float:
@@ -65,8 +65,14 @@ class Recorder:
         end = time.monotonic()
         event = Event(end - self.t0, service, op, Outcome(outcome), end - started, write, detail[:300])
         with self._lock:
-            self._events.append(event)
+            if not self._closed:
+                self._events.append(event)
         return event
+
+    def close(self) -> None:
+        """Keep nothing recorded from now on: the scenario's traffic has stopped and is being judged."""
+        with self._lock:
+            self._closed = True
 
     def mark(self, label: str) -> Mark:
         mark = Mark(self.now(), label)
@@ -96,9 +102,3 @@ class Recorder:
         times = sorted(e.t for e in self.events
                        if e.write and e.outcome is Outcome.OK and (service is None or e.service == service))
         return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "events": [{**asdict(e), "outcome": e.outcome.value} for e in self.events],
-            "marks": [asdict(m) for m in self.marks],
-        }

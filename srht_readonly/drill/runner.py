@@ -6,6 +6,7 @@ the DSNs traffic goes through (the PgBouncers), and traffic sources for the serv
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import ledger as ledger_mod
+from . import verdicts
 from .recorder import Recorder
 from .report import timeline
-from .scenarios import BY_NAME, Expectation, Procedures, Scenario, Step, expectations
+from .scenarios import BY_NAME, Expectation, Procedures, Scenario, Step
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +61,13 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
     recorder = Recorder()
     step = Step(p, recorder, duration)
     started = time.monotonic()
-    try:  # every scenario starts from a primary with a streaming standby, or is not played at all
-        p.primary(), p.standby()
+    try:  # every scenario starts from a healthy fleet, or is not played at all
+        p.ready()
         ledger_mod.prepare(fleet.traffic_dsns[0])
     except Exception as exc:
         logger.exception("scenario %s not played", scenario.name)
-        check = Expectation("the fleet had a primary with a streaming standby to start from", False,
-                            f"{type(exc).__name__}: {exc}")
+        check = Expectation("the fleet was ready: a primary, a streaming standby, every PgBouncer on the primary",
+                            False, f"{type(exc).__name__}: {exc}")
         return _result(scenario, recorder, step, [check], ledger_mod.LedgerResult(0), started)
     settings = LOADS[load]
     ledgers = [ledger_mod.Ledger(dsn, recorder, writers=max(1, settings["writers"] // len(fleet.traffic_dsns)),
@@ -90,6 +92,7 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
             src.stop()
         for lg in ledgers:
             lg.stop()
+        recorder.close()  # what ends later (a git push still running) belongs to no verdict
     try:
         result_ledger = _verify(ledgers, fleet, p)
     except Exception as exc:
@@ -98,10 +101,19 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
                                   f"{type(exc).__name__}: {exc}"))
         result_ledger = ledger_mod.LedgerResult(sum(len(lg.acked) for lg in ledgers))
     else:
-        checks += expectations(scenario, recorder, step.facts, result_ledger)
+        checks += _judged("database", lambda: verdicts.database(scenario.name, recorder, step.facts, result_ledger))
         for src in sources:
-            checks += src.expectations(scenario.name, recorder, step.facts)
+            checks += _judged(src.name, functools.partial(src.expectations, scenario.name, recorder, step.facts))
     return _result(scenario, recorder, step, checks, result_ledger, started)
+
+
+def _judged(who: str, judge: Callable[[], list[Expectation]]) -> list[Expectation]:
+    """``judge()``, or one failed expectation saying why it could not judge (the report must be written)."""
+    try:
+        return judge()
+    except Exception as exc:
+        logger.exception("judging %s failed", who)
+        return [Expectation(f"{who}: its expectations could be judged", False, f"{type(exc).__name__}: {exc}")]
 
 
 def _result(scenario: Scenario, recorder: Recorder, step: Step, checks: list[Expectation],

@@ -13,14 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..ops.sql import parse_lsn
-from .ledger import LedgerResult
-from .recorder import Outcome, Recorder
+from .recorder import Recorder
 
 
 class Procedures(Protocol):
     """What a scenario may do to the fleet; names are node names of the inventory."""
 
+    def ready(self) -> None: ...
     def primary(self) -> str: ...
     def standby(self) -> str: ...
     def switchover(self, to: str) -> dict[str, Any]: ...
@@ -83,6 +82,7 @@ def readonly_failover_then_promotion(s: Step) -> None:
     s.facts["read_only_from"] = s.recorder.now()
     s.hold()
     s.do(f"stop {old}", lambda: p.stop(old, "fast"))
+    s.facts["promote_started"] = s.recorder.now()
     s.do(f"promote {new}", lambda: p.promote(new))
     s.facts["read_only_until"] = s.recorder.now()
     s.hold()
@@ -166,73 +166,3 @@ class Expectation:
 
     def as_dict(self) -> dict[str, Any]:
         return {"text": self.text, "passed": bool(self.passed), "observed": self.observed}
-
-
-def expectations(scenario: Scenario, recorder: Recorder, facts: dict[str, Any],
-                 ledger: LedgerResult) -> list[Expectation]:
-    """What must hold after ``scenario``, judged on what was recorded."""
-    events = recorder.events
-    errors = [e for e in events if e.outcome is Outcome.ERROR]
-    result = []
-    if scenario.planned:
-        result.append(Expectation("no acknowledged write lost", not ledger.lost, len(ledger.lost)))
-        result.append(Expectation("no user saw an unexplained error", not errors,
-                                  _sample(errors) if errors else 0))
-    if scenario.name in ("switchover", "minor-upgrade"):
-        gap = recorder.longest_write_gap("database")
-        result.append(Expectation("longest write gap under 1 s", gap < 1.0, f"{gap:.2f} s"))
-        failed = [e for e in events if e.write and e.outcome is not Outcome.OK]
-        result.append(Expectation("no write failed", not failed, len(failed)))
-    if scenario.name == "readonly-failover":
-        lo, hi = facts["read_only_from"], facts["read_only_until"]
-        reads_failed = [e for e in events if e.service == "database" and not e.write and e.outcome is Outcome.ERROR]
-        result.append(Expectation("reads never failed", not reads_failed, len(reads_failed)))
-        refused = [e for e in events if lo <= e.t <= hi and e.outcome is Outcome.EXPLAINED]
-        result.append(Expectation("writes during the read-only window were refused with an explanation",
-                                  bool(refused), len(refused)))
-    if scenario.name == "primary-crash":
-        back = _first_ok_after(events, facts["failover_at"], write=False)
-        result.append(Expectation("reads restored within 2 s of the failover",
-                                  back is not None and back - facts["failover_at"] <= 2.0,
-                                  _secs(back, facts["failover_at"])))
-        wback = _first_ok_after(events, facts["promoted_at"], write=True)
-        result.append(Expectation("writes restored within 2 s of the promotion",
-                                  wback is not None and wback - facts["promoted_at"] <= 2.0,
-                                  _secs(wback, facts["promoted_at"])))
-        unexplained = _lost_not_explained(ledger, facts.get("standby_received"))
-        result.append(Expectation("every lost write was committed past the WAL the standby had received",
-                                  not unexplained, f"{len(ledger.lost)} lost, {len(unexplained)} unexplained"))
-    if scenario.name == "standby-crash":
-        result.append(Expectation("no acknowledged write lost", not ledger.lost, len(ledger.lost)))
-        result.append(Expectation("no user saw an error", not errors, _sample(errors) if errors else 0))
-        catch_up = facts.get("catch_up_seconds")
-        result.append(Expectation("standby caught up within 30 s of its restart",
-                                  catch_up is not None and catch_up < 30, f"{catch_up:.2f} s" if catch_up else None))
-    return result
-
-
-def _first_ok_after(events: list[Any], t: float, *, write: bool) -> float | None:
-    return min((e.t for e in events if e.t >= t and e.write == write and e.outcome is Outcome.OK
-                and e.service == "database"), default=None)
-
-
-def _secs(t: float | None, since: float) -> str:
-    return "never" if t is None else f"{t - since:.2f} s"
-
-
-def _sample(errors: list[Any]) -> str:
-    by: dict[str, int] = {}
-    for e in errors:
-        key = f"{e.service}/{e.op}: {e.detail}"
-        by[key] = by.get(key, 0) + 1
-    top = sorted(by.items(), key=lambda kv: -kv[1])[:3]
-    return f"{len(errors)} errors, e.g. " + "; ".join(f"{k} (x{n})" for k, n in top)
-
-
-def _lost_not_explained(ledger: LedgerResult, received: str | None) -> list[dict[str, Any]]:
-    """Lost writes whose INSERT came before what the standby had received (minus one WAL page,
-    since the commit record follows the row's insert position closely)."""
-    if received is None:
-        return list(ledger.lost)
-    limit = parse_lsn(received) - 8192
-    return [w for w in ledger.lost if parse_lsn(w["lsn"]) < limit]

@@ -56,5 +56,6 @@ def registered() -> dict[str, Factory]:
         try:
             found[ep.name] = ep.load()
         except Exception as exc:  # a broken plug-in must say so, not hide the others
-            raise RuntimeError(f"drill services {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+            raise RuntimeError(f"drill services {ep.name!r} ({ep.value}) failed to load: {exc}; install what they "
+                               "need (pip install 'srht-readonly[drill]') or run the drill with --no-services") from exc
     return found

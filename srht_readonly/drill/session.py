@@ -45,9 +45,9 @@ def local(*, load_name: str, duration: float, services: bool = True, say: Say = 
     try:
         with contextlib.ExitStack() as stack:
             lab = Lab()
+            stack.callback(lab.close)  # before start(): an interrupted base backup leaves nothing behind
             say("starting the lab: primary, hot standby (pg_basebackup), PgBouncer")
             lab.start(progress=lambda m: say(f"  {m}"))
-            stack.callback(lab.close)
             cluster = stack.enter_context(Cluster(load(lab.write_inventory(scratch / "inventory.ini"))))
             assert lab.pgbouncer is not None
             fleet = Fleet(InventoryProcedures(cluster), [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
@@ -72,13 +72,12 @@ def deployment(path: str | Path, *, ssh_config: str | Path | None = None) -> Ite
     """The hosts of the inventory at ``path``, its ``[drill]`` traffic and ``[probe NAME]`` probes."""
     inventory = load(path)
     config = drill_config(inventory)
-    database = psycopg2.extensions.parse_dsn(config.traffic[0]).get("dbname")
     lock = OperatorLock(lock_path(inventory.path), "drill")
     lock.acquire()
     try:
         with Cluster(inventory, ssh_config=ssh_config) as cluster:
             def ledger_dsn(node: str) -> str:
-                return psycopg2.extensions.make_dsn(cluster.node(node).dsn, dbname=database)
+                return psycopg2.extensions.make_dsn(cluster.node(node).dsn, dbname=config.database)
 
             fleet = Fleet(InventoryProcedures(cluster), config.traffic, ledger_dsn)
             sources = [ProbeSource(p) for p in config.probes]

@@ -1,31 +1,42 @@
-"""Judging one service's recorded operations against what the plan promises in each scenario.
+"""Judging what was recorded against what the plan promises in each scenario.
+
+``database(scenario, recorder, facts, ledger)`` judges the ledger's lane: acknowledged writes
+kept, the write gap of planned switches, reads through a read-only failover, how soon a crash
+was recovered from, and whether every lost write is explained by asynchronous replication.
 
 ``common(service, scenario, events, facts)`` holds what every service owes:
 
 * planned or harmless scenarios (``switchover``, ``minor-upgrade``, ``standby-crash``): the
   database never goes read-only for the services, so every operation simply works: no error,
   nothing refused, nothing dropped;
-* ``readonly-failover``: no error at any time (refusals must be the explanatory ones);
+* ``readonly-failover``: no error at any time; writes in the read-only window refused with the
+  explanation or dropped (never done, never failed); from ``GRACE`` after the promotion,
+  everything works again, with no restart;
 * ``primary-crash``: errors only from operations that were under way while the primary was
   dead and PgBouncer still pointed at it (``crash_at`` to ``failover_at`` + ``GRACE``), and from
   ``promoted_at`` + ``GRACE`` on everything works again.
 
 Each check also requires that there was traffic to judge, so that no verdict is passed on
-nothing. The probes of a real deployment are judged by ``common`` alone; the local stand-in
-services (``integrations/drill``) add their own checks for the read-only window with
-``during``/``after``.
+nothing; a scenario that stopped before a step it is judged on fails with "not reached". The
+probes of a real deployment are judged by ``common`` alone; the local stand-in services
+(``integrations/drill``) add their own checks with ``during``/``after``/``required``.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..ops.sql import parse_lsn
+from .ledger import LedgerResult
 from .recorder import Event, Outcome, Recorder
-from .scenarios import Expectation
+from .scenarios import BY_NAME, Expectation
 
-__all__ = ["GRACE", "after", "all_are", "common", "during", "first", "of_service", "read_only_window", "sample",
-           "started"]
+__all__ = ["GRACE", "after", "all_are", "common", "database", "during", "first", "of_service", "read_only_window",
+           "required", "sample", "started"]
 
 #: Seconds after a step (failover, promotion) the services are given to notice it.
 GRACE = 2.0
@@ -61,6 +72,11 @@ def read_only_window(recorder: Recorder, facts: dict[str, Any]) -> tuple[float, 
     return lo, promote
 
 
+def read_only_window_of(facts: dict[str, Any]) -> tuple[float, float]:
+    """The same from the facts alone: the scenario notes when its promotion step began."""
+    return facts["read_only_from"], facts.get("promote_started", facts["read_only_until"])
+
+
 def sample(events: list[Event], what: str = "errors", limit: int = 3) -> str:
     """``"N errors (e.g. op error: detail (xK); ...)"``: the most frequent kinds first."""
     by: dict[str, int] = {}
@@ -80,6 +96,27 @@ def all_are(text: str, events: list[Event], allowed: tuple[Outcome, ...], *, at_
     return Expectation(text, enough and not wrong, observed)
 
 
+def required(events: list[Event], lo: float, hi: float) -> int:
+    """1 if ``[lo, hi]`` certainly holds one of ``events``' kind from start to end, else 0.
+
+    One starts every ``period`` (median gap between starts) and lasts ``took`` (median latency):
+    a window at least as long as both together holds one whole.
+    """
+    took = statistics.median([e.latency for e in events] or [math.inf])
+    starts = sorted(started(e) for e in events)
+    period = statistics.median([b - a for a, b in itertools.pairwise(starts)] or [math.inf])
+    return 1 if hi - lo >= period + took else 0
+
+
+def _missing(facts: dict[str, Any], *keys: str) -> list[str]:
+    return [k for k in keys if k not in facts]
+
+
+def _not_reached(who: str, missing: list[str]) -> Expectation:
+    return Expectation(f"{who}: the scenario reached the steps it is judged on", False,
+                       f"not reached: {', '.join(missing)}")
+
+
 def common(service: str, scenario: str, events: list[Event], facts: dict[str, Any]) -> list[Expectation]:
     """What every service owes in ``scenario`` (see the module doc); ``events`` are its own."""
     checks: list[Expectation] = []
@@ -93,7 +130,19 @@ def common(service: str, scenario: str, events: list[Event], facts: dict[str, An
     elif scenario == "readonly-failover":
         checks.append(Expectation(f"{service}: traffic ran and no user saw an unexplained error",
                                   bool(events) and not errors, f"{len(events)} operations, {sample(errors)}"))
+        if missing := _missing(facts, "read_only_from", "read_only_until"):
+            return [*checks, _not_reached(service, missing)]
+        writes = [e for e in events if e.write]
+        if writes:
+            lo, hi = read_only_window_of(facts)
+            checks.append(all_are(f"{service}: writes in the read-only window refused with the explanation "
+                                  "or dropped", during(writes, lo, hi), (Outcome.EXPLAINED, Outcome.DROPPED),
+                                  at_least=required(writes, lo, hi)))
+        checks.append(all_are(f"{service}: everything works from {GRACE:g} s after the promotion",
+                              after(events, facts["read_only_until"] + GRACE), (Outcome.OK,)))
     elif scenario == "primary-crash":
+        if missing := _missing(facts, "crash_at", "failover_at", "promoted_at"):
+            return [*checks, _not_reached(service, missing)]
         lo, hi = facts["crash_at"], facts["failover_at"] + GRACE
         stray = [e for e in errors if not (started(e) <= hi and e.t >= lo)]
         checks.append(Expectation(
@@ -103,6 +152,57 @@ def common(service: str, scenario: str, events: list[Event], facts: dict[str, An
         checks.append(all_are(f"{service}: everything works from {GRACE:g} s after the promotion", back,
                               (Outcome.OK,)))
     return checks
+
+
+def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: LedgerResult) -> list[Expectation]:
+    """The ledger's lane (``database``) and the acknowledged writes, after ``scenario``."""
+    events = of_service(recorder.events, "database")
+    errors = [e for e in events if e.outcome is Outcome.ERROR]
+    checks = []
+    if BY_NAME[scenario].planned or scenario == "standby-crash":
+        checks.append(Expectation("no acknowledged write lost", not ledger.lost, len(ledger.lost)))
+        checks.append(Expectation("database: no client saw an unexplained error", not errors, sample(errors)))
+    if scenario in ("switchover", "minor-upgrade"):
+        gap = recorder.longest_write_gap("database")
+        checks.append(Expectation("longest write gap under 1 s", gap < 1.0, f"{gap:.2f} s"))
+        failed = [e for e in events if e.write and e.outcome is not Outcome.OK]
+        checks.append(Expectation("no write failed", not failed, len(failed)))
+    if scenario == "readonly-failover":
+        if missing := _missing(facts, "read_only_from", "read_only_until"):
+            return [*checks, _not_reached("database", missing)]
+        lo, hi = read_only_window_of(facts)
+        reads_failed = [e for e in events if not e.write and e.outcome is Outcome.ERROR]
+        checks.append(Expectation("reads never failed", not reads_failed, len(reads_failed)))
+        checks.append(all_are("writes during the read-only window were refused with an explanation",
+                              during([e for e in events if e.write], lo, hi), (Outcome.EXPLAINED,)))
+    if scenario == "primary-crash":
+        if missing := _missing(facts, "failover_at", "promoted_at"):
+            return [*checks, _not_reached("database", missing)]
+        for what, write, since in (("reads", False, "failover_at"), ("writes", True, "promoted_at")):
+            back = first(events, lambda e, w=write, t=facts[since]: e.t >= t and e.write == w  # type: ignore[misc]
+                         and e.outcome is Outcome.OK)
+            took = None if back is None else back.t - facts[since]
+            checks.append(Expectation(f"{what} restored within {GRACE:g} s of the {since.split('_')[0]}",
+                                      took is not None and took <= GRACE,
+                                      "never" if took is None else f"{took:.2f} s"))
+        unexplained = _lost_not_explained(ledger, facts.get("standby_received"))
+        checks.append(Expectation("every lost write was committed past the WAL the standby had received",
+                                  not unexplained, f"{len(ledger.lost)} lost, {len(unexplained)} unexplained"))
+    if scenario == "standby-crash":
+        catch_up = facts.get("catch_up_seconds")
+        checks.append(Expectation("standby caught up within 30 s of its restart",
+                                  catch_up is not None and catch_up < 30,
+                                  f"{catch_up:.2f} s" if catch_up is not None else "not reached"))
+    return checks
+
+
+def _lost_not_explained(ledger: LedgerResult, received: str | None) -> list[dict[str, Any]]:
+    """Lost writes whose INSERT came before what the standby had received (minus one WAL page,
+    since the commit record follows the row's insert position closely)."""
+    if received is None:
+        return list(ledger.lost)
+    limit = parse_lsn(received) - 8192
+    return [w for w in ledger.lost if parse_lsn(w["lsn"]) < limit]
 
 
 def first(events: list[Event], predicate: Callable[[Event], bool]) -> Event | None:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -168,9 +169,12 @@ def _print_lab(desc: dict[str, object], as_json: bool, note: str) -> None:
         click.echo(f"  {s['name']:<10} {s['role']:<22} {s['url']}")
 
 
-# The procedure commands, and the drill (built on them), register themselves on ``main``.
-from ..drill import command as _drill_command  # noqa: E402, F401
+# The procedure commands register themselves on ``main``; commands built on top of ops (the
+# drill) come from the ``srht_readonly.commands`` entry-point group, so ops never imports them.
 from . import commands  # noqa: E402, F401
+
+for _entry in entry_points(group="srht_readonly.commands"):
+    main.add_command(_entry.load(), _entry.name)
 
 
 def run() -> None:
