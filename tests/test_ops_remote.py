@@ -8,12 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from srht_readonly.ops.errors import CommandFailed, Refused, Unreachable
+from srht_readonly.ops.errors import CommandFailed, OpsError, Refused, Unreachable
 from srht_readonly.ops.lock import OperatorLock
+from srht_readonly.ops.postgres import PostgresServer
 from srht_readonly.ops.remote import LocalHost, SshHost
+from srht_readonly.testing import factories
 from srht_readonly.testing.sshd import Sshd
 
 
@@ -28,6 +31,9 @@ def ssh(tmp_path_factory):
     finally:
         host.close()
         sshd.stop()
+
+
+kill_lab = factories.lab("function", standby=False, pgbouncer=False)
 
 
 def test_runs_commands_as_the_login_user_and_as_another_user(ssh):
@@ -130,3 +136,40 @@ def test_operator_lock_is_released_when_its_holder_is_killed(tmp_path):
             holder.stdout.close()
     with OperatorLock(path, "promote konpaku"):
         pass
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs here (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_over_ssh_returns_once_the_postmaster_is_gone(ssh, kill_lab):
+    node = kill_lab.primary
+    local = node.server
+    pid = local.postmaster_pid()
+    assert pid is not None and alive(pid)
+    remote = PostgresServer(local.data, bin=local.bin, host=ssh, os_user=local.os_user)  # type: ignore[arg-type]
+    remote.kill()
+    assert not alive(pid), "kill() returned while the postmaster was still running"
+    assert not local.is_running()
+    remote.kill()  # the stale postmaster.pid names a process that is gone: nothing to do
+    local.start()  # crash recovery, and the lab is whole again for its teardown
+
+
+def test_kill_over_ssh_that_is_refused_raises_naming_the_host(ssh, tmp_path):
+    # postmaster.pid naming a process the OS user may not signal (root's): kill -9 fails.
+    data = tmp_path / "data"
+    data.mkdir()
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        (data / "postmaster.pid").write_text(f"{victim.pid}\n{data}\n")
+        remote = PostgresServer(data, bin=Path("/usr/bin"), host=ssh, os_user="postgres")  # type: ignore[arg-type]
+        with pytest.raises(OpsError, match=rf"kill -9 {victim.pid} on lab-host failed: .*ermitted"):
+            remote.kill()
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()

@@ -135,19 +135,37 @@ class PostgresServer:
         first = text.split("\n", 1)[0].strip()
         return int(first) if first.isdigit() else None
 
-    def kill(self) -> None:
-        """``kill -9`` the postmaster, as a crash would; backends notice and exit by themselves."""
+    def kill(self, *, timeout: float = 10) -> None:
+        """``kill -9`` the postmaster, as a crash would; backends notice and exit by themselves.
+
+        Returns once the postmaster is gone (a zombie counts), so the caller acts on a crashed
+        server; raises ``OpsError`` if it cannot be killed or is still there after ``timeout``.
+        """
         pid = self.postmaster_pid()
         if pid is None:
             return
         if not isinstance(self.host, LocalHost):
-            self.host.run(["kill", "-9", str(pid)], user=self.os_user, check=False)
+            killed = self.host.run(["kill", "-9", str(pid)], user=self.os_user, check=False)
+            if killed.returncode != 0 and self._alive_on_host(pid):
+                raise OpsError(f"{self.data}: kill -9 {pid} on {self.host.name} failed: "
+                               f"{(killed.stderr or killed.stdout).strip() or f'exit {killed.returncode}'}")
+            deadline = time.monotonic() + timeout
+            while self._alive_on_host(pid):
+                if time.monotonic() > deadline:
+                    raise OpsError(f"{self.data}: postmaster {pid} on {self.host.name} still running "
+                                   f"{timeout:.0f} s after kill -9")
+                time.sleep(0.05)
             return
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
         _wait_gone(pid)
+
+    def _alive_on_host(self, pid: int) -> bool:
+        """Whether ``pid`` runs on the server's host (a zombie, killed but not yet reaped, does not)."""
+        state = self.host.run(["ps", "-o", "stat=", "-p", str(pid)], check=False).stdout.strip()
+        return bool(state) and not state.startswith("Z")
 
     def reload(self) -> None:
         self.run("pg_ctl", "reload", "-D", self.data)
