@@ -52,6 +52,25 @@ def test_design_example_parses_with_defaults_filled_in():
     assert inv.node_at("10.0.0.3", "5432") is konpaku
 
 
+def test_values_in_the_drills_sections_keep_their_semicolons_and_hashes():
+    text = DESIGN_EXAMPLE + """
+[drill]
+traffic = typical ; kept: the drill's own checks judge it
+
+[probe git-push]
+command = cd /srv/x ; git push -q origin HEAD # all of it is the command
+explained = read-only mode ;|#[0-9]+
+"""
+    inv = parse(text, "readonly.ini")
+    probe = inv.others["probe", "git-push"]
+    assert probe["command"][0] == "cd /srv/x ; git push -q origin HEAD # all of it is the command"
+    assert probe["explained"][0] == "read-only mode ;|#[0-9]+"
+    assert inv.others["drill", None]["traffic"][0] == "typical ; kept: the drill's own checks judge it"
+    # Elsewhere they are still comments.
+    assert inv.nodes["remilia"].ssh == "remilia.example.org"
+    assert inv.pgbouncers["git.sr.ht"].databases == ("git.sr.ht", "meta.sr.ht")
+
+
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [

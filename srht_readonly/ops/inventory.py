@@ -21,6 +21,10 @@ time a command runs. The format (docs/cli.md)::
     user = replicator
     password-file = /etc/sr.ht/replication.password
 
+Lines starting with ``;`` or ``#`` are comments; so is `` ;...`` or `` #...`` after a value, except
+in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``), whose values
+are shell commands and regular expressions kept whole (``command = cd /srv/x ; git push``).
+
 A malformed file raises ``InventoryError`` naming the file, the line and what is wrong.
 """
 
@@ -168,6 +172,7 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
     sections: list[tuple[str, str | None, int, dict[str, tuple[str, int]]]] = []
     seen: dict[tuple[str, str | None], int] = {}
     current: dict[str, tuple[str, int]] | None = None
+    current_kind: str | None = None
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith((";", "#")):
@@ -178,10 +183,11 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             if (kind, name) in seen:
                 raise InventoryError(path, number, f"[{m.group(1)}] appears twice (first at line {seen[kind, name]})")
             seen[kind, name] = number
-            current = {}
+            current, current_kind = {}, kind
             sections.append((kind, name, number, current))
             continue
-        e = _ENTRY.match(_INLINE_COMMENT.sub("", line))
+        # The drill's values are shell commands and regexes, where " ;" and " #" mean something.
+        e = _ENTRY.match(line if current_kind in OTHER_SECTIONS else _INLINE_COMMENT.sub("", line))
         if not e:
             raise InventoryError(path, number, f"expected 'key = value' or a [section], got {line!r}")
         if current is None:
