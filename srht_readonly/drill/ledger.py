@@ -53,7 +53,8 @@ class Ledger:
         self.dsn = dsn
         self.recorder = recorder
         self.pause = pause
-        self.acked: dict[tuple[int, int], str] = {}
+        # (writer, seq) -> (the row's LSN, a WAL position past its commit record, when it could be read)
+        self.acked: dict[tuple[int, int], tuple[str, str | None]] = {}
         self.unknown: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -87,8 +88,9 @@ class Ledger:
                 committing = True
                 conn.commit()
                 with self._lock:
-                    self.acked[(writer, seq)] = lsn
+                    self.acked[(writer, seq)] = (lsn, None)
                 self.recorder.record(SERVICE, "write", Outcome.OK, started=started, write=True)
+                self._note_commit_end(conn, (writer, seq))
             except psycopg2.Error as exc:
                 if committing:
                     with self._lock:
@@ -100,6 +102,23 @@ class Ledger:
                 self._stop.wait(0.05)
             self._stop.wait(self.pause)
         _discard(conn)
+
+    def _note_commit_end(self, conn: Any, key: tuple[int, int]) -> None:
+        """Remember a WAL position past this write's commit record (the server's insert position now).
+
+        The row's own LSN comes before its commit record, by however much WAL other writers
+        (full-page images after a checkpoint, say) put in between: only a position read after the
+        acknowledgement proves the standby had received the commit of a write it then lacked.
+        """
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_current_wal_insert_lsn()::text")
+                (after,) = cur.fetchone()
+            conn.rollback()
+        except psycopg2.Error:
+            return  # e.g. PgBouncer now on the standby: the write stays judged by its own LSN
+        with self._lock:
+            self.acked[key] = (self.acked[key][0], after)
 
     def _read(self, writer: int) -> None:
         conn = None
@@ -126,8 +145,8 @@ class Ledger:
         with self._lock:
             acked = dict(self.acked)
             unknown = set(self.unknown)
-        lost = [{"writer": w, "seq": s, "lsn": lsn} for (w, s), lsn in sorted(acked.items())
-                if (w, s) not in present]
+        lost = [{"writer": w, "seq": s, "lsn": lsn, "committed_before": after}
+                for (w, s), (lsn, after) in sorted(acked.items()) if (w, s) not in present]
         return LedgerResult(len(acked), lost, len(unknown), len(unknown & present))
 
 

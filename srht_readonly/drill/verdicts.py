@@ -197,12 +197,18 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
 
 
 def _lost_not_explained(ledger: LedgerResult, received: str | None) -> list[dict[str, Any]]:
-    """Lost writes whose INSERT came before what the standby had received (minus one WAL page,
-    since the commit record follows the row's insert position closely)."""
+    """Lost writes the standby had certainly received the commit of before it was promoted.
+
+    A write is explained when its commit record may lie past ``received``: a position read after
+    its acknowledgement (``committed_before``) is past ``received``, or, when none could be
+    read, its row's LSN is within one WAL page of ``received`` or past it.
+    """
     if received is None:
         return list(ledger.lost)
-    limit = parse_lsn(received) - 8192
-    return [w for w in ledger.lost if parse_lsn(w["lsn"]) < limit]
+    limit = parse_lsn(received)
+    return [w for w in ledger.lost
+            if (parse_lsn(w["committed_before"]) <= limit if w.get("committed_before")
+                else parse_lsn(w["lsn"]) < limit - 8192)]
 
 
 def first(events: list[Event], predicate: Callable[[Event], bool]) -> Event | None:
