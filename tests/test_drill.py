@@ -163,3 +163,16 @@ def test_probes_are_read_with_their_defaults():
     web, push = config.probes
     assert (web.name, web.method, web.write, web.every) == ("web", "GET", False, 1.0)
     assert (push.command, push.write) == ("git push", True)
+
+
+def test_the_documented_probe_example_reads_as_documented():
+    doc = (Path(__file__).parents[1] / "docs" / "drill.md").read_text()
+    example = doc.split("## Against a secondary deployment", 1)[1].split("```ini\n", 1)[1].split("```", 1)[0]
+    config = drill_config(parse("[node a]\ndsn = host=h\ndata = /d\n" + example, "drill.md"))
+    assert config.database == "drill" and len(config.traffic) == 2
+    probes = {p.name: p for p in config.probes}
+    assert probes["git-web"].url == "https://git.sr.ht.example.org/~drill/probe"
+    assert (probes["git-settings"].method, probes["git-settings"].data) == ("POST", "description=drill")
+    push = probes["git-push"]
+    assert push.command.endswith("git push -q") and push.write and push.timeout == 20
+    assert push.explained.pattern == "read-only" and push.dropped is not None and push.dropped.pattern == "webhooks"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from integrations.drill import LocalServices
-from srht_readonly.drill import Event, Outcome, Recorder
+from srht_readonly.drill import Event, Outcome, Recorder, verdicts
 from srht_readonly.drill.services import DrillEnvironment
 from srht_readonly.ops import replication
 from srht_readonly.testing import Lab, factories
@@ -122,8 +122,10 @@ def test_on_the_standby_writes_are_explained_or_dropped_and_nothing_is_an_error(
 
     def recovered(events: list[Event]) -> bool:
         later = [e for e in events if e.t > facts["read_only_until"]]
+        settled = verdicts.after(events, facts["read_only_until"] + verdicts.GRACE)  # judged: all must work
         return (any(e.service == "builds" and "waited 0.0 s" not in e.detail for e in later)
-                and any(e.service == "web" and e.write and e.outcome is Outcome.OK for e in later))
+                and any(e.service == "web" and e.write and e.outcome is Outcome.OK for e in later)
+                and {e.service for e in settled} >= {s.name for s in services.sources})
 
     try:
         read_only()

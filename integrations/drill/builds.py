@@ -144,7 +144,7 @@ class BuildTraffic(Traffic):
 
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
-        checks = verdicts.common(self.name, scenario, events, facts)
+        checks = verdicts.common(self.name, scenario, events, facts, writes_wait=True)
         with self._lock:
             ended = [b for b in self._ended if b.recorder is recorder]
         aborted = [b.event for b in ended if b.result is not None and b.result.status == "aborted" and b.event]

@@ -9,13 +9,17 @@ also needs to know where to send its own writes and which service probes to play
 
     [probe git-web]
     url = https://git.sr.ht.example.org/~drill/probe
-    every = 1                      ; seconds between two tries (default 1)
+    ; seconds between two tries (default 1)
+    every = 1
 
     [probe git-push]
     command = git -C /srv/drill/probe commit -q --allow-empty -m drill && git -C /srv/drill/probe push -q
-    write = yes                    ; a write: judged against the read-only window
-    explained = read-only          ; regex: a failure whose output matches is the explained refusal
-    dropped = webhooks             ; regex: a success whose output matches dropped an allowed write
+    ; a write: judged against the read-only window; a failure whose output matches 'explained'
+    ; is the explained refusal, a success matching 'dropped' dropped a write the plan allows to lose
+    ; (values here run to the end of the line: ';' and '#' in them are not comments)
+    write = yes
+    explained = read-only
+    dropped = webhooks
     timeout = 20
 """
 
