@@ -173,6 +173,11 @@ class Settings:
             "but changes cannot be saved right now."
         )
 
+    def unavailable_banner_for(self) -> str:
+        """The banner text while the database cannot be reached at all."""
+        return (f"{self.site_name} cannot reach its database right now: some pages may fail to load and "
+                "changes cannot be saved. Please try again in a few minutes.")
+
 
 class ReadOnlyState:
     """What ``init_app`` registers as ``app.extensions["srht_readonly"]`` for one app."""
@@ -197,7 +202,11 @@ class ReadOnlyState:
             ends = announcement.ends
             if ends is None or ends.timestamp() > time():
                 return announcement.message
-        return self.settings.banner_for() if read_only else None
+        if not read_only:
+            return None
+        if self.monitor.state.failure is Failure.UNAVAILABLE:  # not maintenance: say what is happening
+            return self.settings.unavailable_banner_for()
+        return self.settings.banner_for()
 
     def rollback(self) -> None:
         """Roll the session back, so the failed transaction does not leak into the next use."""

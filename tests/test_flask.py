@@ -269,6 +269,7 @@ def test_the_header_is_left_off_while_the_database_is_unreachable_and_back_once_
     def down() -> str:
         raise DatabaseUnavailable("database went away", failure=Failure.UNAVAILABLE)
 
+    app.add_url_rule("/banner", "banner", lambda: flask.render_template_string("{{ read_only_banner or '' }}"))
     client = app.test_client()
     response = client.get("/down", headers={"Accept": "application/json"})
     assert response.status_code == 503
@@ -280,12 +281,14 @@ def test_the_header_is_left_off_while_the_database_is_unreachable_and_back_once_
     refused = client.post("/", data={})
     assert refused.status_code == 503 and "cannot reach its database" in refused.text
     assert HEADER not in refused.headers
+    assert "cannot reach its database" in client.get("/banner").text  # not "maintenance"
     answers.append(True)  # it answers again, as a hot standby: read-only now
     assert monitor.check() is True and monitor.state.failure is None
     assert client.get("/").headers[HEADER] == "true"
     refused = client.post("/", data={})
     assert refused.status_code == 503 and "is in read-only mode" in refused.text
     assert refused.headers[HEADER] == "true"
+    assert "read-only mode for database maintenance" in client.get("/banner").text
 
 
 def test_other_database_errors_stay_500s():
