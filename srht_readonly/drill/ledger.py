@@ -115,8 +115,10 @@ class Ledger:
                 cur.execute("SELECT pg_current_wal_insert_lsn()::text")
                 (after,) = cur.fetchone()
             conn.rollback()
-        except psycopg2.Error:
-            return  # e.g. PgBouncer now on the standby: the write stays judged by its own LSN
+        except psycopg2.Error:  # e.g. PgBouncer now on the standby: the write stays judged by its own LSN
+            with contextlib.suppress(psycopg2.Error):
+                conn.rollback()  # the next write must not find this transaction aborted
+            return
         with self._lock:
             self.acked[key] = (self.acked[key][0], after)
 
