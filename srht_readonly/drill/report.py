@@ -131,7 +131,9 @@ def _card(s: dict[str, Any]) -> str:
     if lost:
         lost_html = (f"<p><b>Acknowledged writes lost: {s['ledger']['lost']}</b>. "
                      f"{html.escape(s.get('lost_because', ''))}</p><p><code>"
-                     + ", ".join(f"writer {w['writer']} #{w['seq']} @ {w['lsn']}" for w in lost[:20])
+                     + ", ".join(f"writer {w['writer']} #{w['seq']} @ {w['lsn']}"
+                                 + (f" (committed before {w['committed_before']})" if w.get("committed_before") else "")
+                                 for w in lost[:20])
                      + (" ..." if len(lost) > 20 else "") + "</code></p>")
     return f"""<div class="card">
 <h2>{html.escape(s['title'])} &mdash; {state}</h2>
