@@ -27,6 +27,7 @@ from srht_readonly import (
 )
 from srht_readonly.errors import mark_commit
 from srht_readonly.sqlalchemy import instrument
+from tests._db import admin
 
 
 class Pg2Error(Exception):
@@ -258,17 +259,6 @@ def error_of(fn: Callable[[], object]) -> BaseException:
     except Exception as exc:  # the point: capture whatever the driver raises
         return exc
     pytest.fail("expected the database to refuse")
-
-
-def admin(dsn: str, statement: str) -> list[tuple]:
-    conn = psycopg2.connect(dsn, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def wait_for(check: Callable[[], object], what: str, timeout: float = 10.0) -> Any:

@@ -10,7 +10,6 @@ import time
 import uuid
 from typing import Any
 
-import psycopg2
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -28,6 +27,7 @@ from srht_readonly import (
     retry_until_writable,
 )
 from srht_readonly.sqlalchemy import instrument
+from tests._db import admin
 
 
 class Pg2Error(Exception):
@@ -346,17 +346,6 @@ def test_retry_log_can_be_sent_elsewhere_or_silenced(caplog):
 
 
 # --- real servers ----------------------------------------------------------------------------
-
-
-def admin(dsn: str, statement: str) -> list[tuple]:
-    conn = psycopg2.connect(dsn, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def wait_for(check: Any, what: str, timeout: float = 10.0) -> Any:

@@ -23,6 +23,7 @@ from srht_readonly.sqlalchemy import (
     monitor_of,
     pgbouncer_safe_url,
 )
+from tests._db import admin
 
 # The server raises these itself while the connection stays open: only our table calls them a
 # failover failure, so they show what the hook adds to SQLAlchemy's own disconnect detection.
@@ -54,17 +55,6 @@ def pids(engine: sa.Engine, n: int) -> set[int]:
     finally:
         for c in conns:
             c.close()
-
-
-def admin(dsn: str, statement: str) -> list[tuple]:
-    conn = psycopg2.connect(dsn, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def error_of(fn: Callable[[], object]) -> BaseException:
