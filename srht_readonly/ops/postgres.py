@@ -96,8 +96,7 @@ class PostgresServer:
             return
         deadline = time.monotonic() + timeout
         while True:
-            state = self.host.run(["ps", "-o", "stat=", "-p", str(pid)], check=False).stdout.strip()
-            if not state.startswith("Z"):
+            if not self._process_state(pid).startswith("Z"):
                 return
             if time.monotonic() > deadline:
                 raise OpsError(f"{self.data}: postmaster {pid} killed but not reaped after {timeout:.0f} s")
@@ -164,8 +163,12 @@ class PostgresServer:
 
     def _alive_on_host(self, pid: int) -> bool:
         """Whether ``pid`` runs on the server's host (a zombie, killed but not yet reaped, does not)."""
-        state = self.host.run(["ps", "-o", "stat=", "-p", str(pid)], check=False).stdout.strip()
+        state = self._process_state(pid)
         return bool(state) and not state.startswith("Z")
+
+    def _process_state(self, pid: int) -> str:
+        """``ps``'s state letters for ``pid`` on the server's host ("" when there is no such process)."""
+        return str(self.host.run(["ps", "-o", "stat=", "-p", str(pid)], check=False).stdout.strip())
 
     def reload(self) -> None:
         self.run("pg_ctl", "reload", "-D", self.data)
