@@ -125,7 +125,7 @@ class CeleryTraffic(Traffic):
             checks.append(Expectation("celery: no delivery was retried (no retry storm)", retried == 0,
                                       f"{retried} retries in the worker's log"))
         if scenario == "readonly-failover":
-            inside = verdicts.during(events, *verdicts.read_only_window(recorder, facts))
+            inside = verdicts.during(events, *verdicts.read_only_window(facts))
             wrong = [e for e in inside if e.outcome is not Outcome.EXPLAINED or "ReadOnlyError" not in e.detail]
             checks.append(Expectation("celery: deliveries in the read-only window failed cleanly with ReadOnlyError",
                                       bool(inside) and not wrong,

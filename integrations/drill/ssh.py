@@ -203,7 +203,7 @@ class SshTraffic(Traffic):
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts)
         if scenario == "readonly-failover":
-            lo, hi = verdicts.read_only_window(recorder, facts)
+            lo, hi = verdicts.read_only_window(facts)
             checks += window_checks(events, lo, hi, self._loop_of)
         return checks
 

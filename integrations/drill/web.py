@@ -107,7 +107,7 @@ class WebTraffic(Traffic):
         checks = verdicts.common(self.name, scenario, events, facts)
         if scenario == "readonly-failover":
             hi = facts["read_only_until"]
-            inside = verdicts.during(events, *verdicts.read_only_window(recorder, facts))
+            inside = verdicts.during(events, *verdicts.read_only_window(facts))
             checks.append(verdicts.all_are("web: every form and API write in the read-only window got the "
                                            "read-only explanation (503)", [e for e in inside if e.write],
                                            (Outcome.EXPLAINED,)))

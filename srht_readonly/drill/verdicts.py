@@ -63,17 +63,10 @@ def after(events: Iterable[Event], t: float) -> list[Event]:
     return [e for e in events if started(e) >= t]
 
 
-def read_only_window(recorder: Recorder, facts: dict[str, Any]) -> tuple[float, float]:
+def read_only_window(facts: dict[str, Any]) -> tuple[float, float]:
     """When the database was certainly read-only in ``readonly-failover``: from ``read_only_from``
-    to the start of the promotion step (``read_only_until`` is when the promotion was *verified*,
-    and the standby already takes writes during that verification)."""
-    lo, hi = facts["read_only_from"], facts["read_only_until"]
-    promote = min((m.t for m in recorder.marks if m.label.startswith("promote ") and lo <= m.t <= hi), default=hi)
-    return lo, promote
-
-
-def read_only_window_of(facts: dict[str, Any]) -> tuple[float, float]:
-    """The same from the facts alone: the scenario notes when its promotion step began."""
+    to the start of the promotion step (``promote_started``; ``read_only_until`` is when the
+    promotion was *verified*, and the standby already takes writes during that verification)."""
     return facts["read_only_from"], facts.get("promote_started", facts["read_only_until"])
 
 
@@ -139,7 +132,7 @@ def common(service: str, scenario: str, events: list[Event], facts: dict[str, An
             return [*checks, _not_reached(service, missing)]
         writes = [e for e in events if e.write]
         if writes and not writes_wait:
-            lo, hi = read_only_window_of(facts)
+            lo, hi = read_only_window(facts)
             checks.append(all_are(f"{service}: writes in the read-only window refused with the explanation "
                                   "or dropped", during(writes, lo, hi), (Outcome.EXPLAINED, Outcome.DROPPED),
                                   at_least=required(writes, lo, hi)))
@@ -175,7 +168,7 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
     if scenario == "readonly-failover":
         if missing := _missing(facts, "read_only_from", "read_only_until"):
             return [*checks, _not_reached("database", missing)]
-        lo, hi = read_only_window_of(facts)
+        lo, hi = read_only_window(facts)
         reads_failed = [e for e in events if not e.write and e.outcome is Outcome.ERROR]
         checks.append(Expectation("reads never failed", not reads_failed, len(reads_failed)))
         checks.append(all_are("writes during the read-only window were refused with an explanation",
