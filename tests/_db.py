@@ -15,3 +15,16 @@ def admin(dsn: str, statement: str) -> list[tuple]:
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def commit_trigger(dsn: str, table: str, body: str) -> None:
+    """Create ``table (v int)`` whose COMMIT runs ``body`` (plpgsql, a deferred constraint trigger):
+    a ``pg_sleep`` to lose a connection during COMMIT, a ``RAISE`` to have COMMIT refused."""
+    admin(dsn, f"""
+        CREATE TABLE IF NOT EXISTS {table} (v int);
+        CREATE OR REPLACE FUNCTION {table}_on_commit() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN {body} RETURN NULL; END $$;
+        DROP TRIGGER IF EXISTS {table}_on_commit ON {table};
+        CREATE CONSTRAINT TRIGGER {table}_on_commit AFTER INSERT ON {table}
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {table}_on_commit();
+    """)

@@ -27,7 +27,7 @@ from srht_readonly import (
 )
 from srht_readonly.errors import mark_commit
 from srht_readonly.sqlalchemy import instrument
-from tests._db import admin
+from tests._db import admin, commit_trigger
 
 
 class Pg2Error(Exception):
@@ -347,14 +347,7 @@ def test_statement_timeout_and_syntax_error_are_none(srht_lab, driver):
 @pytest.fixture(scope="module")
 def slow_commit_table(srht_lab):
     """A table whose COMMIT blocks (a deferred trigger sleeps), to lose connections during it."""
-    admin(srht_lab.primary.dsn, """
-        CREATE TABLE IF NOT EXISTS slow_commit (v int);
-        CREATE OR REPLACE FUNCTION slow_commit_sleep() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$;
-        DROP TRIGGER IF EXISTS slow_commit_sleep ON slow_commit;
-        CREATE CONSTRAINT TRIGGER slow_commit_sleep AFTER INSERT ON slow_commit
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit_sleep();
-    """)
+    commit_trigger(srht_lab.primary.dsn, "slow_commit", "PERFORM pg_sleep(30);")
     return srht_lab
 
 

@@ -27,7 +27,7 @@ from srht_readonly import (
     retry_until_writable,
 )
 from srht_readonly.sqlalchemy import instrument
-from tests._db import admin
+from tests._db import admin, commit_trigger
 
 
 class Pg2Error(Exception):
@@ -529,15 +529,8 @@ def test_write_blocked_on_standby_succeeds_within_two_seconds_of_promotion(srht_
 @pytest.fixture(scope="module")
 def slow_commit(srht_lab):
     """COMMIT blocks while ``app.slow`` is on (a deferred trigger sleeps), so it can be killed."""
-    admin(srht_lab.primary.dsn, """
-        CREATE TABLE IF NOT EXISTS policy_slow (v int);
-        CREATE OR REPLACE FUNCTION policy_slow_sleep() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN IF current_setting('app.slow', true) = 'on' THEN PERFORM pg_sleep(30); END IF;
-            RETURN NULL; END $$;
-        DROP TRIGGER IF EXISTS policy_slow_sleep ON policy_slow;
-        CREATE CONSTRAINT TRIGGER policy_slow_sleep AFTER INSERT ON policy_slow
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION policy_slow_sleep();
-    """)
+    commit_trigger(srht_lab.primary.dsn, "policy_slow",
+                   "IF current_setting('app.slow', true) = 'on' THEN PERFORM pg_sleep(30); END IF;")
     return srht_lab
 
 

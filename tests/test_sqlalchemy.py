@@ -23,7 +23,7 @@ from srht_readonly.sqlalchemy import (
     monitor_of,
     pgbouncer_safe_url,
 )
-from tests._db import admin
+from tests._db import admin, commit_trigger
 
 # The server raises these itself while the connection stays open: only our table calls them a
 # failover failure, so they show what the hook adds to SQLAlchemy's own disconnect detection.
@@ -241,21 +241,9 @@ def test_monitor_of_gives_the_engines_monitor_also_for_its_copies():
 def commit_tables(srht_lab):
     """``sa_slow``: COMMIT blocks 30 s; ``sa_refused``: COMMIT is refused with 25006, as by a
     read-only database (both through deferred constraint triggers)."""
-    admin(srht_lab.primary.dsn, """
-        CREATE TABLE IF NOT EXISTS sa_slow (v int);
-        CREATE OR REPLACE FUNCTION sa_slow_sleep() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$;
-        DROP TRIGGER IF EXISTS sa_slow_sleep ON sa_slow;
-        CREATE CONSTRAINT TRIGGER sa_slow_sleep AFTER INSERT ON sa_slow
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sa_slow_sleep();
-        CREATE TABLE IF NOT EXISTS sa_refused (v int);
-        CREATE OR REPLACE FUNCTION sa_refused_raise() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction'
-                  USING ERRCODE = 'read_only_sql_transaction'; END $$;
-        DROP TRIGGER IF EXISTS sa_refused_raise ON sa_refused;
-        CREATE CONSTRAINT TRIGGER sa_refused_raise AFTER INSERT ON sa_refused
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sa_refused_raise();
-    """)
+    commit_trigger(srht_lab.primary.dsn, "sa_slow", "PERFORM pg_sleep(30);")
+    commit_trigger(srht_lab.primary.dsn, "sa_refused", "RAISE EXCEPTION 'cannot execute INSERT in a read-only "
+                   "transaction' USING ERRCODE = 'read_only_sql_transaction';")
     return srht_lab
 
 
