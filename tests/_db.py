@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg2
+import pytest
 
 
 def admin(dsn: str, statement: str) -> list[tuple]:
@@ -28,3 +31,12 @@ def commit_trigger(dsn: str, table: str, body: str) -> None:
         CREATE CONSTRAINT TRIGGER {table}_on_commit AFTER INSERT ON {table}
             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {table}_on_commit();
     """)
+
+
+def error_of(fn: Callable[[], object]) -> BaseException:
+    """What ``fn()`` raises: the test fails if it raises nothing."""
+    try:
+        fn()
+    except Exception as exc:  # the point: capture whatever the driver raises
+        return exc
+    pytest.fail("expected the database to refuse")

@@ -27,7 +27,7 @@ from srht_readonly import (
 )
 from srht_readonly.errors import mark_commit
 from srht_readonly.sqlalchemy import instrument
-from tests._db import admin, commit_trigger
+from tests._db import admin, commit_trigger, error_of
 
 
 class Pg2Error(Exception):
@@ -251,14 +251,6 @@ class Driver:
 
 
 DRIVERS = [Driver(n) for n in ("psycopg2", "psycopg", "sqlalchemy+psycopg2", "sqlalchemy+psycopg")]
-
-
-def error_of(fn: Callable[[], object]) -> BaseException:
-    try:
-        fn()
-    except Exception as exc:  # the point: capture whatever the driver raises
-        return exc
-    pytest.fail("expected the database to refuse")
 
 
 def wait_for(check: Callable[[], object], what: str, timeout: float = 10.0) -> Any:

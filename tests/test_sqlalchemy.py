@@ -6,7 +6,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -23,7 +22,7 @@ from srht_readonly.sqlalchemy import (
     monitor_of,
     pgbouncer_safe_url,
 )
-from tests._db import admin, commit_trigger
+from tests._db import admin, commit_trigger, error_of
 
 # The server raises these itself while the connection stays open: only our table calls them a
 # failover failure, so they show what the hook adds to SQLAlchemy's own disconnect detection.
@@ -55,14 +54,6 @@ def pids(engine: sa.Engine, n: int) -> set[int]:
     finally:
         for c in conns:
             c.close()
-
-
-def error_of(fn: Callable[[], object]) -> BaseException:
-    try:
-        fn()
-    except Exception as exc:  # the point: capture whatever the driver raises
-        return exc
-    pytest.fail("expected the database to refuse")
 
 
 def kill_in_commit(lab: Any, pid: int) -> threading.Thread:
