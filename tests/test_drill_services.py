@@ -75,7 +75,7 @@ def errors(recorder: Recorder) -> list[Event]:
 
 
 def failed(checks: list[Any]) -> list[str]:
-    return [f"{c.text}: {c.observed}" for c in checks if not c.passed]
+    return [f"{c.text}: {c.observed} {[e.as_dict() for e in c.evidence[:3]]}" for c in checks if not c.passed]
 
 
 WRITABLE = {
@@ -115,9 +115,10 @@ def test_on_the_standby_writes_are_explained_or_dropped_and_nothing_is_an_error(
     def read_only() -> None:
         drill_lab.pgbouncer.point_at(drill_lab.standby)
         facts["read_only_from"] = recorder.now()
+        facts["states"] = [["read-only", facts["read_only_from"], None]]
 
     def writable_again() -> None:
-        facts["read_only_until"] = recorder.now()
+        facts["read_only_until"] = facts["back_at"] = facts["states"][0][2] = recorder.now()
         drill_lab.pgbouncer.point_at(drill_lab.primary)
 
     def recovered(events: list[Event]) -> bool:
@@ -125,7 +126,8 @@ def test_on_the_standby_writes_are_explained_or_dropped_and_nothing_is_an_error(
         settled = verdicts.after(events, facts["read_only_until"] + verdicts.GRACE)  # judged: all must work
         return (any(e.service == "builds" and "waited 0.0 s" not in e.detail for e in later)
                 and any(e.service == "web" and e.write and e.outcome is Outcome.OK for e in later)
-                and {e.service for e in settled} >= {s.name for s in services.sources})
+                and not verdicts.kinds_missing(settled, {s.name: s.kinds for s in services.sources}, "worked-again",
+                                               facts))
 
     try:
         read_only()

@@ -1,4 +1,4 @@
-"""integrations.drill.ssh's read-only window verdicts, on recorded events (pure logic).
+"""integrations.drill.ssh's read-only state verdicts, on recorded events (pure logic).
 
 The same checks on real traffic (sshd, the pipeline, PgBouncer on the hot standby) run in
 test_drill_services.py.
@@ -6,45 +6,48 @@ test_drill_services.py.
 
 from __future__ import annotations
 
-from typing import Any
+from integrations.drill.ssh import PUSH_DROPPED_READ_ONLY, PUSH_DROPPED_UNREACHABLE, observed, window_checks
+from srht_readonly.drill import Event, Outcome, State
 
-from integrations.drill.ssh import PUSH_DROPPED_READ_ONLY, PUSH_DROPPED_UNREACHABLE, loop_period, window_checks
-from srht_readonly.drill import Event, Outcome
+#: Read-only from 10 s to 30 s.
+FACTS = {"read_only_from": 10.0, "promote_started": 30.0, "read_only_until": 30.5,
+         "states": [["read-only", 10.0, 30.0]]}
 
-WINDOW = (10.0, 30.0)
 
-
-def event(op: str, outcome: Outcome, start: float, took: float = 1.5, detail: str = "") -> Event:
-    return Event(start + took, "ssh", op, outcome, took, op.startswith("push"), detail)
+def event(op: str, outcome: Outcome, start: float, took: float = 1.5, detail: str = "",
+          met: State | None = None) -> Event:
+    return Event(start + took, "ssh", op, outcome, took, op.startswith("push"), detail,
+                 met or observed(op, outcome, detail))
 
 
 def in_window(push: Outcome = Outcome.DROPPED, detail: str = PUSH_DROPPED_READ_ONLY) -> list[Event]:
-    """One of each kind inside ``WINDOW``, each as the plan wants it but the push as given."""
+    """One of each kind inside the read-only state, each as the plan wants it but the push as given."""
     return [
         event("push", push, 12.0, detail=detail),
         event("push-new", Outcome.EXPLAINED, 13.0, detail="refused: read-only, repository not created"),
         event("fetch", Outcome.OK, 14.0),
-        event("new-key", Outcome.DROPPED, 16.0, detail="key worked and was not stored"),
+        event("new-key", Outcome.DROPPED, 16.0, detail="key worked and was not stored", met=State.READ_ONLY),
     ]
 
 
-def verdict(events: list[Event], loop_of: dict[Any, int] | None = None) -> dict[str, tuple[bool, str]]:
-    return {c.text: (c.passed, c.observed) for c in window_checks(events, *WINDOW, loop_of or {})}
+def verdict(events: list[Event]) -> dict[str, tuple[bool, str]]:
+    return {c.text: (c.passed, c.observed) for c in window_checks(events, FACTS)}
 
 
-PUSH_CHECK = "ssh: in the read-only window, pushes were saved, their webhooks dropped with the read-only warning"
+PUSH_CHECK = "ssh: in the read-only state, pushes were saved, their webhooks dropped with the read-only warning"
+NEW_CHECK = "ssh: in the read-only state, pushes creating a repository were refused with the reason"
 
 
-def test_in_the_window_pushes_dropped_with_the_read_only_warning_pass():
-    assert all(passed for passed, _ in verdict(in_window()).values())
+def test_in_the_window_each_kind_as_the_plan_says_passes():
+    checks = verdict(in_window())
+    assert all(passed for passed, _ in checks.values()), checks
 
 
 def test_in_the_window_a_push_dropped_with_the_unreachable_warning_fails_the_push_check():
     checks = verdict(in_window(detail=PUSH_DROPPED_UNREACHABLE))
-    passed, observed = checks[PUSH_CHECK]
+    passed, said = checks[PUSH_CHECK]
     assert not passed
-    assert "1 dropped without the read-only warning" in observed and "database unreachable" in observed
-    assert all(passed for text, (passed, _) in checks.items() if text != PUSH_CHECK)
+    assert "1 dropped without the read-only warning" in said and "database unreachable" in said
 
 
 def test_outside_the_window_the_unreachable_warning_is_not_judged_by_the_window_check():
@@ -52,23 +55,25 @@ def test_outside_the_window_the_unreachable_warning_is_not_judged_by_the_window_
     assert verdict(events)[PUSH_CHECK][0]
 
 
-def test_the_period_is_each_loops_own_not_the_gap_between_loops():
-    # Two loops of the same kind, each starting one every 8 s, the second 4 s after the first:
-    # all starts together are 4 s apart, but a 9 s window need not hold a whole one of either.
-    first = [event("push", Outcome.OK, t) for t in (0.0, 8.0, 16.0, 24.0)]
-    second = [event("push", Outcome.OK, t) for t in (4.0, 12.0, 20.0, 28.0)]
-    loop_of = {e: 0 for e in first} | {e: 1 for e in second}
-    assert loop_period(first + second, loop_of) == 8.0
-    assert loop_period(first + second, {}) == 4.0  # what the old heuristic saw
+def test_a_kind_that_never_met_the_read_only_state_fails_its_check():
+    events = [e for e in in_window() if e.op != "push"] + [event("push", Outcome.OK, 3.0, detail="")]
+    passed, said = verdict(events)[PUSH_CHECK]
+    assert not passed and "0 met the read-only state" in said
 
 
-def test_a_window_shorter_than_one_loops_period_and_an_operation_requires_none():
-    pushes = [event("push", Outcome.OK, t) for t in (0.0, 8.0, 16.0, 24.0)]
-    others = [event("push", Outcome.OK, t) for t in (4.0, 12.0, 20.0, 28.0)]
-    loop_of = {e: 0 for e in pushes} | {e: 1 for e in others}
-    lo, hi = 30.5, 37.0  # 6.5 s: >= 4 + 1.5 (all loops together), < 8 + 1.5 (one loop)
-    [push] = [c for c in window_checks(pushes + others, lo, hi, loop_of) if c.text == PUSH_CHECK]
-    assert push.passed, push.observed
-    assert "one every 8.0 s per loop" in push.observed and "none required" in push.observed
-    [push] = [c for c in window_checks(pushes + others, lo, 40.0, loop_of) if c.text == PUSH_CHECK]
-    assert not push.passed, "a 9.5 s window holds a whole push of a loop: one is required"
+def test_a_push_that_straddles_the_start_is_judged_by_what_it_observed():
+    # Began writable, recorded everything then: not judged as read-only, and nothing wrong with it.
+    began_writable = event("push", Outcome.OK, 9.0, took=3.0)
+    # Began writable, its hook met the read-only database: dropped with the warning, as the plan says.
+    hook_read_only = event("push", Outcome.DROPPED, 9.5, took=3.0, detail=PUSH_DROPPED_READ_ONLY)
+    events = [began_writable, hook_read_only, *in_window()[1:]]
+    checks = verdict(events)
+    assert checks[PUSH_CHECK] == (True, "1 operations; 1 met the read-only state")
+
+
+def test_a_repository_created_while_read_only_is_caught():
+    created = event("push-new", Outcome.DROPPED, 20.0, detail=f"created; {PUSH_DROPPED_READ_ONLY}")
+    passed, said = verdict([*in_window(), created])[NEW_CHECK]
+    assert not passed and "created while read-only" in said
+    before = event("push-new", Outcome.DROPPED, 9.0, took=3.0, detail=f"created; {PUSH_DROPPED_READ_ONLY}")
+    assert verdict([*in_window(), before])[NEW_CHECK][0]  # created before the state began: fine

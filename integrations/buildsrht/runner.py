@@ -78,6 +78,8 @@ class BuildRunner:
     ``workdir`` holds one directory per job (default: a temporary one) with each task's log in
     ``<task>.log``; ``artifact_dir`` receives the artifacts (default: ``workdir/artifacts``).
     ``monitor``, ``session_factory`` and ``retry`` go to the journal (see ``journal.py``).
+    ``wait_for_writes=False`` aborts a build at its first refused update instead of waiting, as
+    sr.ht's runner did before the plan (the drill's ``--sabotage no-backoff``).
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class BuildRunner:
         monitor: Any = None,
         session_factory: Any = None,
         retry: dict[str, Any] | None = None,
+        wait_for_writes: bool = True,
     ) -> None:
         self.engine = engine
+        self.wait_for_writes = wait_for_writes
         self.deadline = float(deadline)
         self.name = name
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="buildsrht-"))
@@ -109,7 +113,8 @@ class BuildRunner:
         deadline = Deadline(self.deadline)
         log = _JobLog(logger, {"job_id": job_id})
         result = BuildResult(job_id, "running")
-        journal = UpdateJournal(self.engine, deadline, log=log, monitor=self.monitor,
+        writes_until = deadline if self.wait_for_writes else Deadline(0)
+        journal = UpdateJournal(self.engine, writes_until, log=log, monitor=self.monitor,
                                 session_factory=self.session_factory, retry=self.retry)
         try:
             manifest = self._manifest(job_id, deadline)

@@ -1,11 +1,12 @@
 """The threads every traffic source runs: a loop of user operations from ``start`` to ``stop``.
 
-A source subclasses :class:`Traffic`, sets ``name`` and implements ``step(worker)``: one user
-operation (or one round of them) that records what the user saw. ``start(recorder)`` runs
-``threads`` loops with ``pause`` seconds between steps; ``stop()`` asks them to end and waits at
-most ``STOP_WAIT`` seconds, so the drill's clock is not held by a slow ``git push`` (a loop still
-busy then finishes its operation on its own and records it into its own scenario's
-recorder, which nobody reads any more). ``close()`` waits for them for good.
+A source subclasses :class:`Traffic`, sets ``name`` and ``kinds`` (the kinds of operation it
+does) and implements ``step(worker)``: one user operation, opened with ``begin`` and closed with
+``end`` (what the user saw, and the state of the database it observed). ``start(recorder)`` runs
+``threads`` loops with ``pause`` seconds between steps; ``stop()`` asks them to end and returns at
+once: the runner gives the operations under way time to end and judges those that do not as
+hung (``Recorder.close``); a loop still busy later records into its own scenario's recorder,
+which is closed by then. ``close()`` waits for the loops for good.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import logging
 import threading
 import time
 
-from srht_readonly.drill import Outcome, Recorder
+from srht_readonly.drill import Operation, Outcome, Recorder, State
 
 logger = logging.getLogger(__name__)
 
-#: Seconds ``stop()`` waits for the loops (the runner stops every source in turn).
-STOP_WAIT = 1.5
-#: Seconds ``close()`` waits for them.
+#: Seconds ``close()`` waits for the loops.
 CLOSE_WAIT = 60.0
 
 
@@ -28,6 +27,7 @@ class Traffic:
     """Loops of one service's user operations; subclasses implement ``step``."""
 
     name = "service"
+    kinds: tuple[str, ...] = ()
 
     def __init__(self, *, threads: int, pause: float) -> None:
         self.threads = threads
@@ -47,7 +47,6 @@ class Traffic:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.join(self._loops, STOP_WAIT)
 
     def close(self) -> None:
         """Stop and wait for every loop (and whatever ``_threads_to_close`` names) to end."""
@@ -73,17 +72,33 @@ class Traffic:
     def _loop(self, worker: int, recorder: Recorder, stopping: threading.Event) -> None:
         self._local.recorder = recorder
         while not stopping.is_set():
+            self._local.open = None
             started = time.monotonic()
             try:
                 self.step(worker)
             except Exception as exc:  # a failure of the drill's own client is still something that happened
                 logger.exception("%s traffic", self.name)
-                self.record("traffic", Outcome.ERROR, started, detail=f"drill client failed: {exc!r}")
+                detail = f"drill client failed: {exc!r}"
+                if self._local.open is not None:
+                    self.end(self._local.open, Outcome.ERROR, detail=detail)
+                else:
+                    recorder.record(self.name, "traffic", Outcome.ERROR, started=started, detail=detail)
             stopping.wait(self.pause)
 
     def step(self, worker: int) -> None:
         raise NotImplementedError
 
-    def record(self, op: str, outcome: Outcome, started: float, *, write: bool = False, detail: str = "") -> None:
-        recorder = getattr(self._local, "recorder", self.recorder)
-        recorder.record(self.name, op, outcome, started=started, write=write, detail=detail)
+    @property
+    def current_recorder(self) -> Recorder:
+        """The recorder of the scenario this loop was started for."""
+        return getattr(self._local, "recorder", self.recorder)
+
+    def begin(self, op: str, *, write: bool = False) -> Operation:
+        """Open one user operation of this loop (in flight until ``end``)."""
+        operation = self.current_recorder.begin(self.name, op, write=write)
+        self._local.open = operation
+        return operation
+
+    def end(self, operation: Operation, outcome: Outcome, *, detail: str = "", met: State | None = None) -> None:
+        self._local.open = None
+        self.current_recorder.end(operation, outcome, detail=detail, met=met)

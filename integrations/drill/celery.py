@@ -11,9 +11,10 @@ drill's receiver, then UPDATE the row) and waits for the task's final state:
   "webhook workers may simply fail", in one clean line;
 * any other failure, or no result within ``TASK_TIMEOUT`` seconds: ``error``.
 
-A task still pending when the traffic stops is waited for up to ``_traffic.STOP_WAIT`` seconds
-and otherwise left unjudged (it was queued moments ago). Retries are counted from the worker's
-log: a failover must not start a retry storm.
+A task still pending when the traffic stops is judged like any operation in flight: the runner
+gives it time to end, then records it as hung if it was queued before the grace period (one
+queued moments ago is not judged). Retries are counted from the worker's log: a failover must
+not start a retry storm.
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ from integrations.webhooks import make_worker
 from integrations.webhooks import schema as webhooks
 from integrations.webhooks.harness import CeleryWorker, RedisServer
 from srht_readonly import DatabaseUnavailable, ReadOnlyError
-from srht_readonly.drill import Outcome, Recorder, verdicts
+from srht_readonly.drill import Operation, Outcome, Recorder, State, verdicts
 from srht_readonly.drill.scenarios import Expectation
 from srht_readonly.drill.services import DrillEnvironment
 
-from ._traffic import STOP_WAIT, Traffic
+from ._traffic import Traffic
 
 __all__ = ["CeleryTraffic"]
 
 #: load -> (client loops, worker processes, pause between tasks in seconds)
-LOADS = {"typical": (2, 2, 0.2), "excessive": (4, 3, 0.0)}
+LOADS = {"typical": (2, 2, 0.2), "excessive": (4, 3, 0.05)}
 DELIVERIES = 32
 TASK_TIMEOUT = 20.0
 RETRY_LINE = r"webhooks\.async_request\[[^]]*\] retry: "
@@ -51,6 +52,7 @@ class CeleryTraffic(Traffic):
     """Runs Redis and a webhook worker for the drill's lifetime and queues deliveries to it."""
 
     name = "celery"
+    kinds = ("deliver",)
 
     def __init__(self, env: DrillEnvironment, stack: contextlib.ExitStack, engine: Engine, webhook_url: str) -> None:
         threads, processes, pause = LOADS[env.load]
@@ -92,53 +94,48 @@ class CeleryTraffic(Traffic):
         with self._lock:
             delivery = next(self._next)
         body = json.dumps({"event": "repo:post-update", "delivery": delivery})
-        started = time.monotonic()
+        operation = self.begin("deliver", write=True)
         try:
             result = self.task.delay(self.url, body, {}, webhooks.TABLE, delivery)
         except Exception as exc:  # the broker is ours and local: queuing should not fail
-            self.record("deliver", Outcome.ERROR, started, write=True, detail=f"could not queue: {exc!r}")
+            self.end(operation, Outcome.ERROR, detail=f"could not queue: {exc!r}")
             return
-        self._wait(result, started)
+        self._wait(result, operation)
 
-    def _wait(self, result: AsyncResult, started: float) -> None:
-        give_up = None
+    def _wait(self, result: AsyncResult, operation: Operation) -> None:
         while not result.ready():
-            now = time.monotonic()
-            if now - started > TASK_TIMEOUT:
-                self.record("deliver", Outcome.ERROR, started, write=True,
-                            detail=f"no result after {TASK_TIMEOUT:g} s (state {result.state})")
+            if time.monotonic() - operation.started > TASK_TIMEOUT:
+                self.end(operation, Outcome.ERROR, detail=f"no result after {TASK_TIMEOUT:g} s (state {result.state})")
                 return
-            if self.stopping:
-                give_up = give_up or now + STOP_WAIT
-                if now > give_up:
-                    return  # queued moments before the end of the scenario: not judged
             time.sleep(0.02)
-        outcome, detail = judge(result)
-        self.record("deliver", outcome, started, write=True, detail=detail)
+        outcome, detail, met = judge(result)
+        self.end(operation, outcome, detail=detail, met=met)
         result.forget()
 
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
-        checks = verdicts.common(self.name, scenario, events, facts)
+        checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
         if scenario in ("readonly-failover", "primary-crash"):
             retried = self._retries["stop"] - self._retries["start"]
             checks.append(Expectation("celery: no delivery was retried (no retry storm)", retried == 0,
                                       f"{retried} retries in the worker's log"))
-        if scenario == "readonly-failover":
-            inside = verdicts.during(events, *verdicts.read_only_window(facts))
+        if scenario == "readonly-failover" and "read_only_until" in facts:
+            inside = verdicts.judged_read_only(events, facts)
             wrong = [e for e in inside if e.outcome is not Outcome.EXPLAINED or "ReadOnlyError" not in e.detail]
-            checks.append(Expectation("celery: deliveries in the read-only window failed cleanly with ReadOnlyError",
-                                      bool(inside) and not wrong,
-                                      f"{len(inside)} deliveries, {verdicts.sample(wrong, 'otherwise')}"))
+            checks.append(Expectation("celery: deliveries that met the read-only state failed cleanly with "
+                                      "ReadOnlyError", bool(inside) and not wrong,
+                                      f"{len(inside)} deliveries, {verdicts.sample(wrong, 'otherwise')}",
+                                      wrong + [e for e in inside if e not in wrong]))
         return checks
 
 
-def judge(result: AsyncResult) -> tuple[Outcome, str]:
-    """A finished task's outcome for the drill."""
+def judge(result: AsyncResult) -> tuple[Outcome, str, State | None]:
+    """A finished task's outcome for the drill, and the state of the database it met."""
     state = result.state
     if state == "SUCCESS":
-        return Outcome.OK, f"receiver answered {result.result}"
+        return Outcome.OK, f"receiver answered {result.result}", State.WRITABLE
     error = result.result
     if state == "FAILURE" and isinstance(error, ReadOnlyError | DatabaseUnavailable):
-        return Outcome.EXPLAINED, f"FAILURE {type(error).__name__}: {error}"[:200]
-    return Outcome.ERROR, f"{state}: {error!r}"[:200]
+        met = State.READ_ONLY if isinstance(error, ReadOnlyError) else State.UNAVAILABLE
+        return Outcome.EXPLAINED, f"FAILURE {type(error).__name__}: {error}"[:200], met
+    return Outcome.ERROR, f"{state}: {error!r}"[:200], None

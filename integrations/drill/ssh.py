@@ -4,10 +4,9 @@ Set up once: meta.sr.ht's stand-in, ``GitSshd`` (sshd on a loopback port in fron
 pipeline, whose programs reach the database through the drill's PgBouncer), a user with a
 known key, and one repository per client loop with a webhook subscription to the drill's
 receiver. Each client loop does one kind of thing with ``git`` over ssh (``push``, ``push-new``,
-or the reads ``fetch`` and ``new-key`` in turn); in the read-only window at least one of each
-kind is required wherever the window is long enough to hold one from start to end, given how
-often each loop starts one (a loop's own period: several loops of a kind do not make one's
-operations shorter or more frequent):
+``fetch`` or ``new-key``), so that every kind is under way all the time; every kind must meet
+the read-only state (the scenario holds it until they have), and each is judged on what it
+observed there:
 
 * ``push`` to its repository: ``ok``; ``dropped`` when the push was saved and the pusher was
   warned that its webhooks were not delivered (the plan's drop, read-only or unreachable; in
@@ -18,16 +17,16 @@ operations shorter or more frequent):
 * ``new-key``: ``git ls-remote`` with a key only meta.sr.ht knows: ``ok`` if the key works and
   was stored, ``dropped`` if it worked and was not stored (the plan: use it, don't store it).
 
-Anything else (non-zero exit, a traceback, an unexpected message) is an ``error``.
+Anything else (non-zero exit, a traceback, an unexpected message) is an ``error``. Sabotage
+``store-keys`` runs the keys program as sr.ht did before the plan: it stores an unknown key
+with a plain INSERT, which fails the login while the database is read-only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
-import statistics
 import subprocess
 import time
 import uuid
@@ -41,11 +40,11 @@ from integrations.gitsrht import schema
 from integrations.gitsrht.ssh import repos
 from integrations.gitsrht.ssh.database import url as sqlalchemy_url
 from integrations.gitsrht.ssh.hook import UNREACHABLE_WARNING
-from integrations.gitsrht.ssh.keys import fingerprint, normalise
+from integrations.gitsrht.ssh.keys import STORE_ALWAYS_ENV, fingerprint, normalise
 from integrations.gitsrht.ssh.meta import MetaServer
 from integrations.gitsrht.ssh.sshd import GitSshd, make_key
 from integrations.gitsrht.ssh.webhooks import READ_ONLY_WARNING
-from srht_readonly.drill import Outcome, Recorder, verdicts
+from srht_readonly.drill import Outcome, Recorder, State, verdicts
 from srht_readonly.drill.scenarios import Expectation
 from srht_readonly.drill.services import DrillEnvironment
 
@@ -54,20 +53,21 @@ from ._traffic import Traffic
 __all__ = ["SshTraffic"]
 
 #: load -> (client loops per kind, pause between git commands in seconds)
-LOADS = {"typical": (1, 0.05), "excessive": (2, 0.0)}
+LOADS = {"typical": (1, 0.05), "excessive": (1, 0.0)}
 #: What each loop does, one kind per loop so that every kind is under way all the time (an operation
 #: costs 1.5-4 s: ssh, then the keys program twice, the shell and the hook, each a Python process).
-KINDS = ("push", "push-new", "read")
+KINDS = ("push", "push-new", "fetch", "new-key")
 GIT_TIMEOUT = 60
 #: ``judge_push``'s details for its two drops, told apart by the read-only window's check.
 PUSH_DROPPED_READ_ONLY = "saved; webhooks dropped with the read-only warning"
 PUSH_DROPPED_UNREACHABLE = "saved; webhooks not delivered, database unreachable (warned)"
-#: What the read-only window requires of each kind: (op, the outcome allowed, the check's text).
+#: What the read-only state requires of each kind: (op, the outcomes allowed, the check's text). A
+#: push creating a repository may also be "created; webhooks dropped": created before the state began.
 IN_THE_WINDOW = (
-    ("push", Outcome.DROPPED, "pushes were saved, their webhooks dropped with the read-only warning"),
-    ("push-new", Outcome.EXPLAINED, "pushes creating a repository were refused with the reason"),
-    ("fetch", Outcome.OK, "fetches kept working"),
-    ("new-key", Outcome.DROPPED, "unknown keys worked and were not stored"),
+    ("push", (Outcome.DROPPED,), "pushes were saved, their webhooks dropped with the read-only warning"),
+    ("push-new", (Outcome.EXPLAINED, Outcome.DROPPED), "pushes creating a repository were refused with the reason"),
+    ("fetch", (Outcome.OK,), "fetches kept working"),
+    ("new-key", (Outcome.DROPPED,), "unknown keys worked and were not stored"),
 )
 
 
@@ -79,6 +79,7 @@ class SshTraffic(Traffic):
     """Runs sshd and the pipeline for the drill's lifetime and pushes/fetches through them."""
 
     name = "ssh"
+    kinds = KINDS
 
     def __init__(self, env: DrillEnvironment, stack: contextlib.ExitStack, engine: Engine, webhook_url: str) -> None:
         per_kind, pause = LOADS[env.load]
@@ -88,8 +89,9 @@ class SshTraffic(Traffic):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.user = f"git-{uuid.uuid4().hex[:6]}"
         self.meta = stack.enter_context(MetaServer())
+        sabotage = {STORE_ALWAYS_ENV: "1"} if env.sabotage == "store-keys" else {}
         self.sshd = stack.enter_context(GitSshd(connection_string=env.database_url, meta_origin=self.meta.origin,
-                                                webhook_timeout=2))
+                                                webhook_timeout=2, env=sabotage))
         stack.callback(self.close)
         self.check = create_engine(sqlalchemy_url(env.database_url), poolclass=NullPool,
                                    connect_args={"connect_timeout": 2})
@@ -112,8 +114,6 @@ class SshTraffic(Traffic):
                 conn.execute(schema.webhook_subscription.insert().values(repo_id=repo_id, url=webhook_url))
                 repos.create_on_disk(path, hook)
         self._names = itertools.count()
-        self._loop_of: dict[Any, int] = {}  # event -> the loop that did it, for each loop's period
-        self._reads = [itertools.cycle(("fetch", "new-key")) for _ in range(threads)]
         for i in range(threads):
             work = self.work(i)
             work.mkdir()
@@ -145,38 +145,37 @@ class SshTraffic(Traffic):
 
     def step(self, worker: int) -> None:
         op = KINDS[worker % len(KINDS)]
-        op = next(self._reads[worker]) if op == "read" else op
         own = self.sshd.url(self.user, f"push-{worker}")
-        started = time.monotonic()
+        if op == "push":
+            self._commit(worker)
+        elif op == "new-key":
+            self._new_key(worker)
+            return
+        operation = self.begin(op, write=op.startswith("push"))
         try:
             if op == "push":
-                self._commit(worker)
-                started = time.monotonic()
-                proc = self.git(worker, "push", "--porcelain", own, "HEAD:refs/heads/main")
-                outcome, detail = judge_push(proc)
-                self._record(worker, op, outcome, started, write=True, detail=detail)
+                outcome, detail = judge_push(self.git(worker, "push", "--porcelain", own, "HEAD:refs/heads/main"))
             elif op == "push-new":
                 name = f"new-{next(self._names)}"
                 proc = self.git(worker, "push", "--porcelain", self.sshd.url(self.user, name), "HEAD:refs/heads/main")
                 outcome, detail = judge_new(proc, self.user, name)
-                self._record(worker, op, outcome, started, write=True, detail=detail)
-            elif op == "fetch":
-                proc = self.git(worker, "fetch", "-q", own, "main")
-                outcome, detail = judge_plain(proc)
-                self._record(worker, op, outcome, started, detail=detail)
             else:
-                self._new_key(worker, started)
+                outcome, detail = judge_plain(self.git(worker, "fetch", "-q", own, "main"))
         except subprocess.TimeoutExpired:
-            self._record(worker, op, Outcome.ERROR, started, write=op.startswith("push"),
-                         detail=f"git hung {GIT_TIMEOUT} s")
+            outcome, detail = Outcome.ERROR, f"git hung {GIT_TIMEOUT} s"
+        self.end(operation, outcome, detail=detail, met=observed(op, outcome, detail))
 
-    def _new_key(self, worker: int, started: float) -> None:
+    def _new_key(self, worker: int) -> None:
         key = self.dir / f"id_new_{next(self._names)}"
         public = make_key(key, comment="new")
         self.meta.add_key(public, owner=self.user)
-        started = time.monotonic()
-        proc = self.git(worker, "ls-remote", self.sshd.url(self.user, f"push-{worker}"), key=key)
-        outcome, detail = judge_plain(proc)
+        operation = self.begin("new-key")
+        try:
+            outcome, detail = judge_plain(self.git(worker, "ls-remote", self.sshd.url(self.user, f"push-{worker}"),
+                                                   key=key))
+        except subprocess.TimeoutExpired:
+            outcome, detail = Outcome.ERROR, f"git hung {GIT_TIMEOUT} s"
+        met = None
         if outcome is Outcome.OK:
             key_type, b64 = public.split()[:2]
             try:
@@ -186,63 +185,60 @@ class SshTraffic(Traffic):
             except Exception as exc:  # the drill's own check; the user saw the key work
                 outcome, detail = Outcome.DROPPED, f"key worked; could not check whether it was stored: {exc!r}"[:200]
             else:
+                met = State.WRITABLE if stored else State.READ_ONLY
                 if not stored:
                     outcome, detail = Outcome.DROPPED, "key worked and was not stored"
-        self._record(worker, "new-key", outcome, started, detail=detail)
+        self.end(operation, outcome, detail=detail, met=met)
         for path in (key, key.with_name(key.name + ".pub")):
             path.unlink(missing_ok=True)
 
-    def _record(self, worker: int, op: str, outcome: Outcome, started: float, *, write: bool = False,
-                detail: str = "") -> None:
-        """``Traffic.record``, remembering which loop did the operation."""
-        recorder = getattr(self._local, "recorder", self.recorder)
-        event = recorder.record(self.name, op, outcome, started=started, write=write, detail=detail)
-        self._loop_of[event] = worker
-
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
-        checks = verdicts.common(self.name, scenario, events, facts)
-        if scenario == "readonly-failover":
-            lo, hi = verdicts.read_only_window(facts)
-            checks += window_checks(events, lo, hi, self._loop_of)
+        checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
+        if scenario == "readonly-failover" and "read_only_until" in facts:
+            checks += window_checks(events, facts)
         return checks
 
 
-def loop_period(events: list[Any], loop_of: dict[Any, int]) -> float:
-    """How often one loop starts one of ``events``' kind: the median gap between a loop's own starts.
-
-    Gaps between the starts of *all* loops would shrink with their number (two loops per kind
-    under ``--load excessive`` halve it) and require one in windows too short to hold one.
-    """
-    by_loop: dict[int | None, list[float]] = {}
-    for e in events:
-        by_loop.setdefault(loop_of.get(e), []).append(verdicts.started(e))
-    gaps = [b - a for starts in by_loop.values() for a, b in itertools.pairwise(sorted(starts))]
-    return statistics.median(gaps or [math.inf])
+def observed(op: str, outcome: Outcome, detail: str) -> State | None:
+    """The state of the database a push or fetch showed its user (None: it showed none)."""
+    if PUSH_DROPPED_READ_ONLY in detail or outcome is Outcome.EXPLAINED:
+        return State.READ_ONLY
+    if PUSH_DROPPED_UNREACHABLE in detail:
+        return State.UNAVAILABLE
+    if outcome is Outcome.OK and op.startswith("push"):
+        return State.WRITABLE  # the hook recorded the push (and the repository, for push-new)
+    return None
 
 
-def window_checks(events: list[Any], lo: float, hi: float, loop_of: dict[Any, int]) -> list[Expectation]:
-    """The read-only window ``[lo, hi]``'s checks on the SSH ``events``, one per kind (``IN_THE_WINDOW``).
+def window_checks(events: list[Any], facts: dict[str, Any]) -> list[Expectation]:
+    """The read-only state's checks on the SSH ``events``, one per kind (``IN_THE_WINDOW``).
 
-    One of a kind starts every ``period`` (per loop) and lasts ``took``: a window at least as long as
-    both together certainly holds one from start to end, so only then is one required.
+    Each kind is judged on what met the read-only state: at least one of each (the scenario held
+    the state until there was), and every one judged as read-only ended as the plan says.
     """
     checks: list[Expectation] = []
-    inside = verdicts.during(events, lo, hi)
+    judged = verdicts.judged_read_only(events, facts)
+    met = verdicts.met_read_only(events, facts)
     for op, allowed, what in IN_THE_WINDOW:
-        kind = [e for e in events if e.op == op]
-        took = statistics.median([e.latency for e in kind] or [math.inf])
-        period = loop_period(kind, loop_of)
-        need = 1 if hi - lo >= period + took else 0
-        mine = [e for e in inside if e.op == op]
-        check = verdicts.all_are(f"ssh: in the read-only window, {what}", mine, (allowed,), at_least=need)
+        mine = [e for e in judged if e.op == op]
+        met_it = [e for e in met if e.op == op]
+        check = verdicts.all_are(f"ssh: in the read-only state, {what}", mine, allowed, at_least=0)
+        if not met_it:
+            check.passed = False
+        created = [e for e in mine if op == "push-new" and e.outcome is Outcome.DROPPED
+                   and verdicts.state_at(e.started, facts) is State.READ_ONLY]
+        if created:  # the repository cannot have been created while the database was read-only
+            check.passed = False
+            check.observed += ", " + verdicts.sample(created, "created while read-only")
+            check.evidence = created + check.evidence
         if op == "push":  # the database answers in the window: "unreachable" is the wrong explanation
             unwarned = [e for e in mine if e.outcome is Outcome.DROPPED and e.detail != PUSH_DROPPED_READ_ONLY]
             if unwarned:
                 check.passed = False
                 check.observed += ", " + verdicts.sample(unwarned, "dropped without the read-only warning")
-        required = "" if need else ": none required"
-        check.observed += f" (window {hi - lo:.1f} s, one every {period:.1f} s per loop taking {took:.1f} s{required})"
+                check.evidence = unwarned + check.evidence
+        check.observed += f"; {len(met_it)} met the read-only state"
         checks.append(check)
     return checks
 

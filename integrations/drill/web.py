@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -27,7 +26,7 @@ import requests
 from sqlalchemy import Engine
 
 from integrations.gitsrht.web import create_app, init_db, serve
-from srht_readonly.drill import Outcome, Recorder, verdicts
+from srht_readonly.drill import Outcome, Recorder, State, verdicts
 from srht_readonly.drill.scenarios import Expectation
 from srht_readonly.drill.services import DrillEnvironment
 from srht_readonly.flask import HEADER
@@ -37,7 +36,7 @@ from ._traffic import Traffic
 __all__ = ["WebTraffic"]
 
 #: load -> (client loops, pause between requests in seconds)
-LOADS = {"typical": (2, 0.2), "excessive": (4, 0.0)}
+LOADS = {"typical": (2, 0.2), "excessive": (4, 0.05)}
 #: One user's round; creating repositories is rarer than reading, as on the real site.
 ROUND = ("index", "repo", "settings", "index", "create", "repo", "api")
 TIMEOUT = 30
@@ -47,6 +46,7 @@ class WebTraffic(Traffic):
     """Serves the web front for the drill's lifetime and sends it a user's traffic."""
 
     name = "web"
+    kinds = tuple(dict.fromkeys(ROUND))
 
     def __init__(self, env: DrillEnvironment, stack: contextlib.ExitStack, engine: Engine) -> None:
         threads, pause = LOADS[env.load]
@@ -56,10 +56,11 @@ class WebTraffic(Traffic):
         # werkzeug logs every request at INFO on its own handler unless told otherwise: the drill's
         # terminal would drown in them.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        # Sabotage "web-500": the same app without its read-only handling, as sr.ht was before the plan.
         app = create_app(env.database_url, config={
             "GITSRHT_USER": self.user, "GITSRHT_REPOS": str(env.directory / "web-repos"),
             "SRHT_READONLY_RECHECK": 0.5,
-        }, engine_options={"pool_size": threads + 2, "max_overflow": threads})
+        }, engine_options={"pool_size": threads + 2, "max_overflow": threads}, read_only=env.sabotage != "web-500")
         stack.callback(app.extensions["gitsrht.db"].get_bind().dispose)
         self.url = stack.enter_context(serve(app))
         stack.callback(self.close)
@@ -80,7 +81,7 @@ class WebTraffic(Traffic):
         http = self._sessions[worker]
         repo = f"{self.url}/~{self.user}/{self.repo}"
         html = {"Accept": "text/html"}
-        started = time.monotonic()
+        operation = self.begin(op, write=op not in ("index", "repo"))
         try:
             if op == "index":
                 r = http.get(f"{self.url}/", headers=html, timeout=TIMEOUT)
@@ -96,44 +97,46 @@ class WebTraffic(Traffic):
             else:
                 r = http.post(f"{self.url}/api/repos", json={"name": f"api-{next(self._names)}"}, timeout=TIMEOUT)
         except requests.RequestException as exc:
-            self.record(op, Outcome.ERROR, started, write=op not in ("index", "repo"),
-                        detail=f"connection error: {type(exc).__name__}")
+            self.end(operation, Outcome.ERROR, detail=f"connection error: {type(exc).__name__}")
             return
-        outcome, detail = judge(r)
-        self.record(op, outcome, started, write=r.request.method == "POST", detail=detail)
+        outcome, detail, met = judge(r)
+        self.end(operation, outcome, detail=detail, met=met)
 
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
-        checks = verdicts.common(self.name, scenario, events, facts)
-        if scenario == "readonly-failover":
+        checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
+        if scenario == "readonly-failover" and "read_only_until" in facts:
             hi = facts["read_only_until"]
-            inside = verdicts.during(events, *verdicts.read_only_window(facts))
-            checks.append(verdicts.all_are("web: every form and API write in the read-only window got the "
+            inside = verdicts.judged_read_only(events, facts)
+            checks.append(verdicts.all_are("web: every form and API write that met the read-only state got the "
                                            "read-only explanation (503)", [e for e in inside if e.write],
                                            (Outcome.EXPLAINED,)))
-            checks.append(verdicts.all_are("web: pages kept working in the read-only window",
+            checks.append(verdicts.all_are("web: pages kept working in the read-only state",
                                            [e for e in inside if not e.write], (Outcome.OK, Outcome.DROPPED)))
             back = verdicts.first(verdicts.after(events, hi), lambda e: e.write and e.outcome is Outcome.OK)
             checks.append(Expectation(f"web: writes accepted again within {verdicts.GRACE:g} s of the promotion",
                                       back is not None and back.t - hi <= verdicts.GRACE,
-                                      "never" if back is None else f"{back.t - hi:.2f} s"))
+                                      "never" if back is None else f"{back.t - hi:.2f} s", [back] if back else []))
         return checks
 
 
-def judge(r: requests.Response) -> tuple[Outcome, str]:
-    """What the user made of response ``r``."""
+def judge(r: requests.Response) -> tuple[Outcome, str, State | None]:
+    """What the user made of response ``r``, and the state of the database it shows."""
+    read_only = r.headers.get(HEADER) == "true"
     if r.status_code in (200, 201, 302):
-        if r.headers.get(HEADER) == "true":
-            return Outcome.DROPPED, f"{r.status_code}, served read-only (last-seen update dropped)"
-        return Outcome.OK, ""
+        if read_only:
+            return Outcome.DROPPED, f"{r.status_code}, served read-only (last-seen update dropped)", State.READ_ONLY
+        return Outcome.OK, "", State.WRITABLE
     if r.status_code == 503:
         if "json" in r.headers.get("Content-Type", ""):
             with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
                 code = r.json()["errors"][0]["extensions"]["code"]
-                return (Outcome.EXPLAINED if code == "READ_ONLY" else Outcome.ERROR), f"503 {code}"
+                if code == "READ_ONLY":
+                    return Outcome.EXPLAINED, f"503 {code}", State.READ_ONLY
+                return Outcome.ERROR, f"503 {code}", State.UNAVAILABLE
         elif "<title>Read-only mode" in r.text:
-            return Outcome.EXPLAINED, "503 read-only page"
+            return Outcome.EXPLAINED, "503 read-only page", State.READ_ONLY
         elif "<title>Database unavailable" in r.text:
-            return Outcome.ERROR, "503 database unavailable page"
+            return Outcome.ERROR, "503 database unavailable page", State.UNAVAILABLE
     first_line = next((line.strip() for line in r.text.splitlines() if line.strip()), "")
-    return Outcome.ERROR, f"{r.status_code}: {first_line[:120]}"
+    return Outcome.ERROR, f"{r.status_code}: {first_line[:120]}", State.READ_ONLY if read_only else None

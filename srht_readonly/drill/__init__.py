@@ -10,6 +10,6 @@ result, ``command`` is ``srht-readonly drill``.
 
 from __future__ import annotations
 
-from .recorder import Event, Mark, Outcome, Recorder
+from .recorder import Event, Mark, Operation, Outcome, Recorder, State
 
-__all__ = ["Event", "Mark", "Outcome", "Recorder"]
+__all__ = ["Event", "Mark", "Operation", "Outcome", "Recorder", "State"]

@@ -20,6 +20,7 @@ from ..ops.inventory import InventoryError
 from . import report as report_mod
 from .live import LiveDisplay, summary_table
 from .runner import LOADS, run
+from .sabotage import SABOTAGES
 from .scenarios import SCENARIOS
 from .session import Setting, deployment, local
 
@@ -38,10 +39,13 @@ NAMES = [s.name for s in SCENARIOS]
               help="Directory for index.html, report.json and drill.log.")
 @click.option("--no-services", is_flag=True, help="Local drill: database traffic only (no web, ssh, builds, "
                                                   "celery stand-ins; these need root and the drill extra).")
+@click.option("--sabotage", type=click.Choice(list(SABOTAGES)), metavar="NAME",
+              help="Test the drill itself: break one part on purpose and play only the scenario that exercises "
+                   f"it; the drill must fail (exit 1) naming the expectation that caught it. {', '.join(SABOTAGES)}.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
 def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_name: str, report_dir: Path,
-          no_services: bool, as_json: bool) -> None:
+          no_services: bool, sabotage: str | None, as_json: bool) -> None:
     """Play failover scenarios under traffic and record what every service did.
 
     Without --config: on a fresh embedded lab (primary, hot standby, PgBouncer on loopback)
@@ -60,35 +64,78 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     prints a summary. Exit 0 when every expectation held, 1 when some did not, 2 when the
     drill could not start (inventory, services, lab).
 
+    --sabotage tests the drill: no-resume (a switchover leaves a PgBouncer paused),
+    slow-login-retry (the failover leaves server_login_retry at 15 s), web-500, store-keys and
+    no-backoff (the web front, the SSH pipeline or the build runner without their read-only
+    handling; embedded lab only). Each must fail its drill.
+
     \b
     Example:
-      srht-readonly drill                                   # everything, about 2 minutes
+      srht-readonly drill                                   # everything, about 3 minutes
       srht-readonly drill --scenario switchover --duration 3 --json | jq '.scenarios[0].passed'
+      srht-readonly drill --sabotage no-resume --duration 3  # must fail, exit 1
       srht-readonly --config /etc/sr.ht/drill.ini drill --scenario readonly-failover
     """
-    names = list(scenarios) or NAMES
     config = ctx.obj["config"]
+    names = list(scenarios) or NAMES
+    if sabotage is not None:
+        names = _sabotaged(sabotage, scenarios, local=config is None and not no_services)
     live = LiveDisplay()
     verbose = ctx.find_root().params.get("verbose", 0)
     started = time.monotonic()
     log = None if verbose else report_dir / "drill.log"
     with _terminated_cleanly(), _logs_to(log) as log_file, failures(as_json):
-        where = (deployment(config, ssh_config=ctx.obj["ssh_config"]) if config is not None
-                 else local(load_name=load_name, duration=duration, services=not no_services, say=live.say))
+        where = (deployment(config, ssh_config=ctx.obj["ssh_config"], sabotage=sabotage) if config is not None
+                 else local(load_name=load_name, duration=duration, services=not no_services, sabotage=sabotage,
+                            say=live.say))
         try:
             result = _play(where, names, duration=duration, load_name=load_name, live=live, as_json=as_json)
         finally:
             live.stop()
     result["seconds"] = round(time.monotonic() - started, 1)
+    if sabotage is not None:
+        result["sabotage"] = _caught(sabotage, result)
     page = report_mod.write(result, report_dir)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         click.echo(summary_table(result))
     verdict = "every expectation held" if result["passed"] else "SOME EXPECTATIONS FAILED"
+    if sabotage is not None:
+        click.echo(_sabotage_line(result["sabotage"]), err=True)
     logs = f"; services' and procedures' log: {log_file}" if log_file else ""
     click.echo(f"drill: {verdict} ({result['seconds']:.0f} s); report: {page}{logs}", err=True)
     sys.exit(0 if result["passed"] else EXIT_REFUSED)
+
+
+def _sabotaged(name: str, scenarios: tuple[str, ...], *, local: bool) -> list[str]:
+    """The one scenario sabotage ``name`` plays; a usage error where it cannot be played."""
+    sabotage = SABOTAGES[name]
+    if scenarios and list(scenarios) != [sabotage.scenario]:
+        raise click.UsageError(f"--sabotage {name} plays the {sabotage.scenario} scenario only; "
+                               "leave out --scenario")
+    if sabotage.services and not local:
+        raise click.UsageError(f"--sabotage {name} breaks a stand-in service: it needs the embedded lab with its "
+                               "services (no --config, no --no-services)")
+    return [sabotage.scenario]
+
+
+def _caught(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Sabotage ``name`` in the report: the failed expectations; is the expected one among them?"""
+    sabotage = SABOTAGES[name]
+    failed = [e["text"] for s in result["scenarios"] for e in s["expectations"] if not e["passed"]]
+    return {"name": name, "what": sabotage.what, "expected": sabotage.caught_by, "caught": failed,
+            "caught_by_expected": any(t.startswith(sabotage.caught_by) for t in failed)}
+
+
+def _sabotage_line(caught: dict[str, Any]) -> str:
+    head = f"sabotage {caught['name']} ({caught['what']}): "
+    expected = [t for t in caught["caught"] if t.startswith(caught["expected"])]
+    if not expected:
+        return head + f"NOT CAUGHT by '{caught['expected']}'" + (
+            f"; failed instead: {', '.join(caught['caught'])}" if caught["caught"] else "; the drill passed")
+    more = len(caught["caught"]) - 1
+    return head + f"caught by '{expected[0]}'" + (f" and {more} more expectation(s)" if more else "")
 
 
 def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *, duration: float, load_name: str,

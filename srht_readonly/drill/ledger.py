@@ -18,10 +18,14 @@ from typing import Any
 import psycopg2
 
 from ..ops import sql
-from .recorder import Outcome, Recorder
+from .recorder import Outcome, Recorder, State
 
 TABLE = "drill_ledger"
 SERVICE = "database"
+KINDS = ("write", "read")
+#: Seconds ``stop`` waits for the threads: one stuck on a paused PgBouncer is left behind (it was
+#: recorded as hung) rather than holding the drill until ``query_wait_timeout``.
+STOP_WAIT = 3.0
 
 
 @dataclass
@@ -69,15 +73,16 @@ class Ledger:
 
     def stop(self) -> None:
         self._stop.set()
+        give_up = time.monotonic() + STOP_WAIT
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, give_up - time.monotonic()))
 
     def _write(self, writer: int) -> None:
         conn = None
         seq = 0
         while not self._stop.is_set():
             seq += 1
-            started = time.monotonic()
+            op = self.recorder.begin(SERVICE, "write", write=True)
             committing = False
             try:
                 conn = conn or psycopg2.connect(self.dsn, connect_timeout=2)
@@ -89,14 +94,16 @@ class Ledger:
                 conn.commit()
                 with self._lock:
                     self.acked[(writer, seq)] = (lsn, None)
-                self.recorder.record(SERVICE, "write", Outcome.OK, started=started, write=True)
+                self.recorder.end(op, Outcome.OK, met=State.WRITABLE)
                 self._note_commit_end(conn, (writer, seq))
             except psycopg2.Error as exc:
                 if committing:
                     with self._lock:
                         self.unknown.add((writer, seq))
-                self.recorder.record(SERVICE, "write", _outcome(exc), started=started, write=True,
-                                     detail=_detail(exc))
+                # A read-only refusal is what a service built with srht-readonly turns into an explanation.
+                read_only = exc.pgcode == "25006"
+                self.recorder.end(op, Outcome.EXPLAINED if read_only else Outcome.ERROR, detail=_detail(exc),
+                                  met=State.READ_ONLY if read_only else State.UNAVAILABLE)
                 _discard(conn)
                 conn = None
                 self._stop.wait(0.05)
@@ -125,16 +132,16 @@ class Ledger:
     def _read(self, writer: int) -> None:
         conn = None
         while not self._stop.is_set():
-            started = time.monotonic()
+            op = self.recorder.begin(SERVICE, "read")
             try:
                 conn = conn or psycopg2.connect(self.dsn, connect_timeout=2)
                 with conn.cursor() as cur:
                     cur.execute(f"SELECT max(seq) FROM {TABLE} WHERE writer = %s", (writer,))
                     cur.fetchone()
                 conn.rollback()
-                self.recorder.record(SERVICE, "read", Outcome.OK, started=started)
+                self.recorder.end(op, Outcome.OK)
             except psycopg2.Error as exc:
-                self.recorder.record(SERVICE, "read", Outcome.ERROR, started=started, detail=_detail(exc))
+                self.recorder.end(op, Outcome.ERROR, detail=_detail(exc), met=State.UNAVAILABLE)
                 _discard(conn)
                 conn = None
                 self._stop.wait(0.05)
@@ -142,19 +149,18 @@ class Ledger:
         _discard(conn)
 
     def verify(self, primary_dsn: str) -> LedgerResult:
-        """Compare what was acknowledged with what the (new) primary holds."""
-        present = {(w, s) for w, s in sql.query(primary_dsn, f"SELECT writer, seq FROM {TABLE}")}
+        """Compare what was acknowledged with what the (new) primary holds.
+
+        What was acknowledged is taken first: a writer left behind by ``stop`` may still commit,
+        and a row acknowledged after the table was read would look lost.
+        """
         with self._lock:
             acked = dict(self.acked)
             unknown = set(self.unknown)
+        present = {(w, s) for w, s in sql.query(primary_dsn, f"SELECT writer, seq FROM {TABLE}")}
         lost = [{"writer": w, "seq": s, "lsn": lsn, "committed_before": after}
                 for (w, s), (lsn, after) in sorted(acked.items()) if (w, s) not in present]
         return LedgerResult(len(acked), lost, len(unknown), len(unknown & present))
-
-
-def _outcome(exc: psycopg2.Error) -> Outcome:
-    # A read-only refusal is what a service built with srht-readonly turns into an explanation.
-    return Outcome.EXPLAINED if exc.pgcode == "25006" else Outcome.ERROR
 
 
 def _detail(exc: BaseException) -> str:

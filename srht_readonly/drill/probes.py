@@ -22,7 +22,7 @@ from typing import Any
 
 from . import verdicts
 from .config import ProbeSpec
-from .recorder import Outcome, Recorder
+from .recorder import Outcome, Recorder, State
 from .scenarios import Expectation
 
 
@@ -32,6 +32,8 @@ class ProbeSource:
     def __init__(self, spec: ProbeSpec) -> None:
         self.spec = spec
         self.name = spec.name
+        self.op = spec.method if spec.url else "command"
+        self.kinds = (self.op,)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -42,23 +44,24 @@ class ProbeSource:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the probe to end; the runner waits for what is in flight and judges it."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.spec.timeout + 1)
 
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
-        return verdicts.common(self.name, scenario, verdicts.of_service(recorder.events, self.name), facts)
+        return verdicts.common(self.name, scenario, verdicts.of_service(recorder.events, self.name), facts,
+                                kinds=self.kinds)
 
     def _loop(self, recorder: Recorder, stop: threading.Event) -> None:
         while not stop.is_set():
-            started = time.monotonic()
+            operation = recorder.begin(self.name, self.op, write=self.spec.write)
             try:
                 outcome, detail = self.try_once()
             except Exception as exc:  # the probe could not run: the user would have seen nothing work
                 outcome, detail = Outcome.ERROR, f"{type(exc).__name__}: {exc}"
-            recorder.record(self.name, self.spec.method if self.spec.url else "command", outcome,
-                            started=started, write=self.spec.write, detail=detail)
-            stop.wait(max(0.0, self.spec.every - (time.monotonic() - started)))
+            # A refusal with the explanation, or a drop the probe recognised, shows the read-only state.
+            met = State.READ_ONLY if outcome in (Outcome.EXPLAINED, Outcome.DROPPED) else None
+            recorder.end(operation, outcome, detail=detail, met=met)
+            stop.wait(max(0.0, self.spec.every - (time.monotonic() - operation.started)))
 
     def try_once(self) -> tuple[Outcome, str]:
         """Run the probe once: its outcome and what the user saw (short)."""

@@ -13,18 +13,32 @@ from ..ops import replication, sql
 from ..ops.cluster import Cluster
 from ..ops.demote import check_demote, demote_node
 from ..ops.errors import OpsError
-from ..ops.failover import check_failover, run_failover
-from ..ops.fleet import Fleet
+from ..ops.failover import LOGIN_RETRY, check_failover, run_failover
+from ..ops.fleet import Change, Fleet
 from ..ops.observe import observe_nodes, primaries
 from ..ops.promote import check_promote, promote_node
 from ..ops.switchover import check_switchover, run_switchover
+from .sabotage import with_setting
 
 
 class InventoryProcedures:
-    """``scenarios.Procedures`` over a ``Cluster``; roles are observed each time they are asked for."""
+    """``scenarios.Procedures`` over a ``Cluster``; roles are observed each time they are asked for.
 
-    def __init__(self, cluster: Cluster) -> None:
+    ``sabotage`` (``no-resume``, ``slow-login-retry``; see ``drill.sabotage``) breaks the
+    switchover or the failover on purpose, to prove the drill catches it.
+    """
+
+    def __init__(self, cluster: Cluster, *, sabotage: str | None = None) -> None:
         self.cluster = cluster
+        self.sabotage = sabotage
+        self._left_paused: Fleet | None = None
+
+    def close(self) -> None:
+        """Undo a sabotage's pause (the drill is over), so the clients held by it can end."""
+        if self._left_paused is not None:
+            self._left_paused.resume()
+            self._left_paused.close()
+            self._left_paused = None
 
     def primary(self) -> str:
         live = primaries(observe_nodes(self.cluster.inventory))
@@ -60,12 +74,22 @@ class InventoryProcedures:
     def switchover(self, to: str) -> dict[str, Any]:
         with Fleet(self.cluster) as fleet:
             result = run_switchover(self.cluster, fleet, check_switchover(self.cluster, fleet, to))
+        if self.sabotage == "no-resume":  # as if the RESUME of one PgBouncer had never arrived
+            self._left_paused = Fleet(self.cluster, list(self.cluster.inventory.pgbouncers)[:1])
+            self._left_paused.open()
+            self._left_paused.pause(timeout=10)
         return {"write_pause": round(result.write_pause, 3), "phases": result.phases,
                 "timeline": [result.timeline_before, result.timeline_after]}
 
     def failover(self, to: str) -> None:
         with Fleet(self.cluster) as fleet:
-            run_failover(self.cluster, fleet, check_failover(self.cluster, fleet, to))
+            login_retry: float | None = LOGIN_RETRY
+            if self.sabotage == "slow-login-retry":  # PgBouncer's default, left as it is by the failover
+                fleet.open()
+                fleet.write({n: Change(n, m.text, with_setting(m.text, "server_login_retry", "15"))
+                             for n, m in fleet.members.items() if m.text is not None})
+                login_retry = None
+            run_failover(self.cluster, fleet, check_failover(self.cluster, fleet, to), login_retry=login_retry)
 
     def promote(self, node: str) -> None:
         promote_node(self.cluster, check_promote(self.cluster, node))

@@ -15,22 +15,36 @@ from typing import Any, Protocol
 
 from . import ledger as ledger_mod
 from . import verdicts
+from .coverage import Coverage
 from .recorder import Recorder
 from .report import timeline
 from .scenarios import BY_NAME, Expectation, Procedures, Scenario, Step
 
 logger = logging.getLogger(__name__)
 
+#: Seconds the operations under way when the traffic stops get to end before those left are judged hung.
+SETTLE = 8.0
+
 LOADS: dict[str, dict[str, Any]] = {
     "typical": {"writers": 4, "readers": 4, "pause": 0.02},
-    "excessive": {"writers": 16, "readers": 16, "pause": 0.0},
+    "excessive": {"writers": 8, "readers": 8, "pause": 0.01},
 }
 
 
 class TrafficSource(Protocol):
-    """A service's traffic: started and stopped around each scenario, judged after it."""
+    """A service's traffic: started and stopped around each scenario, judged after it.
+
+    ``kinds`` names the kinds of operation it does (``Event.op``): a scenario holds a state
+    until each kind has met it, and the verdicts require each kind to have done what the
+    scenario demands. A source whose writes wait while the database is read-only (a build
+    runner) may say so with a ``writes_wait = True`` attribute: its operations under way then
+    count as having met the read-only state.
+    """
 
     name: str
+
+    @property
+    def kinds(self) -> Sequence[str]: ...
 
     def start(self, recorder: Recorder) -> None: ...
     def stop(self) -> None: ...
@@ -59,7 +73,9 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
     """Play one scenario under traffic; return its result (expectations, figures, timeline)."""
     p = fleet.procedures
     recorder = Recorder()
-    step = Step(p, recorder, duration)
+    coverage = Coverage(recorder, {ledger_mod.SERVICE: ledger_mod.KINDS, **{s.name: tuple(s.kinds) for s in sources}},
+                        waiting=[s.name for s in sources if getattr(s, "writes_wait", False)])
+    step = Step(p, recorder, duration, progress=coverage)
     started = time.monotonic()
     try:  # every scenario starts from a healthy fleet, or is not played at all
         p.ready()
@@ -74,6 +90,7 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
                                  readers=max(1, settings["readers"] // len(fleet.traffic_dsns)),
                                  pause=settings["pause"], first_writer=100 * i)
                for i, dsn in enumerate(fleet.traffic_dsns)]
+    recorder.traffic_from = recorder.now()
     for lg in ledgers:
         lg.start()
     for src in sources:
@@ -88,11 +105,18 @@ def run_scenario(fleet: Fleet, scenario: Scenario, *, duration: float, load: str
         checks.append(Expectation("the procedure ran to the end", False, f"{type(exc).__name__}: {exc}"))
         recorder.mark(f"aborted: {type(exc).__name__}")
     finally:
+        recorder.traffic_until = recorder.now()
         for src in sources:
             src.stop()
         for lg in ledgers:
             lg.stop()
-        recorder.close()  # what ends later (a git push still running) belongs to no verdict
+        # Operations under way get SETTLE seconds to end (a git push takes seconds on 2 busy cores);
+        # what is still in flight then, and was started before the grace period, is hung.
+        recorder.wait_idle(max(0.0, SETTLE - (recorder.now() - recorder.traffic_until)))
+        hung = recorder.close(grace=verdicts.GRACE)
+        if hung:
+            logger.warning("scenario %s: %d operation(s) hung: %s", scenario.name, len(hung),
+                           ", ".join(f"{e.service} {e.op} ({e.latency:.1f} s)" for e in hung[:10]))
     try:
         result_ledger = _verify(ledgers, fleet, p)
     except Exception as exc:

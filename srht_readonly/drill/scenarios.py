@@ -2,8 +2,14 @@
 
 A scenario receives a ``Procedures`` (the operations it may perform, on the lab or on real
 hosts), a ``Recorder`` already collecting traffic, and the steady-state ``duration`` to hold
-between steps. It marks each step on the timeline and returns the facts its expectations need.
-Every scenario starts from, and leaves behind, a primary with a streaming standby.
+between steps. It marks each step on the timeline and notes the facts its expectations need,
+among them the **states** the services' database went through (``Step.enter``): from when to
+when it was read-only or unreachable for them.
+
+A state the verdicts judge is held until every kind of operation of every service has met it
+(``Step.hold_until``), bounded by ``EXTRA_HOLD`` seconds beyond ``duration``: a ``git push``
+takes seconds on a busy machine, and a verdict on a window that held none would be a verdict on
+nothing. Every scenario starts from, and leaves behind, a primary with a streaming standby.
 """
 
 from __future__ import annotations
@@ -13,7 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .recorder import Recorder
+from .recorder import Event, Recorder, State
+
+#: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
+EXTRA_HOLD = 20.0
+#: ... or twice the slowest operation of a kind still missing, on a machine that slow, up to this.
+MOST_HOLD = 60.0
 
 
 class Procedures(Protocol):
@@ -33,6 +44,19 @@ class Procedures(Protocol):
     def wait_caught_up(self, node: str, timeout: float = 60) -> float: ...
 
 
+class Progress(Protocol):
+    """What ``Step.hold_until`` asks the runner, which knows the services' kinds of operation.
+
+    ``missing(goal, facts)`` names the kinds (``"service op"``) that have not yet reached
+    ``goal``: ``"met-read-only"`` (met the read-only state of the current window) or
+    ``"worked-again"`` (succeeded after ``facts["back_at"]``); ``slowest(kinds)`` is the longest
+    an operation of those kinds has taken (or been under way) so far, in seconds.
+    """
+
+    def missing(self, goal: str, facts: dict[str, Any]) -> list[str]: ...
+    def slowest(self, kinds: list[str]) -> float: ...
+
+
 @dataclass
 class Step:
     """Holds the procedure and the clock while a scenario runs."""
@@ -41,10 +65,42 @@ class Step:
     recorder: Recorder
     duration: float
     facts: dict[str, Any] = field(default_factory=dict)
+    progress: Progress | None = None
 
     def hold(self, factor: float = 1.0) -> None:
         """Let traffic run in the current state."""
         time.sleep(self.duration * factor)
+
+    def hold_until(self, goal: str, factor: float = 1.0) -> None:
+        """Hold ``duration * factor``, then longer until no kind misses ``goal``: at most ``EXTRA_HOLD``
+        s more, or twice the slowest operation of a missing kind (at most ``MOST_HOLD``) on a
+        machine so loaded that one takes longer.
+
+        What was still missing when the bound ran out is noted in ``facts["never"][goal]``.
+        """
+        self.hold(factor)
+        started = time.monotonic()
+        left = self.progress.missing(goal, self.facts) if self.progress else []
+        while left and self.progress is not None:
+            bound = min(MOST_HOLD, max(EXTRA_HOLD, 2 * self.progress.slowest(left)))
+            if time.monotonic() - started >= bound:
+                break
+            time.sleep(0.2)
+            left = self.progress.missing(goal, self.facts)
+        extra = time.monotonic() - started
+        if extra >= 0.2:
+            self.facts.setdefault("held_longer", {})[goal] = round(extra, 2)
+        if left:
+            self.facts.setdefault("never", {})[goal] = left
+
+    def enter(self, state: State | None) -> None:
+        """From now on the services' database is in ``state`` (None: writable again)."""
+        now = self.recorder.now()
+        states = self.facts.setdefault("states", [])
+        if states and states[-1][2] is None:
+            states[-1][2] = now
+        if state is not None:
+            states.append([state.value, now, None])
 
     def do(self, label: str, action: Callable[[], Any]) -> Any:
         """Mark ``label`` on the timeline, run ``action``, record how long it took."""
@@ -70,7 +126,8 @@ def planned_switchover(s: Step) -> None:
     s.hold()
     result = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
     s.facts["switchover"] = result
-    s.hold()
+    s.facts["back_at"] = s.recorder.now()
+    s.hold_until("worked-again")
 
 
 def readonly_failover_then_promotion(s: Step) -> None:
@@ -80,12 +137,14 @@ def readonly_failover_then_promotion(s: Step) -> None:
     s.hold()
     s.do(f"failover: PgBouncers -> {new} (read-only)", lambda: p.failover(new))
     s.facts["read_only_from"] = s.recorder.now()
-    s.hold()
+    s.enter(State.READ_ONLY)
+    s.hold_until("met-read-only")
     s.do(f"stop {old}", lambda: p.stop(old, "fast"))
     s.facts["promote_started"] = s.recorder.now()
+    s.enter(None)  # the standby takes writes as soon as the promotion is under way
     s.do(f"promote {new}", lambda: p.promote(new))
-    s.facts["read_only_until"] = s.recorder.now()
-    s.hold()
+    s.facts["read_only_until"] = s.facts["back_at"] = s.recorder.now()
+    s.hold_until("worked-again")
     s.do(f"demote {old} to follow {new}", lambda: p.demote(old, new))
     s.hold(0.5)
 
@@ -97,14 +156,17 @@ def primary_crash(s: Step) -> None:
     s.hold()
     s.do(f"kill -9 {old}", lambda: p.kill(old))
     s.facts["crash_at"] = s.recorder.now()
+    s.enter(State.UNAVAILABLE)
     time.sleep(0.5)  # the time it takes a watchdog or an operator to notice
     s.facts["standby_received"] = p.receive_lsn(new)
     s.do(f"failover: PgBouncers -> {new}", lambda: p.failover(new))
     s.facts["failover_at"] = s.recorder.now()
+    s.enter(State.READ_ONLY)
     s.hold(0.5)
+    s.enter(None)
     s.do(f"promote {new}", lambda: p.promote(new))
-    s.facts["promoted_at"] = s.recorder.now()
-    s.hold()
+    s.facts["promoted_at"] = s.facts["back_at"] = s.recorder.now()
+    s.hold_until("worked-again")
     s.do(f"rejoin {old} (pg_rewind)", lambda: p.demote(old, new))
     s.hold(0.5)
 
@@ -118,7 +180,8 @@ def standby_crash(s: Step) -> None:
     s.hold()
     s.do(f"start {standby}", lambda: p.start(standby))
     s.facts["catch_up_seconds"] = s.do(f"{standby} caught up", lambda: p.wait_caught_up(standby))
-    s.hold(0.5)
+    s.facts["back_at"] = 0.0  # the services' database never changed: every kind must simply have worked
+    s.hold_until("worked-again", 0.5)
 
 
 def minor_upgrade(s: Step) -> None:
@@ -136,7 +199,8 @@ def minor_upgrade(s: Step) -> None:
     s.do(f"{old} caught up", lambda: p.wait_caught_up(old))
     s.hold(0.5)
     s.facts["back"] = s.do(f"switchover {new} -> {old}", lambda: p.switchover(old))
-    s.hold(0.5)
+    s.facts["back_at"] = s.recorder.now()
+    s.hold_until("worked-again", 0.5)
 
 
 SCENARIOS = [
@@ -158,11 +222,21 @@ SCENARIOS = [
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 
+#: How many of the operations that decided an expectation the report lists (the wrong ones first).
+EVIDENCE_SHOWN = 60
+
+
 @dataclass
 class Expectation:
+    """One verdict: what was expected, whether it held, what was observed, and the operations
+    that decided it (``evidence``, the wrong ones first), so the report can show them."""
+
     text: str
     passed: bool
     observed: Any
+    evidence: list[Event] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "passed": bool(self.passed), "observed": self.observed}
+        return {"text": self.text, "passed": bool(self.passed), "observed": self.observed,
+                "operations": [e.as_dict() for e in self.evidence[:EVIDENCE_SHOWN]],
+                "operations_total": len(self.evidence)}

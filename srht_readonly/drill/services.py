@@ -38,6 +38,7 @@ class DrillEnvironment:
     directory: Path  # scratch space of its own, removed after the drill
     load: str  # "typical" or "excessive"
     duration: float  # seconds each scenario holds a state (traffic should be steady well below it)
+    sabotage: str | None = None  # `drill --sabotage NAME`: the part to break on purpose (see drill.sabotage)
 
 
 class ServiceSet(Protocol):

@@ -37,8 +37,12 @@ class Setting:
 
 
 @contextlib.contextmanager
-def local(*, load_name: str, duration: float, services: bool = True, say: Say = lambda _m: None) -> Iterator[Setting]:
-    """A fresh lab (primary, hot standby, PgBouncer) and the stand-in services, all removed afterwards."""
+def local(*, load_name: str, duration: float, services: bool = True, sabotage: str | None = None,
+          say: Say = lambda _m: None) -> Iterator[Setting]:
+    """A fresh lab (primary, hot standby, PgBouncer) and the stand-in services, all removed afterwards.
+
+    ``sabotage``: the part to break on purpose (``drill.sabotage``).
+    """
     from ..testing.lab import Lab
 
     scratch = Path(tempfile.mkdtemp(prefix="srht-drill-"))
@@ -50,16 +54,18 @@ def local(*, load_name: str, duration: float, services: bool = True, say: Say = 
             lab.start(progress=lambda m: say(f"  {m}"))
             cluster = stack.enter_context(Cluster(load(lab.write_inventory(scratch / "inventory.ini"))))
             assert lab.pgbouncer is not None
-            fleet = Fleet(InventoryProcedures(cluster), [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
+            procedures = InventoryProcedures(cluster, sabotage=sabotage)
+            fleet = Fleet(procedures, [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
             sources: list[TrafficSource] = []
             if services:
-                env = DrillEnvironment(lab.pgbouncer.url, scratch / "services", load_name, duration)
+                env = DrillEnvironment(lab.pgbouncer.url, scratch / "services", load_name, duration, sabotage)
                 env.directory.mkdir()
                 for name, factory in registered().items():
                     say(f"starting services: {name}")
                     made = factory(env)
                     stack.callback(made.close)
                     sources += made.sources
+            stack.callback(procedures.close)  # first: a PgBouncer left paused holds the services' clients
             names = ", ".join(s.name for s in sources) or "none (database traffic only)"
             pg = lab.primary.server.run("postgres", "--version").stdout.strip()
             yield Setting(fleet, sources, f"embedded lab in {lab.directory}: {pg}; services: {names}")
@@ -68,8 +74,12 @@ def local(*, load_name: str, duration: float, services: bool = True, say: Say = 
 
 
 @contextlib.contextmanager
-def deployment(path: str | Path, *, ssh_config: str | Path | None = None) -> Iterator[Setting]:
-    """The hosts of the inventory at ``path``, its ``[drill]`` traffic and ``[probe NAME]`` probes."""
+def deployment(path: str | Path, *, ssh_config: str | Path | None = None,
+               sabotage: str | None = None) -> Iterator[Setting]:
+    """The hosts of the inventory at ``path``, its ``[drill]`` traffic and ``[probe NAME]`` probes.
+
+    ``sabotage``: a fleet sabotage only (``no-resume``, ``slow-login-retry``).
+    """
     inventory = load(path)
     config = drill_config(inventory)
     lock = OperatorLock(lock_path(inventory.path), "drill")
@@ -79,9 +89,13 @@ def deployment(path: str | Path, *, ssh_config: str | Path | None = None) -> Ite
             def ledger_dsn(node: str) -> str:
                 return psycopg2.extensions.make_dsn(cluster.node(node).dsn, dbname=config.database)
 
-            fleet = Fleet(InventoryProcedures(cluster), config.traffic, ledger_dsn)
+            procedures = InventoryProcedures(cluster, sabotage=sabotage)
+            fleet = Fleet(procedures, config.traffic, ledger_dsn)
             sources = [ProbeSource(p) for p in config.probes]
-            yield Setting(fleet, sources, f"inventory {inventory.path}: nodes {', '.join(inventory.nodes)}; "
-                                          f"probes: {', '.join(p.name for p in config.probes) or 'none'}")
+            try:
+                yield Setting(fleet, sources, f"inventory {inventory.path}: nodes {', '.join(inventory.nodes)}; "
+                                              f"probes: {', '.join(p.name for p in config.probes) or 'none'}")
+            finally:
+                procedures.close()
     finally:
         lock.release()

@@ -1,42 +1,52 @@
 """Judging what was recorded against what the plan promises in each scenario.
 
-``database(scenario, recorder, facts, ledger)`` judges the ledger's lane: acknowledged writes
-kept, the write gap of planned switches, reads through a read-only failover, how soon a crash
-was recovered from, and whether every lost write is explained by asynchronous replication.
+**Windows as users meet them.** The scenarios note the states the services' database went
+through (``facts["states"]``: read-only, unreachable, from when to when). An operation belongs
+to the state it *met*: the one it observed (``Event.met``: a 25006 refusal, the
+``Srht-Read-Only`` header, a "database unreachable" page), or, where it observed nothing (a
+fetch that worked), the state at its start. Two sets follow from that:
 
-``common(service, scenario, events, facts)`` holds what every service owes:
+* judged as read-only (``judged_read_only``): what observed the read-only state, plus what ran
+  wholly inside a read-only window and did not observe a writable database: these must be
+  refused with the explanation or dropped; an operation straddling a boundary that observed
+  nothing is not judged on it (it may have done its writes before or after the window);
+* met read-only (``met_read_only``): what observed it, or started inside the window. Every
+  kind of operation of every service must have met it (``each_kind``): the scenario holds the
+  state until they all have (``scenarios.Step.hold_until``), so "none required" never passes.
 
-* planned or harmless scenarios (``switchover``, ``minor-upgrade``, ``standby-crash``): the
-  database never goes read-only for the services, so every operation simply works: no error,
-  nothing refused, nothing dropped;
-* ``readonly-failover``: no error at any time; writes in the read-only window refused with the
-  explanation or dropped (never done, never failed); from ``GRACE`` after the promotion,
-  everything works again, with no restart;
-* ``primary-crash``: errors only from operations that were under way while the primary was
-  dead and PgBouncer still pointed at it (``crash_at`` to ``failover_at`` + ``GRACE``), and from
-  ``promoted_at`` + ``GRACE`` on everything works again.
+``common(service, scenario, events, facts, kinds=...)`` holds what every service owes:
 
-Each check also requires that there was traffic to judge, so that no verdict is passed on
-nothing; a scenario that stopped before a step it is judged on fails with "not reached". The
-probes of a real deployment are judged by ``common`` alone; the local stand-in services
-(``integrations/drill``) add their own checks with ``during``/``after``/``required``.
+* undisturbed scenarios (``switchover``, ``minor-upgrade``, ``standby-crash``): every operation
+  simply works: no error, nothing refused, nothing dropped, and every kind worked;
+* ``readonly-failover``: no error at any time; what is judged as read-only was refused with the
+  explanation or dropped; every kind met the read-only state; from ``GRACE`` after the
+  promotion everything works again, every kind at least once, with no restart;
+* ``primary-crash``: errors only from operations under way while the primary was dead and
+  PgBouncer still pointed at it (``crash_at`` to ``failover_at`` + ``GRACE``); from
+  ``promoted_at`` + ``GRACE`` on, everything works again, every kind at least once.
+
+Operations still in flight longer than ``GRACE`` when the traffic stops are errors (the
+recorder's ``close``), so hung work fails every one of these. ``database(...)`` judges the
+ledger's lane: acknowledged writes kept, the write gap of planned switches (from the traffic's
+start to its end, so a trailing stall counts), reads through a read-only failover, how soon a
+crash was recovered from, and whether every lost write is explained by asynchronous replication.
+A scenario that stopped before a step it is judged on fails with "not reached".
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..ops.sql import parse_lsn
+from .ledger import KINDS as LEDGER_KINDS
 from .ledger import LedgerResult
-from .recorder import Event, Outcome, Recorder
+from .recorder import Event, Outcome, Recorder, State
 from .scenarios import BY_NAME, Expectation
 
-__all__ = ["GRACE", "after", "all_are", "common", "database", "during", "first", "of_service", "read_only_window",
-           "required", "sample", "started"]
+__all__ = ["GRACE", "after", "all_are", "common", "database", "during", "each_kind", "first", "judged_read_only",
+           "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample",
+           "started", "state_at"]
 
 #: Seconds after a step (failover, promotion) the services are given to notice it.
 GRACE = 2.0
@@ -44,9 +54,12 @@ GRACE = 2.0
 #: Scenarios in which the services' database never refuses a write.
 UNDISTURBED = ("switchover", "minor-upgrade", "standby-crash")
 
+#: Outcomes the plan allows for a write that met the read-only state.
+DEGRADED = (Outcome.EXPLAINED, Outcome.DROPPED)
+
 
 def started(e: Event) -> float:
-    return e.t - e.latency
+    return e.started
 
 
 def of_service(events: Iterable[Event], service: str, *ops: str) -> list[Event]:
@@ -55,12 +68,16 @@ def of_service(events: Iterable[Event], service: str, *ops: str) -> list[Event]:
 
 def during(events: Iterable[Event], lo: float, hi: float) -> list[Event]:
     """Operations that started and ended within ``[lo, hi]``."""
-    return [e for e in events if started(e) >= lo and e.t <= hi]
+    return [e for e in events if e.started >= lo and e.t <= hi]
 
 
 def after(events: Iterable[Event], t: float) -> list[Event]:
     """Operations that started at or after ``t``."""
-    return [e for e in events if started(e) >= t]
+    return [e for e in events if e.started >= t]
+
+
+def first(events: list[Event], predicate: Callable[[Event], bool]) -> Event | None:
+    return min((e for e in events if predicate(e)), key=lambda e: e.t, default=None)
 
 
 def read_only_window(facts: dict[str, Any]) -> tuple[float, float]:
@@ -68,6 +85,76 @@ def read_only_window(facts: dict[str, Any]) -> tuple[float, float]:
     to the start of the promotion step (``promote_started``; ``read_only_until`` is when the
     promotion was *verified*, and the standby already takes writes during that verification)."""
     return facts["read_only_from"], facts.get("promote_started", facts["read_only_until"])
+
+
+def _windows(facts: Mapping[str, Any], state: State) -> list[tuple[float, float]]:
+    return [(lo, float("inf") if hi is None else hi) for s, lo, hi in facts.get("states", []) if s == state.value]
+
+
+def state_at(t: float, facts: Mapping[str, Any]) -> State:
+    """The state the scenario had put the services' database in at ``t`` (writable outside every window)."""
+    for s, lo, hi in facts.get("states", []):
+        if lo <= t < (float("inf") if hi is None else hi):
+            return State(s)
+    return State.WRITABLE
+
+
+def met(e: Event, facts: Mapping[str, Any]) -> State:
+    """The state ``e`` met: what it observed, else the state at its start."""
+    return e.met if e.met is not None else state_at(e.started, facts)
+
+
+def met_read_only(events: Iterable[Event], facts: Mapping[str, Any]) -> list[Event]:
+    return [e for e in events if met(e, facts) is State.READ_ONLY]
+
+
+def judged_read_only(events: Iterable[Event], facts: Mapping[str, Any]) -> list[Event]:
+    """Operations judged as read-only: observed so, or ran wholly inside a read-only window. Not one
+    that observed a writable database: it met one (a write through a server connection PgBouncer
+    had not yet closed, say), whatever the clock says."""
+    windows = _windows(facts, State.READ_ONLY)
+    return [e for e in events if e.met is State.READ_ONLY
+            or (e.met is not State.WRITABLE and any(lo <= e.started and e.t <= hi for lo, hi in windows))]
+
+
+def reached(events: Iterable[Event], goal: str, facts: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """The kinds ``(service, op)`` among ``events`` that reached ``goal``.
+
+    ``met-read-only``: met the read-only state; ``worked-again``: succeeded, started ``GRACE``
+    after ``facts["back_at"]`` (when the database was writable again).
+    """
+    if goal == "met-read-only":
+        return {(e.service, e.op) for e in met_read_only(events, facts)}
+    if goal == "worked-again":
+        since = facts.get("back_at", 0.0) + GRACE
+        return {(e.service, e.op) for e in events if e.outcome is Outcome.OK and e.started >= since}
+    raise ValueError(f"unknown goal {goal!r}")
+
+
+def kinds_missing(events: Iterable[Event], kinds: Mapping[str, Sequence[str]], goal: str,
+                  facts: Mapping[str, Any], *, in_flight: Iterable[tuple[str, str, float]] = (),
+                  now: float = 0.0) -> list[str]:
+    """The kinds (``"service op"``) with no operation that reached ``goal`` (see ``reached``).
+
+    ``in_flight`` (``(service, op, started)``): operations still under way that *wait* while the
+    database is read-only (a build): one waiting in the read-only state for ``GRACE`` seconds or
+    more met it, though it can only end after the window.
+    """
+    done = reached(events, goal, facts)
+    if goal == "met-read-only":
+        done |= {(service, op) for service, op, began in in_flight
+                 if now - began >= GRACE and state_at(began, facts) is State.READ_ONLY}
+    return [f"{service} {op}" for service, ops in kinds.items() for op in ops if (service, op) not in done]
+
+
+def each_kind(text: str, events: list[Event], kinds: Sequence[str], reached: Callable[[Event], bool]) -> Expectation:
+    """At least one operation of each of ``kinds`` among ``events`` for which ``reached`` holds."""
+    per = {k: sum(1 for e in events if e.op == k and reached(e)) for k in kinds}
+    missing = [k for k, n in per.items() if not n]
+    observed = ", ".join(f"{k} {n}" for k, n in per.items()) or "no kinds of operation"
+    if missing:
+        observed += f"; none for {', '.join(missing)}"
+    return Expectation(text, bool(kinds) and not missing, observed, [e for e in events if reached(e)])
 
 
 def sample(events: list[Event], what: str = "errors", limit: int = 3) -> str:
@@ -86,19 +173,12 @@ def all_are(text: str, events: list[Event], allowed: tuple[Outcome, ...], *, at_
     wrong = [e for e in events if e.outcome not in allowed]
     enough = len(events) >= at_least
     observed = f"{len(events)} operations" + (f", {sample(wrong, 'not ' + '/'.join(allowed))}" if wrong else "")
-    return Expectation(text, enough and not wrong, observed)
+    return Expectation(text, enough and not wrong, observed, wrong + [e for e in events if e.outcome in allowed])
 
 
-def required(events: list[Event], lo: float, hi: float) -> int:
-    """1 if ``[lo, hi]`` certainly holds one of ``events``' kind from start to end, else 0.
-
-    One starts every ``period`` (median gap between starts) and lasts ``took`` (median latency):
-    a window at least as long as both together holds one whole.
-    """
-    took = statistics.median([e.latency for e in events] or [math.inf])
-    starts = sorted(started(e) for e in events)
-    period = statistics.median([b - a for a, b in itertools.pairwise(starts)] or [math.inf])
-    return 1 if hi - lo >= period + took else 0
+def no_errors(text: str, events: list[Event]) -> Expectation:
+    errors = [e for e in events if e.outcome is Outcome.ERROR]
+    return Expectation(text, bool(events) and not errors, f"{len(events)} operations, {sample(errors)}", errors)
 
 
 def _missing(facts: dict[str, Any], *keys: str) -> list[str]:
@@ -110,45 +190,53 @@ def _not_reached(who: str, missing: list[str]) -> Expectation:
                        f"not reached: {', '.join(missing)}")
 
 
+def works_again(service: str, events: list[Event], kinds: Sequence[str], since: float) -> list[Expectation]:
+    """From ``since`` on everything works, and every kind worked at least once."""
+    back = after(events, since)
+    return [all_are(f"{service}: everything works from {GRACE:g} s after the promotion", back, (Outcome.OK,)),
+            each_kind(f"{service}: every kind of operation worked again after the promotion", back, kinds,
+                      lambda e: e.outcome is Outcome.OK)]
+
+
 def common(service: str, scenario: str, events: list[Event], facts: dict[str, Any], *,
-           writes_wait: bool = False) -> list[Expectation]:
+           kinds: Sequence[str] = (), writes_wait: bool = False) -> list[Expectation]:
     """What every service owes in ``scenario`` (see the module doc); ``events`` are its own.
 
-    ``writes_wait``: the service's writes block until the database is writable (the plan's retry,
-    as a build runner's), so none is expected to end, refused or dropped, in the read-only window.
+    ``kinds``: the kinds of operation the service does (``Event.op``); each must be seen doing
+    what the scenario demands. ``writes_wait``: the service's writes block until the database
+    is writable (the plan's retry, as a build runner's), so none is expected to end refused or
+    dropped in the read-only window.
     """
+    kinds = tuple(kinds) or tuple(sorted({e.op for e in events}))
     checks: list[Expectation] = []
-    errors = [e for e in events if e.outcome is Outcome.ERROR]
     if scenario in UNDISTURBED:
-        checks.append(Expectation(f"{service}: traffic ran and no user saw an error", bool(events) and not errors,
-                                  f"{len(events)} operations, {sample(errors)}"))
-        degraded = [e for e in events if e.outcome in (Outcome.EXPLAINED, Outcome.DROPPED)]
+        checks.append(no_errors(f"{service}: traffic ran and no user saw an error", events))
+        degraded = [e for e in events if e.outcome in DEGRADED]
         checks.append(Expectation(f"{service}: nothing refused or dropped (the database never went read-only)",
-                                  not degraded, sample(degraded, "refused or dropped")))
+                                  not degraded, sample(degraded, "refused or dropped"), degraded))
+        checks.append(each_kind(f"{service}: every kind of operation worked", events, kinds,
+                                lambda e: e.outcome is Outcome.OK))
     elif scenario == "readonly-failover":
-        checks.append(Expectation(f"{service}: traffic ran and no user saw an unexplained error",
-                                  bool(events) and not errors, f"{len(events)} operations, {sample(errors)}"))
+        checks.append(no_errors(f"{service}: traffic ran and no user saw an unexplained error", events))
         if missing := _missing(facts, "read_only_from", "read_only_until"):
             return [*checks, _not_reached(service, missing)]
         writes = [e for e in events if e.write]
         if writes and not writes_wait:
-            lo, hi = read_only_window(facts)
-            checks.append(all_are(f"{service}: writes in the read-only window refused with the explanation "
-                                  "or dropped", during(writes, lo, hi), (Outcome.EXPLAINED, Outcome.DROPPED),
-                                  at_least=required(writes, lo, hi)))
-        checks.append(all_are(f"{service}: everything works from {GRACE:g} s after the promotion",
-                              after(events, facts["read_only_until"] + GRACE), (Outcome.OK,)))
+            checks.append(all_are(f"{service}: writes that met the read-only state were refused with the "
+                                  "explanation or dropped", judged_read_only(writes, facts), DEGRADED))
+        checks.append(each_kind(f"{service}: every kind of operation met the read-only state", events, kinds,
+                                lambda e: met(e, facts) is State.READ_ONLY))
+        checks += works_again(service, events, kinds, facts["read_only_until"] + GRACE)
     elif scenario == "primary-crash":
         if missing := _missing(facts, "crash_at", "failover_at", "promoted_at"):
             return [*checks, _not_reached(service, missing)]
         lo, hi = facts["crash_at"], facts["failover_at"] + GRACE
-        stray = [e for e in errors if not (started(e) <= hi and e.t >= lo)]
+        errors = [e for e in events if e.outcome is Outcome.ERROR]
+        stray = [e for e in errors if not (e.started <= hi and e.t >= lo)]
         checks.append(Expectation(
             f"{service}: errors only from operations under way between the crash and {GRACE:g} s after the failover",
-            not stray, f"{sample(errors)}; {sample(stray, 'outside')}"))
-        back = after(events, facts["promoted_at"] + GRACE)
-        checks.append(all_are(f"{service}: everything works from {GRACE:g} s after the promotion", back,
-                              (Outcome.OK,)))
+            bool(events) and not stray, f"{sample(errors)}; {sample(stray, 'outside')}", stray + errors))
+        checks += works_again(service, events, kinds, facts["promoted_at"] + GRACE)
     return checks
 
 
@@ -159,30 +247,37 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
     checks = []
     if BY_NAME[scenario].planned or scenario == "standby-crash":
         checks.append(Expectation("no acknowledged write lost", not ledger.lost, len(ledger.lost)))
-        checks.append(Expectation("database: no client saw an unexplained error", not errors, sample(errors)))
+        checks.append(Expectation("database: no client saw an unexplained error", not errors, sample(errors), errors))
     if scenario in ("switchover", "minor-upgrade"):
         gap = recorder.longest_write_gap("database")
-        checks.append(Expectation("longest write gap under 1 s", gap < 1.0, f"{gap:.2f} s"))
+        checks.append(Expectation("longest write gap under 1 s (from the traffic's start to its end)", gap < 1.0,
+                                  f"{gap:.2f} s"))
         failed = [e for e in events if e.write and e.outcome is not Outcome.OK]
-        checks.append(Expectation("no write failed", not failed, len(failed)))
+        checks.append(Expectation("no write failed", not failed, len(failed), failed))
     if scenario == "readonly-failover":
         if missing := _missing(facts, "read_only_from", "read_only_until"):
             return [*checks, _not_reached("database", missing)]
-        lo, hi = read_only_window(facts)
         reads_failed = [e for e in events if not e.write and e.outcome is Outcome.ERROR]
-        checks.append(Expectation("reads never failed", not reads_failed, len(reads_failed)))
-        checks.append(all_are("writes during the read-only window were refused with an explanation",
-                              during([e for e in events if e.write], lo, hi), (Outcome.EXPLAINED,)))
+        checks.append(Expectation("reads never failed", not reads_failed, len(reads_failed), reads_failed))
+        # Stricter than a service's: the procedure said the fleet was read-only from the failover on,
+        # so a write acknowledged in the window (by a primary still reached) is a finding too.
+        lo, hi = read_only_window(facts)
+        writes = [e for e in events if e.write and (e.met is State.READ_ONLY or lo <= e.started and e.t <= hi)]
+        checks.append(all_are("writes in the read-only window were refused with an explanation", writes,
+                              (Outcome.EXPLAINED,)))
+        checks.append(each_kind("database: reads and writes met the read-only state", events, LEDGER_KINDS,
+                                lambda e: met(e, facts) is State.READ_ONLY))
     if scenario == "primary-crash":
         if missing := _missing(facts, "failover_at", "promoted_at"):
             return [*checks, _not_reached("database", missing)]
-        for what, write, since in (("reads", False, "failover_at"), ("writes", True, "promoted_at")):
+        for what, write, since, step in (("reads", False, "failover_at", "failover"),
+                                         ("writes", True, "promoted_at", "promotion")):
             back = first(events, lambda e, w=write, t=facts[since]: e.t >= t and e.write == w  # type: ignore[misc]
                          and e.outcome is Outcome.OK)
             took = None if back is None else back.t - facts[since]
-            checks.append(Expectation(f"{what} restored within {GRACE:g} s of the {since.split('_')[0]}",
+            checks.append(Expectation(f"{what} restored within {GRACE:g} s of the {step}",
                                       took is not None and took <= GRACE,
-                                      "never" if took is None else f"{took:.2f} s"))
+                                      "never" if took is None else f"{took:.2f} s", [back] if back else []))
         unexplained = _lost_not_explained(ledger, facts.get("standby_received"))
         checks.append(Expectation("every lost write was committed past the WAL the standby had received",
                                   not unexplained, f"{len(ledger.lost)} lost, {len(unexplained)} unexplained"))
@@ -207,7 +302,3 @@ def _lost_not_explained(ledger: LedgerResult, received: str | None) -> list[dict
     return [w for w in ledger.lost
             if (parse_lsn(w["committed_before"]) <= limit if w.get("committed_before")
                 else parse_lsn(w["lsn"]) < limit - 8192)]
-
-
-def first(events: list[Event], predicate: Callable[[Event], bool]) -> Event | None:
-    return min((e for e in events if predicate(e)), key=lambda e: e.t, default=None)

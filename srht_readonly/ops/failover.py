@@ -83,11 +83,16 @@ def check_failover(cluster: Cluster, fleet: Fleet, to: str, *, force: bool = Fal
     return FailoverPlan(to, state.role, changes, {n: s.target for n, s in observed.items()}, retry, warnings)
 
 
-def run_failover(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, *, verify_timeout: float = 5) -> FailoverResult:
-    """Phase one (write all, or put back and refuse), phase two (reload all at once), then verify."""
+def run_failover(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, *, verify_timeout: float = 5,
+                 login_retry: float | None = LOGIN_RETRY) -> FailoverResult:
+    """Phase one (write all, or put back and refuse), phase two (reload all at once), then verify.
+
+    ``login_retry=None`` leaves each PgBouncer's ``server_login_retry`` as its file says (the
+    drill's sabotage ``slow-login-retry`` shows what that costs after a crash).
+    """
     start = time.monotonic()
     written = fleet.write(plan.changes)
-    reloaded = fleet.reload(login_retry=LOGIN_RETRY)
+    reloaded = fleet.reload(login_retry=login_retry)
     problems = {n: f"RELOAD failed: {o.error}" for n, o in reloaded.items() if not o.ok}
     wrong = fleet.verify(cluster.node(plan.target), timeout=verify_timeout)
     problems.update({n: w for n, w in wrong.items() if n not in problems})
@@ -100,5 +105,5 @@ def run_failover(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, *, verify_t
         )
     return FailoverResult(
         plan.target, plan.target_role, written, [n for n, o in reloaded.items() if o.ok],
-        list(plan.login_retry), time.monotonic() - start, plan.warnings,
+        list(plan.login_retry) if login_retry is not None else [], time.monotonic() - start, plan.warnings,
     )

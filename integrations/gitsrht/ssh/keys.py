@@ -16,6 +16,10 @@ If the database cannot be reached at all, every key gets a line whose forced com
 its database, which beats the "Permission denied (publickey)" that would send them checking
 their keys.
 
+With ``GITSRHT_STORE_KEYS_ALWAYS=1`` in its environment (the drill's ``--sabotage store-keys``,
+to prove the drill catches it), an unknown key is stored as sr.ht did before the plan: a plain
+INSERT whose failure fails the login.
+
 Cost: a known key, one SELECT; an unknown key, one HTTP request, two SELECTs, and a
 SAVEPOINT/INSERT/RELEASE/COMMIT (the INSERT fails at once while read-only).
 """
@@ -27,6 +31,7 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -44,7 +49,8 @@ from .. import schema
 from . import config as _config
 from .database import connect
 
-__all__ = ["UNAVAILABLE_FLAG", "Owner", "authorized_line", "fingerprint", "main", "normalise", "unavailable_line"]
+__all__ = ["STORE_ALWAYS_ENV", "UNAVAILABLE_FLAG", "Owner", "authorized_line", "fingerprint", "main", "normalise",
+           "unavailable_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ logger = logging.getLogger(__name__)
 META_TIMEOUT = 5
 #: The shell's argument that makes it say "database unreachable" and do nothing else.
 UNAVAILABLE_FLAG = "--unavailable"
+#: Set to 1: store unknown keys as sr.ht did before the plan (the drill's sabotage ``store-keys``).
+STORE_ALWAYS_ENV = "GITSRHT_STORE_KEYS_ALWAYS"
 _USERNAME = re.compile(r"[a-z_][a-z0-9_-]{0,255}")
 _KEY_TYPE = re.compile(r"[a-z0-9@.-]{1,64}")
 
@@ -135,13 +143,16 @@ def _store(conn: Connection, owner: Owner, record: dict[str, object], key_type: 
     if not isinstance(meta_id, int):
         logger.warning("meta.sr.ht's record of a key has no id; not storing it")
         return False
+    statement = (insert(schema.sshkey)
+                 .values(user_id=owner.id, meta_id=meta_id, key=normalise(key_type, b64),
+                         fingerprint=str(record.get("fingerprint") or fingerprint(b64)))
+                 .on_conflict_do_nothing())
+    if os.environ.get(STORE_ALWAYS_ENV) == "1":
+        conn.execute(statement)
+        conn.commit()
+        return True
     with drop_on_read_only(conn) as write:
-        conn.execute(
-            insert(schema.sshkey)
-            .values(user_id=owner.id, meta_id=meta_id, key=normalise(key_type, b64),
-                    fingerprint=str(record.get("fingerprint") or fingerprint(b64)))
-            .on_conflict_do_nothing()
-        )
+        conn.execute(statement)
     return not write.dropped
 
 
@@ -164,7 +175,7 @@ def authorise(conn: Connection, cfg: _config.Config, key_type: str, b64: str) ->
         stored = _store(conn, owner, record, key_type, b64)
         conn.commit()
     except Exception as exc:  # authorisation must not depend on the INSERT, whatever its fate
-        if classify(exc) is None:
+        if classify(exc) is None or os.environ.get(STORE_ALWAYS_ENV) == "1":
             raise
         logger.warning("storing key %s failed (%s); using it anyway", fingerprint(b64), exc)
         stored = False

@@ -1,0 +1,57 @@
+"""Which kinds of operation have reached a goal so far: what a scenario polls while it holds a state.
+
+``Step.hold_until`` asks several times a second; a drill under ``--load excessive`` records tens
+of thousands of operations, so ``Coverage`` reads only the events recorded since it last looked
+(the answer for the facts it was asked with is kept; a change of the facts, such as a window
+closing, starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from . import verdicts
+from .recorder import Recorder
+
+
+class Coverage:
+    """``missing(goal, facts)`` over ``recorder`` for the services' ``kinds``.
+
+    ``waiting``: the services whose operations wait while the database is read-only (a build
+    runner); only theirs count as having met the read-only state while still under way.
+    """
+
+    def __init__(self, recorder: Recorder, kinds: Mapping[str, Sequence[str]], *,
+                 waiting: Collection[str] = ()) -> None:
+        self.recorder = recorder
+        self.kinds = kinds
+        self.waiting = set(waiting)
+        self._done: dict[str, tuple[set[tuple[str, str]], int]] = {}
+        self._slowest: dict[tuple[str, str], float] = {}
+        self._timed = 0
+
+    def missing(self, goal: str, facts: Mapping[str, Any]) -> list[str]:
+        key = json.dumps([goal, facts.get("states", []), facts.get("back_at")])
+        done, seen = self._done.get(key, (set(), 0))
+        new = self.recorder.events_since(seen)
+        done |= verdicts.reached(new, goal, facts)
+        self._done[key] = (done, seen + len(new))
+        under_way = [(o.service, o.op, o.started - self.recorder.t0) for o in self.recorder.in_flight()
+                     if o.service in self.waiting]
+        left = verdicts.kinds_missing([], self.kinds, goal, facts, in_flight=under_way, now=self.recorder.now())
+        return [k for k in left if tuple(k.partition(" ")[::2]) not in done]
+
+    def slowest(self, kinds: list[str]) -> float:
+        """The longest an operation of ``kinds`` (``"service op"``) took, or has been under way, so far."""
+        new = self.recorder.events_since(self._timed)
+        self._timed += len(new)
+        for e in new:
+            key = (e.service, e.op)
+            self._slowest[key] = max(self._slowest.get(key, 0.0), e.latency)
+        wanted = {(service, op) for service, _, op in (k.partition(" ") for k in kinds)}
+        now = time.monotonic()
+        under_way = [now - o.started for o in self.recorder.in_flight() if (o.service, o.op) in wanted]
+        return max([self._slowest.get(k, 0.0) for k in wanted] + under_way, default=0.0)

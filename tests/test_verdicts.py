@@ -1,0 +1,241 @@
+"""The drill's verdicts on synthetic event streams (pure logic, no server): each one passes on
+what the plan promises and fails on what it does not, including the holes a verdict on nothing
+would hide (zero operations, hung ones, a trailing stall)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from srht_readonly.drill import verdicts
+from srht_readonly.drill.coverage import Coverage
+from srht_readonly.drill.ledger import LedgerResult
+from srht_readonly.drill.recorder import Event, Outcome, Recorder, State
+
+OK, DROPPED, EXPLAINED, ERROR = Outcome.OK, Outcome.DROPPED, Outcome.EXPLAINED, Outcome.ERROR
+RO, W, DOWN = State.READ_ONLY, State.WRITABLE, State.UNAVAILABLE
+
+#: readonly-failover: read-only from 10 s to 20 s (promotion started), promotion verified at 21 s.
+FAILOVER = {"read_only_from": 10.0, "promote_started": 20.0, "read_only_until": 21.0, "back_at": 21.0,
+            "states": [["read-only", 10.0, 20.0]]}
+#: primary-crash: killed at 10 s, failover done at 11 s, promoted at 13 s.
+CRASH = {"crash_at": 10.0, "failover_at": 11.0, "promoted_at": 13.0, "back_at": 13.0,
+         "states": [["unavailable", 10.0, 11.0], ["read-only", 11.0, 12.5]]}
+
+
+def ev(op: str, start: float, end: float, outcome: Outcome = OK, *, write: bool = False, met: State | None = None,
+       service: str = "ssh") -> Event:
+    return Event(end, service, op, outcome, end - start, write, "", met)
+
+
+def steady(op: str, *, write: bool, every: float = 1.0, until: float = 30.0, **kw) -> list[Event]:
+    """One ``op`` per ``every`` seconds from 0 to ``until``, as the plan wants it in FAILOVER."""
+    out = []
+    t = 0.5
+    while t < until:
+        inside = 10.0 <= t < 20.0
+        if write:
+            out.append(ev(op, t, t + 0.4, DROPPED if inside else OK, write=True, met=RO if inside else W, **kw))
+        else:
+            out.append(ev(op, t, t + 0.4, OK, **kw))
+        t += every
+    return out
+
+
+def verdict(checks, text: str):
+    (check,) = [c for c in checks if c.text.startswith(text)]
+    return check
+
+
+def failover_checks(events, kinds=("push", "fetch")):
+    return verdicts.common("ssh", "readonly-failover", events, FAILOVER, kinds=kinds)
+
+
+def test_a_healthy_read_only_failover_passes_every_check():
+    events = steady("push", write=True) + steady("fetch", write=False)
+    checks = failover_checks(events)
+    assert all(c.passed for c in checks), [(c.text, c.observed) for c in checks if not c.passed]
+
+
+CASES = {
+    # name: (events, the check that must fail)
+    "zero operations of a kind in the window": (
+        [e for e in steady("push", write=True) if not 9.0 < e.t < 21.0] + steady("fetch", write=False),
+        "ssh: every kind of operation met the read-only state"),
+    "a write in the window that did not get the explanation": (
+        steady("push", write=True) + steady("fetch", write=False) + [ev("push", 12.0, 13.0, ERROR, write=True)],
+        "ssh: traffic ran and no user saw an unexplained error"),
+    "a write in the window that went through and observed nothing": (
+        steady("push", write=True) + steady("fetch", write=False) + [ev("push", 12.0, 13.0, OK, write=True)],
+        "ssh: writes that met the read-only state were refused with the explanation or dropped"),
+    "a write observed read-only that was neither refused nor dropped": (
+        steady("push", write=True) + steady("fetch", write=False) + [ev("push", 19.0, 22.0, OK, write=True, met=RO)],
+        "ssh: writes that met the read-only state were refused with the explanation or dropped"),
+    "an error after the grace period": (
+        steady("push", write=True) + steady("fetch", write=False) + [ev("fetch", 25.0, 25.5, ERROR)],
+        "ssh: everything works from 2 s after the promotion"),
+    "a kind that never worked again after the promotion": (
+        [e for e in steady("push", write=True) if e.t < 22.0] + steady("fetch", write=False),
+        "ssh: every kind of operation worked again after the promotion"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_failover_verdict_fails_on_what_it_guards(case):
+    events, text = CASES[case]
+    check = verdict(failover_checks(events), text)
+    assert not check.passed, (check.text, check.observed)
+    assert check.evidence or "none for" in check.observed  # the report can show what decided it
+
+
+def test_operations_straddling_the_window_are_judged_by_what_they_observed():
+    # A slow push that began while writable and ended read-only (webhooks dropped): it met the
+    # read-only state. One that began before and recorded everything while writable is not judged.
+    # Neither lies wholly inside the window: before, a window "holding none" passed on nothing.
+    events = [
+        ev("push", 8.0, 12.0, DROPPED, write=True, met=RO),
+        ev("push", 9.5, 10.5, OK, write=True, met=W),
+        ev("push", 18.0, 23.0, DROPPED, write=True, met=RO),
+        ev("fetch", 9.0, 14.0, OK), ev("fetch", 19.5, 24.0, OK),  # observed nothing: the state at its start
+        ev("push", 24.0, 25.0, OK, write=True, met=W), ev("fetch", 24.0, 25.0, OK),
+    ]
+    checks = failover_checks(events)
+    assert all(c.passed for c in checks), [(c.text, c.observed) for c in checks if not c.passed]
+    met = verdict(checks, "ssh: every kind of operation met the read-only state")
+    assert met.observed == "push 2, fetch 1", met.observed
+
+
+def test_a_write_that_observed_a_writable_database_met_one_whatever_the_clock_says():
+    # A push inside the window whose hook recorded everything: its connection still reached the old
+    # primary (a server connection PgBouncer had not closed yet). Judged by what it met, it is fine
+    # for the service; the ledger's own check stays strict about acknowledged writes in the window.
+    events = steady("push", write=True) + steady("fetch", write=False) + [ev("push", 12.0, 13.0, OK, write=True, met=W)]
+    assert all(c.passed for c in failover_checks(events))
+    recorder = Recorder()
+    recorder._events = [ev("write", 12.0, 12.1, OK, write=True, met=W, service="database"),
+                        ev("write", 13.0, 13.1, EXPLAINED, write=True, met=RO, service="database")]
+    check = verdict(verdicts.database("readonly-failover", recorder, FAILOVER, LedgerResult(1)),
+                    "writes in the read-only window were refused")
+    assert not check.passed and check.evidence[0].outcome is OK
+
+
+def test_two_loops_in_step_each_judged_on_its_own_operations():
+    # Two loops of one kind starting together: the pooled median gap is ~0, which once demanded
+    # operations the window could not hold. Now each kind must simply have met the state.
+    loop = steady("push", write=True, every=3.0)
+    twin = [ev(e.op, e.started + 0.05, e.t + 0.05, e.outcome, write=True, met=e.met) for e in loop]
+    checks = failover_checks(loop + twin + steady("fetch", write=False))
+    assert all(c.passed for c in checks), [(c.text, c.observed) for c in checks if not c.passed]
+
+
+def test_no_traffic_at_all_fails_instead_of_passing_on_nothing():
+    for scenario, facts in (("switchover", {}), ("readonly-failover", FAILOVER), ("primary-crash", CRASH)):
+        checks = verdicts.common("ssh", scenario, [], facts, kinds=("push",))
+        assert not all(c.passed for c in checks), scenario
+
+
+def test_undisturbed_scenarios_require_every_kind_to_work():
+    events = steady("fetch", write=False)
+    check = verdict(verdicts.common("ssh", "switchover", events, {}, kinds=("push", "fetch")),
+                    "ssh: every kind of operation worked")
+    assert not check.passed and "none for push" in check.observed
+
+
+def test_crash_errors_only_while_the_primary_was_dead():
+    events = [ev("push", 9.5, 10.5, ERROR, write=True), ev("push", 11.0, 12.0, ERROR, write=True),
+              ev("push", 16.0, 17.0, OK, write=True, met=W)]
+    checks = verdicts.common("ssh", "primary-crash", events, CRASH, kinds=("push",))
+    assert all(c.passed for c in checks), [(c.text, c.observed) for c in checks if not c.passed]
+    late = [*events, ev("push", 14.0, 14.5, ERROR, write=True)]  # after failover + GRACE
+    check = verdict(verdicts.common("ssh", "primary-crash", late, CRASH, kinds=("push",)),
+                    "ssh: errors only from operations under way")
+    assert not check.passed and check.evidence[0].started == 14.0
+
+
+def test_a_hung_operation_is_an_error_with_its_kind_and_age():
+    recorder = Recorder()
+    hung = recorder.begin("celery", "deliver", write=True, started=time.monotonic() - 5)
+    fresh = recorder.begin("celery", "deliver", write=True)  # queued a moment ago: not judged
+    recorder.record("celery", "deliver", OK, started=time.monotonic() - 0.1, write=True)
+    (event,) = recorder.close(grace=2.0)
+    assert event.outcome is ERROR and event.op == "deliver" and event.latency >= 5 and "hung" in event.detail
+    assert recorder.end(hung, OK) is None and recorder.end(fresh, OK) is None  # too late to count
+    check = verdict(verdicts.common("celery", "switchover", recorder.events, {}, kinds=("deliver",)),
+                    "celery: traffic ran and no user saw an error")
+    assert not check.passed and check.evidence == [event]
+
+
+def test_the_longest_write_gap_counts_a_trailing_stall():
+    recorder = Recorder()
+    recorder.traffic_from = 0.0
+    recorder._events = [Event(t / 10, "database", "write", OK, 0.01, True) for t in range(1, 30)]  # until 2.9 s
+    recorder.traffic_until = 3.0
+    assert recorder.longest_write_gap("database") == pytest.approx(0.1)
+    recorder.traffic_until = 8.0  # writes stopped at 2.9 s (a PgBouncer left paused), the traffic ran on
+    assert recorder.longest_write_gap("database") == pytest.approx(5.1)
+    checks = verdicts.database("switchover", recorder, {}, LedgerResult(29))
+    assert not verdict(checks, "longest write gap under 1 s").passed
+    recorder.traffic_from = -2.0  # and a stall at the start counts too
+    recorder.traffic_until = 3.0
+    assert recorder.longest_write_gap("database") == pytest.approx(2.1)
+
+
+def test_a_lost_write_fails_a_planned_scenario_and_an_unexplained_one_a_crash():
+    recorder = Recorder()
+    lost = {"writer": 1, "seq": 7, "lsn": "0/3000000", "committed_before": "0/3000100"}
+    assert not verdict(verdicts.database("switchover", recorder, {}, LedgerResult(10, [lost])),
+                       "no acknowledged write lost").passed
+    facts = {**CRASH, "standby_received": "0/3000200"}  # the standby had received its commit: not explained
+    assert not verdict(verdicts.database("primary-crash", recorder, facts, LedgerResult(10, [lost])),
+                       "every lost write was committed past").passed
+    facts["standby_received"] = "0/3000050"  # committed past what the standby had: asynchronous replication
+    assert verdict(verdicts.database("primary-crash", recorder, facts, LedgerResult(10, [lost])),
+                   "every lost write was committed past").passed
+
+
+def test_kinds_missing_drives_how_long_a_state_is_held():
+    kinds = {"ssh": ("push", "fetch"), "database": ("write",)}
+    facts = {"states": [["read-only", 10.0, None]], "back_at": 0.0}
+    events = [ev("fetch", 11.0, 12.0), ev("write", 10.5, 10.6, EXPLAINED, write=True, met=RO, service="database")]
+    assert verdicts.kinds_missing(events, kinds, "met-read-only", facts) == ["ssh push"]
+    events.append(ev("push", 9.0, 13.0, DROPPED, write=True, met=RO))  # started before, observed it
+    assert verdicts.kinds_missing(events, kinds, "met-read-only", facts) == []
+    # A build waiting in the read-only state ends only after it: under way there for GRACE, it met it.
+    kinds = {**kinds, "builds": ("build",)}
+    assert verdicts.kinds_missing(events, kinds, "met-read-only", facts, in_flight=[("builds", "build", 11.0)],
+                                  now=12.0) == ["builds build"]
+    assert verdicts.kinds_missing(events, kinds, "met-read-only", facts, in_flight=[("builds", "build", 11.0)],
+                                  now=13.5) == []
+    assert verdicts.kinds_missing(events, kinds, "met-read-only", facts, in_flight=[("builds", "build", 8.0)],
+                                  now=13.5) == ["builds build"]  # began while writable
+    facts = {**FAILOVER}
+    kinds = {"ssh": ("push", "fetch"), "database": ("write",)}
+    assert verdicts.kinds_missing([ev("push", 22.0, 23.0, OK, write=True)], kinds, "worked-again", facts) \
+        == ["ssh push", "ssh fetch", "database write"]  # 22 s is before back_at + GRACE
+    with pytest.raises(ValueError):
+        verdicts.kinds_missing([], kinds, "soon", facts)
+
+
+def test_state_at_follows_the_scenario_windows():
+    assert verdicts.state_at(5.0, CRASH) is W
+    assert verdicts.state_at(10.5, CRASH) is DOWN
+    assert verdicts.state_at(12.0, CRASH) is RO
+    assert verdicts.state_at(12.5, CRASH) is W
+
+
+def test_coverage_reads_what_is_new_and_knows_how_slow_each_kind_is():
+    recorder = Recorder()
+    coverage = Coverage(recorder, {"ssh": ("push",), "builds": ("build",)}, waiting=["builds"])
+    facts = {"states": [["read-only", -10.0, None]]}  # since before the recorder's start
+    assert coverage.missing("met-read-only", facts) == ["ssh push", "builds build"]
+    build = recorder.begin("builds", "build", write=True, started=time.monotonic() - 3)  # waiting in the state
+    push = recorder.begin("ssh", "push", write=True, started=time.monotonic() - 3)  # under way: not enough
+    assert coverage.missing("met-read-only", facts) == ["ssh push"]
+    recorder.end(push, DROPPED, met=RO)
+    assert coverage.missing("met-read-only", facts) == []
+    assert 3.0 <= coverage.slowest(["ssh push"]) < 4.0  # ended after 3 s
+    assert 3.0 <= coverage.slowest(["builds build"]) < 4.0  # still under way for 3 s
+    recorder.end(build, OK)
+    facts = {"states": [["read-only", -10.0, 0.5]], "back_at": 0.5}  # the window closed: counted anew
+    assert coverage.missing("worked-again", facts) == ["ssh push", "builds build"]
