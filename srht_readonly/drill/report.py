@@ -2,7 +2,9 @@
 
 The picture has one lane per service; each lane stacks, per time slice, how many operations went
 ``ok`` (green), ``dropped`` (blue), ``explained`` (amber) and ``error`` (red), with the
-procedure's steps drawn as labelled vertical lines. Plain SVG, no script, no dependency.
+procedure's steps drawn as labelled vertical lines. Each expectation opens (``<details>``) the
+list of operations that decided it: kind, start, end, outcome, the state it met, detail. Plain
+HTML and SVG, no script, no dependency.
 """
 
 from __future__ import annotations
@@ -105,8 +107,11 @@ table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ padding: 2px 1
 th:first-child, td:first-child {{ text-align: left; }}
 .key {{ display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 12px; }}
 ul {{ font-size: 14px; }} code {{ font-size: 12px; }}
+details {{ margin: 2px 0 6px 1.2em; }} summary {{ cursor: pointer; color: #555; font-size: 12px; }}
+table.ops td {{ text-align: left; font-size: 12px; }} td.detail {{ color: #555; max-width: 480px; }}
 </style></head><body>
 <h1>srht-readonly drill: <span class="{'pass' if report['passed'] else 'fail'}">{verdict}</span></h1>
+{_sabotage(report.get('sabotage'))}
 <p>{html.escape(report.get('environment', ''))} &middot; load <b>{html.escape(str(report.get('load')))}</b>
 &middot; {report.get('seconds', 0):.0f} s in all. Legend: {legend}</p>
 {cards}
@@ -114,11 +119,35 @@ ul {{ font-size: 14px; }} code {{ font-size: 12px; }}
 """
 
 
+def _sabotage(sabotage: dict[str, Any] | None) -> str:
+    if not sabotage:
+        return ""
+    caught = ", ".join(f"&laquo;{html.escape(t)}&raquo;" for t in sabotage["caught"]) or "NOTHING"
+    return (f"<p><b>Sabotaged on purpose</b> ({html.escape(sabotage['name'])}: {html.escape(sabotage['what'])}); "
+            f"caught by {caught}.</p>")
+
+
+def _operations(e: dict[str, Any]) -> str:
+    """The operations that decided expectation ``e``, as a table inside ``<details>``."""
+    ops = e.get("operations") or []
+    if not ops:
+        return ""
+    rows = "\n".join(
+        f"<tr><td>{html.escape(o['service'])} {html.escape(o['op'])}</td><td>{o['start']:.2f}</td>"
+        f"<td>{o['end']:.2f}</td><td>{html.escape(o['outcome'])}</td><td>{html.escape(o['met'] or '-')}</td>"
+        f"<td class=\"detail\">{html.escape(o['detail'])}</td></tr>" for o in ops)
+    total = e.get("operations_total", len(ops))
+    more = f" (the first {len(ops)} of {total}, wrong ones first)" if total > len(ops) else ""
+    return (f"<details><summary>{total} operations decided it{more}</summary><table class=\"ops\">"
+            "<tr><th>kind</th><th>start s</th><th>end s</th><th>outcome</th><th>state met</th><th>detail</th></tr>"
+            f"\n{rows}</table></details>")
+
+
 def _card(s: dict[str, Any]) -> str:
     state = '<span class="pass">passed</span>' if s["passed"] else '<span class="fail">FAILED</span>'
     expectations = "\n".join(
         f'<li class="{"pass" if e["passed"] else "fail"}">{"&#10003;" if e["passed"] else "&#10007;"} '
-        f'{html.escape(e["text"])} <small>(observed: {html.escape(str(e["observed"]))})</small></li>'
+        f'{html.escape(e["text"])} <small>(observed: {html.escape(str(e["observed"]))})</small>{_operations(e)}</li>'
         for e in s["expectations"])
     rows = "\n".join(
         f"<tr><td>{html.escape(svc)}</td><td>{c.get('ok', 0)}</td><td>{c.get('dropped', 0)}</td>"
