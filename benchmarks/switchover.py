@@ -3,7 +3,7 @@
 One run, one lab: a primary, a hot standby and three PgBouncers (one reached over a real sshd),
 8 clients committing INSERTs through them. Each round switches the primary twice: once with the
 CLI (a subprocess, as an operator runs it: inventory, checks, lock, PAUSE, fast stop, replay
-proof, promotion, RELOAD, RESUME, demotion), once with the bare sequence REFERENCE.md measured
+proof, promotion, RELOAD, RESUME, demotion), once with the bare sequence docs/facts.md measured
 at 0.33 s (PAUSE every PgBouncer -> ``pg_ctl stop -m fast -w`` -> ``pg_controldata`` -> wait for
 replay -> ``pg_promote(true)`` -> rewrite configs + RELOAD -> RESUME), written with the same ops
 primitives and no polish. Rounds alternate which one goes first and in which direction.

@@ -1,4 +1,4 @@
-"""The INI inventory: DESIGN.md's example parses; every malformed file names its file, line and fault."""
+"""The INI inventory: the documented example parses; every malformed file names its file, line and fault."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from srht_readonly.ops.cli import EXIT_USAGE, Failure, failures, main
 from srht_readonly.ops.errors import OpsError, PartlyDone, Refused
 from srht_readonly.ops.inventory import InventoryError, load, parse
 
-DESIGN_EXAMPLE = """\
+DOCUMENTED_EXAMPLE = """\
 [node remilia]
 dsn = host=10.0.0.2 port=5432 user=postgres dbname=postgres   ; how ops reaches it
 data = /var/lib/postgresql/12/data
@@ -38,8 +38,8 @@ password-file = /etc/sr.ht/replication.password
 """
 
 
-def test_design_example_parses_with_defaults_filled_in():
-    inv = parse(DESIGN_EXAMPLE, "readonly.ini")
+def test_the_documented_example_parses_with_defaults_filled_in():
+    inv = parse(DOCUMENTED_EXAMPLE, "readonly.ini")
     assert list(inv.nodes) == ["remilia", "konpaku"]
     remilia, konpaku = inv.nodes["remilia"], inv.nodes["konpaku"]
     assert remilia.ssh == "remilia.example.org" and remilia.os_user == "postgres"
@@ -53,7 +53,7 @@ def test_design_example_parses_with_defaults_filled_in():
 
 
 def test_values_in_the_drills_sections_keep_their_semicolons_and_hashes():
-    text = DESIGN_EXAMPLE + """
+    text = DOCUMENTED_EXAMPLE + """
 [drill]
 traffic = typical ; kept: the drill's own checks judge it
 
@@ -108,7 +108,7 @@ def test_missing_inventory_says_how_to_point_at_one(tmp_path):
 
 
 def test_password_file_is_read_only_when_needed_and_errors_say_what_to_do(tmp_path):
-    inv = parse(DESIGN_EXAMPLE.replace("/etc/sr.ht/replication.password", str(tmp_path / "pw")))
+    inv = parse(DOCUMENTED_EXAMPLE.replace("/etc/sr.ht/replication.password", str(tmp_path / "pw")))
     with pytest.raises(Exception, match="create it \\(mode 600\\)"):
         inv.replication.password()
     (tmp_path / "pw").write_text("s3cret\n")
@@ -134,7 +134,7 @@ def test_cli_subprocess_exits_2_for_missing_inventory_without_traceback(tmp_path
 
 def test_unknown_node_is_a_configuration_error(tmp_path):
     good = tmp_path / "readonly.ini"
-    good.write_text(DESIGN_EXAMPLE)
+    good.write_text(DOCUMENTED_EXAMPLE)
     result = CliRunner().invoke(main, ["--config", str(good), "promote", "yukari", "--dry-run"])
     assert result.exit_code == EXIT_USAGE
     assert "no [node yukari]" in result.output and "remilia, konpaku" in result.output

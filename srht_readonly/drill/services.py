@@ -1,6 +1,6 @@
 """The services a drill sends traffic for, found through an entry point.
 
-The drill package never imports ``integrations/`` (DESIGN.md's layers): a package that has
+The drill package never imports ``integrations/`` (docs/architecture.md's layers): a package that has
 services to drill registers a factory in the ``srht_readonly.drill`` entry-point group, e.g. in
 setup.cfg::
 

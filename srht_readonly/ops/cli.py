@@ -46,7 +46,7 @@ option_lab_dir = click.option(
 
 
 class Failure(click.ClickException):
-    """A package error at the CLI boundary, with the exit status DESIGN.md gives it."""
+    """A package error at the CLI boundary, with its exit status (docs/architecture.md)."""
 
     def __init__(self, message: str, exit_code: int, label: str, as_json: bool = False,
                  hosts: dict[str, str] | None = None) -> None:

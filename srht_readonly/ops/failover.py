@@ -3,7 +3,7 @@
 Two phases (``fleet``): every config written first, then every PgBouncer reloaded at once. At
 the same moment ``server_login_retry`` is lowered on each console: after a crash, PgBouncer's
 failed login to the dead primary otherwise blocks the pool for the default 15 s
-(REFERENCE.md). It is held at 0 until the pools reach the new node, then set to 1 s (or the
+(docs/facts.md, PgBouncer). It is held at 0 until the pools reach the new node, then set to 1 s (or the
 file's value where lower): measured here, reads came back 6 ms after the RELOAD instead of 0.8 s
 with 1 s alone.
 

@@ -1,6 +1,6 @@
 """Planned switchover with zero failed client requests: the plan's failover, promotion and demotion in one.
 
-Order (REFERENCE.md, the sequence measured at 0 failed transactions):
+Order (docs/facts.md, the sequence measured at 0 failed transactions):
 
 1. before the pause: write every PgBouncer's new config (not reloaded), create the old
    primary's slot on the new one, CHECKPOINT the old primary (a short shutdown checkpoint);

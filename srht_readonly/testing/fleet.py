@@ -1,5 +1,5 @@
 """The lab as a fleet for the operations CLI: more PgBouncers, one reached over a real sshd, and
-the INI inventory (DESIGN.md's format) that describes it all.
+the INI inventory (docs/cli.md's format) that describes it all.
 
 ``build_fleet(lab)`` is what the CLI's tests and ``benchmarks/switchover.py`` use::
 
@@ -55,7 +55,7 @@ def write_inventory(
     databases: Mapping[str, Iterable[str]] | None = None,
     password_file: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write DESIGN.md's inventory for ``lab``: every node, every PgBouncer, ``[replication]``.
+    """Write the inventory (docs/cli.md) for ``lab``: every node, every PgBouncer, ``[replication]``.
 
     ``ssh`` maps node or PgBouncer names to the ssh destination that reaches their host;
     ``databases`` restricts which entries of a PgBouncer follow the primary.

@@ -170,7 +170,7 @@ class LabBouncer:
             "pool_mode": "transaction",
             "max_client_conn": 500,
             "default_pool_size": 20,
-            # REFERENCE.md: the default 15 s turns a crash into a 15 s outage.
+            # docs/facts.md: the default 15 s turns a crash into a 15 s outage.
             "server_login_retry": 1,
             "query_wait_timeout": 30,
             "ignore_startup_parameters": "extra_float_digits,options",
