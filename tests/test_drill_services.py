@@ -22,7 +22,6 @@ import pytest
 from integrations.drill import LocalServices
 from srht_readonly.drill import Event, Outcome, Recorder, verdicts
 from srht_readonly.drill.services import DrillEnvironment
-from srht_readonly.ops import replication
 from srht_readonly.testing import Lab, factories
 
 pytestmark = pytest.mark.lab
@@ -108,7 +107,7 @@ def test_writable_every_source_records_only_successful_operations(services: Loca
 def test_on_the_standby_writes_are_explained_or_dropped_and_nothing_is_an_error(
     services: LocalServices, drill_lab: Lab
 ) -> None:
-    replication.wait_caught_up(drill_lab.primary.admin_dsn, drill_lab.standby.admin_dsn, timeout=10)
+    drill_lab.wait_caught_up(timeout=10)
     facts: dict[str, Any] = {"step_seconds": {}}
     recorder = Recorder()
 

@@ -23,7 +23,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 from sqlalchemy import create_engine
 
 from integrations.gitsrht.web import create_app, init_db, serve
-from srht_readonly.ops import replication, sql
+from srht_readonly.ops import sql
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -85,7 +85,7 @@ def test_a_form_refused_while_read_only_is_saved_by_refreshing_after_promotion(s
     engine = create_engine(lab.primary.url)
     init_db(engine, "alice")
     engine.dispose()
-    replication.wait_caught_up(lab.primary.admin_dsn, lab.standby.admin_dsn, timeout=10)
+    lab.wait_caught_up(timeout=10)
     standby = lab.standby
     lab.pgbouncer.point_at(standby)  # the plan's read-only failover
     app = create_app(lab.pgbouncer.url, config={

@@ -24,7 +24,7 @@ from integrations.gitsrht import schema
 from integrations.gitsrht.web import create_app, init_db
 from srht_readonly import Failure
 from srht_readonly.flask import HEADER
-from srht_readonly.ops import replication, sql
+from srht_readonly.ops import sql
 from srht_readonly.testing.lab import free_port
 
 RECHECK = 0.3
@@ -75,7 +75,7 @@ def apps() -> Iterator[Any]:
 @contextlib.contextmanager
 def bouncer_on_standby(lab: Any) -> Iterator[None]:
     """The plan's read-only failover: PgBouncer repointed at the (caught-up) standby."""
-    replication.wait_caught_up(lab.primary.admin_dsn, lab.standby.admin_dsn, timeout=10)
+    lab.wait_caught_up(timeout=10)
     lab.pgbouncer.point_at(lab.standby)
     try:
         yield
@@ -261,7 +261,7 @@ def test_back_to_writable_by_itself_after_promotion_without_restart(srht_fresh_l
     engine = create_engine(lab.primary.url)
     init_db(engine, "alice")
     engine.dispose()
-    replication.wait_caught_up(lab.primary.admin_dsn, lab.standby.admin_dsn, timeout=10)
+    lab.wait_caught_up(timeout=10)
     standby = lab.standby
     lab.pgbouncer.point_at(standby)
     app = apps(lab.pgbouncer.url)

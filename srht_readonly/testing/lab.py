@@ -257,6 +257,14 @@ class Lab:
         """A node in recovery now."""
         return self._by_role("standby")
 
+    def wait_caught_up(self, *, timeout: float = 30) -> str:
+        """Wait until the standby has replayed all the primary had written when called; that WAL position.
+
+        Replication is asynchronous: a table created just before a read-only failover may not
+        be on the standby yet. Call this before pointing PgBouncer at the standby.
+        """
+        return replication.wait_caught_up(self.primary.admin_dsn, self.standby.admin_dsn, timeout=timeout)
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> Lab:
