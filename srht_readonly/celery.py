@@ -50,7 +50,7 @@ from celery import Celery, signals
 from celery.exceptions import TaskPredicate
 
 from ._root import SrhtReadOnlyError
-from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, ReadOnlyError, classify
+from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, ReadOnlyError, classify, first_line
 
 __all__ = ["COUNTERS_TASK", "DEFER", "FAIL", "ReadOnlyTasks", "TaskDeadlineExceeded", "install", "installed"]
 
@@ -250,14 +250,8 @@ def _mark(exc: BaseException) -> BaseException:
     return exc
 
 
-def _first_line(exc: BaseException) -> str:
-    exc = getattr(exc, "orig", None) or exc  # the driver's message, not SQLAlchemy's wrapping of it
-    lines = str(exc).strip().splitlines()
-    return lines[0].strip() if lines else type(exc).__name__
-
-
 def _converted(exc: BaseException, failure: Failure, outcome: str) -> SrhtReadOnlyError:
-    reason = _first_line(exc)
+    reason = first_line(exc)
     if failure is Failure.READ_ONLY:
         return ReadOnlyError(f"the database is read-only ({reason}); {outcome}")
     if failure is Failure.COMMIT_UNKNOWN:

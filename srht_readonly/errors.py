@@ -33,6 +33,7 @@ __all__ = [
     "Failure",
     "ReadOnlyError",
     "classify",
+    "first_line",
     "mark_commit",
 ]
 
@@ -246,3 +247,10 @@ def mark_commit(exc: BaseException) -> BaseException:
     with contextlib.suppress(AttributeError, TypeError):
         setattr(exc, _COMMIT_MARK, True)
     return exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the driver's message for ``exc`` (not SQLAlchemy's wrapping of it), for logs."""
+    exc = getattr(exc, "orig", None) or exc
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__

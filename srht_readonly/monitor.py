@@ -31,7 +31,7 @@ from typing import Any, TypedDict
 
 from ._announcement import Announcement, AnnouncementFile
 from ._probe import probe_engine
-from .errors import Failure, classify
+from .errors import Failure, classify, first_line
 
 __all__ = ["ANNOUNCE_ENV", "Announcement", "MonitorEvent", "MonitorState", "ReadOnlyMonitor"]
 
@@ -70,11 +70,6 @@ class MonitorEvent(TypedDict):
     detail: str
     failure: Failure | None
     announcement: Announcement | None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 class ReadOnlyMonitor:
@@ -168,7 +163,7 @@ class ReadOnlyMonitor:
         failure = classify(exc)
         if failure is Failure.READ_ONLY:
             if not self._state.read_only:
-                self._transition(True, "error", _first_line(exc), failure)
+                self._transition(True, "error", first_line(exc), failure)
         elif failure is not None and not self._state.read_only and self._can_probe():
             self._suspect = True
         return failure
@@ -247,7 +242,7 @@ class ReadOnlyMonitor:
         except Exception as exc:
             logger.debug("read-only probe failed: %s", exc)
             if not state.read_only:
-                detail = f"database unreachable: {_first_line(exc)}"
+                detail = f"database unreachable: {first_line(exc)}"
                 self._transition(True, "probe", detail, classify(exc), generation=generation)
             return
         # Also when it was unreachable and now answers as a standby: users must hear "read-only"

@@ -18,7 +18,7 @@ from celery import Celery
 
 from srht_readonly import DatabaseUnavailable, DeadlineExceeded, ReadOnlyError
 from srht_readonly.celery import COUNTERS_TASK, TaskDeadlineExceeded, install, installed
-from srht_readonly.testing.lab import free_port
+from srht_readonly.ops.ports import free_port
 from tests._celery_harness import celery_worker, redis_server, wait_for
 
 pytestmark = pytest.mark.lab

@@ -25,7 +25,7 @@ from integrations.gitsrht.web import create_app, init_db
 from srht_readonly import Failure
 from srht_readonly.flask import HEADER
 from srht_readonly.ops import sql
-from srht_readonly.testing.lab import free_port
+from srht_readonly.ops.ports import free_port
 
 RECHECK = 0.3
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -15,6 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from srht_readonly import Failure, ReadOnlyMonitor, classify, drop_on_read_only
+from srht_readonly.ops.ports import free_port
 from srht_readonly.sqlalchemy import (
     create_engine,
     instrument,
@@ -70,12 +70,6 @@ def kill_in_commit(lab: Any, pid: int) -> threading.Thread:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_instrument_once_per_engine_and_gives_the_monitor_the_engine():

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+
+from srht_readonly.ops.ports import free_port
 
 __all__ = ["CeleryWorker", "HarnessError", "RedisServer", "WebhookReceiver", "celery_worker", "redis_server"]
 
@@ -38,12 +39,6 @@ CELERY = str(Path(sys.executable).parent / "celery")
 
 class HarnessError(RuntimeError):
     """A process of the harness could not be started; the message has the end of its log."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -88,7 +83,7 @@ class RedisServer:
     def start(self, timeout: float = 10) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # another process may take the free port before we bind it
-            self.port = _free_port()
+            self.port = free_port()
             log = self.directory / "redis.log"
             self.proc = subprocess.Popen(
                 [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",

@@ -12,7 +12,6 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -20,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import CommandFailed, OpsError, ToolMissing, Unreachable
+from .ports import free_port
 
 
 class LocalHost:
@@ -353,7 +353,7 @@ class SshHost:
         remote = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
         last = ""
         for _ in range(3):
-            local = _free_port()
+            local = free_port()
             proc = subprocess.run(
                 self._ssh("-o", f"ControlPath={self._control}", "-O", "forward",
                           "-L", f"127.0.0.1:{local}:{remote}", self.destination),
@@ -386,12 +386,6 @@ trap - EXIT
 
 Host = LocalHost | SshHost
 """Anything that runs commands and writes files on one machine."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def chown(path: str | os.PathLike[str], user: str) -> None:

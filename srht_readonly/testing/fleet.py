@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .lab import REPLICATION_USER, Lab, LabBouncer, free_port
+from ..ops.ports import free_port
+from .lab import REPLICATION_USER, Lab, LabBouncer
 from .sshd import Sshd
 
 logger = logging.getLogger(__name__)

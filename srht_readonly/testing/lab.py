@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 from ..ops import replication, sql
 from ..ops.errors import OpsError
 from ..ops.pgbouncer import Admin, PgBouncerProcess, render_config, repoint
+from ..ops.ports import free_port
 from ..ops.postgres import PostgresServer, find_bin_dir
 from ..ops.remote import LocalHost
 
@@ -53,13 +53,6 @@ NODE_SETTINGS: dict[str, object] = {
     "wal_receiver_status_interval": "1s",
     "hot_standby_feedback": True,
 }
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class LabNode:

@@ -18,16 +18,11 @@ import time
 from pathlib import Path
 
 from ..ops.errors import OpsError, Timeout, ToolMissing
+from ..ops.ports import free_port
 
 logger = logging.getLogger(__name__)
 
 SSHD = "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Sshd:
@@ -38,7 +33,7 @@ class Sshd:
 
     def __init__(self, directory: str | os.PathLike[str], *, port: int | None = None) -> None:
         self.directory = Path(directory)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.host_key = self.directory / "ssh_host_ed25519_key"
         self.client_key = self.directory / "id_ed25519"
         self.config = self.directory / "sshd_config"

@@ -37,6 +37,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from srht_readonly.ops.ports import free_port
+
 __all__ = ["SSHD", "GitSshd", "SshdError", "make_key"]
 
 logger = logging.getLogger(__name__)
@@ -60,12 +62,6 @@ def make_key(path: str | os.PathLike[str], comment: str = "") -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
                    check=True, capture_output=True, text=True)
     return path.with_name(path.name + ".pub").read_text().strip()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def unsafe_ancestor(path: str | os.PathLike[str]) -> str | None:
@@ -217,7 +213,7 @@ class GitSshd:
 
     def _write_files(self, pw: pwd.struct_passwd) -> None:
         assert self.base is not None
-        self.port = _free_port()
+        self.port = free_port()
         for sub in ("bin", "log", "repos"):
             self._path(sub).mkdir(mode=0o755)
         for sub in ("log", "repos"):
