@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Any, ParamSpec, TypeAlias, TypedDict, TypeVar
 
 import backoff
@@ -94,6 +95,14 @@ class RetryEvent(TypedDict):
     exception: BaseException
 
 
+class _Outcome(StrEnum):
+    """How an attempt ended (``None`` before it started)."""
+
+    RUNNING = "running"
+    OK = "ok"
+    RETRY = "retry"
+
+
 class Attempt:
     """One try of a retried write; use it as ``with attempt:`` (see ``retry_until_writable``)."""
 
@@ -102,12 +111,12 @@ class Attempt:
         self.deadline = deadline
         self.number = number
         self.started = started
-        self.outcome: str | None = None  # None, "running", "ok", "retry"
+        self.outcome: _Outcome | None = None
         self.failure: Failure | None = None
         self.exception: BaseException | None = None
 
     def __enter__(self) -> Attempt:
-        self.outcome = "running"
+        self.outcome = _Outcome.RUNNING
         self.policy._rollback()
         return self
 
@@ -124,7 +133,7 @@ class Attempt:
                     session.commit()  # ... but here nobody knows whether the write is saved
                 except Exception as failed:
                     return self._failed(mark_commit(failed), raised=False)
-            self.outcome = "ok"
+            self.outcome = _Outcome.OK
             return False
         if not isinstance(exc, Exception):
             return False  # KeyboardInterrupt, SystemExit: not ours to retry
@@ -158,7 +167,7 @@ class Attempt:
                 "writable, or allow a longer deadline",
                 failure=failure, attempts=self.number, waited=waited,
             ) from exc
-        self.outcome = "retry"
+        self.outcome = _Outcome.RETRY
         return True
 
 
@@ -212,9 +221,9 @@ class RetryPolicy:
             number += 1
             attempt = Attempt(self, deadline, number, started)
             yield attempt
-            if attempt.outcome in (None, "running"):
+            if attempt.outcome in (None, _Outcome.RUNNING):
                 raise RuntimeError("use each attempt as `with attempt:` inside the loop")
-            if attempt.outcome == "ok":
+            if attempt.outcome is _Outcome.OK:
                 if _tell(self.log, None) and self.log is not None:
                     self.log.info(
                         "database writable again: the write went through (attempt %d, after %.1f s)",

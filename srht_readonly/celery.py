@@ -44,6 +44,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from celery import Celery, signals
@@ -52,12 +53,20 @@ from celery.exceptions import TaskPredicate
 from ._root import SrhtReadOnlyError
 from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, ReadOnlyError, classify, first_line
 
-__all__ = ["COUNTERS_TASK", "DEFER", "FAIL", "ReadOnlyTasks", "TaskDeadlineExceeded", "install", "installed"]
+__all__ = ["COUNTERS_TASK", "DEFER", "FAIL", "OnReadOnly", "ReadOnlyTasks", "TaskDeadlineExceeded", "install",
+           "installed"]
 
 logger = logging.getLogger(__name__)
 
-FAIL = "fail"
-DEFER = "defer"
+class OnReadOnly(StrEnum):
+    """A task's ``on_read_only`` policy; plain strings (``"fail"``, ``"defer"``) work too."""
+
+    FAIL = "fail"  # end as a clean FAILURE, one log line (the plan's "may simply fail")
+    DEFER = "defer"  # retried with backoff until the database is writable, or its deadline
+
+
+FAIL = OnReadOnly.FAIL
+DEFER = OnReadOnly.DEFER
 #: Name of the task that returns the counts of the worker process that runs it.
 COUNTERS_TASK = "srht_readonly.counters"
 
@@ -188,11 +197,12 @@ class ReadOnlyTasks:
     # -- policy ----------------------------------------------------------------------------
 
     @staticmethod
-    def _policy(task: Any) -> str:
+    def _policy(task: Any) -> OnReadOnly:
         policy = getattr(task, "on_read_only", FAIL) or FAIL
-        if policy not in (FAIL, DEFER):
-            raise ValueError(f"task {task.name}: on_read_only must be {FAIL!r} or {DEFER!r}, not {policy!r}")
-        return policy
+        try:
+            return OnReadOnly(policy)
+        except ValueError:
+            raise ValueError(f"task {task.name}: on_read_only must be 'fail' or 'defer', not {policy!r}") from None
 
     def _handle(self, task: Any, exc: BaseException, failure: Failure) -> None:
         """Fail or defer ``task`` for ``exc``; always raises."""

@@ -27,13 +27,14 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypedDict
 
 from ._announcement import Announcement, AnnouncementFile
 from ._probe import probe_engine
 from .errors import Failure, classify, first_line
 
-__all__ = ["ANNOUNCE_ENV", "Announcement", "MonitorEvent", "MonitorState", "ReadOnlyMonitor"]
+__all__ = ["ANNOUNCE_ENV", "Announcement", "MonitorEvent", "MonitorState", "ReadOnlyMonitor", "Reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,28 @@ _FROM_ENV: Any = object()
 _monitors: weakref.WeakSet[ReadOnlyMonitor] = weakref.WeakSet()
 
 
+class Reason(StrEnum):
+    """Why the monitor believes what it does (a ``str``: JSON and comparisons with text still work)."""
+
+    START = "start"
+    ERROR = "error"  # an observed failure
+    PROBE = "probe"
+    ANNOUNCEMENT = "announcement"
+    EXPIRED = "expired"  # read-only with no probe available, and the recheck time passed
+    MANUAL = "manual"
+
+
 @dataclass(frozen=True)
 class MonitorState:
     """A snapshot of what the monitor believes, and why.
 
-    ``reason`` is one of ``"start"``, ``"error"`` (an observed failure), ``"probe"``,
-    ``"announcement"``, ``"expired"`` (no probe available) or ``"manual"``; ``since`` is in
-    seconds since the epoch; ``detail`` is a one-line explanation for logs and pages.
+    ``reason`` is a ``Reason``; ``since`` is in seconds since the epoch; ``detail`` is a one-line
+    explanation for logs and pages.
     """
 
     read_only: bool
     since: float
-    reason: str
+    reason: Reason
     detail: str
     failure: Failure | None = None
 
@@ -66,7 +77,7 @@ class MonitorEvent(TypedDict):
     event: str
     read_only: bool
     since: float
-    reason: str
+    reason: Reason
     detail: str
     failure: Failure | None
     announcement: Announcement | None
@@ -108,7 +119,7 @@ class ReadOnlyMonitor:
         if announce_file is _FROM_ENV:
             announce_file = os.environ.get(ANNOUNCE_ENV) or None
         self._watcher = AnnouncementFile(announce_file) if announce_file is not None else None
-        self._state = MonitorState(False, wall_clock(), "start", "assumed writable at start")
+        self._state = MonitorState(False, wall_clock(), Reason.START, "assumed writable at start")
         self._generation = 0
         self._suspect = False
         self._next_probe = 0.0
@@ -163,7 +174,7 @@ class ReadOnlyMonitor:
         failure = classify(exc)
         if failure is Failure.READ_ONLY:
             if not self._state.read_only:
-                self._transition(True, "error", first_line(exc), failure)
+                self._transition(True, Reason.ERROR, first_line(exc), failure)
         elif failure is not None and not self._state.read_only and self._can_probe():
             self._suspect = True
         return failure
@@ -177,11 +188,11 @@ class ReadOnlyMonitor:
 
     def set_read_only(self, detail: str = "set by the application") -> None:
         """Turn read-only by hand (tests, maintenance scripts); probes may turn it back."""
-        self._transition(True, "manual", detail, None)
+        self._transition(True, Reason.MANUAL, detail, None)
 
     def set_writable(self, detail: str = "set by the application") -> None:
         """Turn writable by hand; the next read-only failure turns it back."""
-        self._transition(False, "manual", detail, None)
+        self._transition(False, Reason.MANUAL, detail, None)
 
     def add_listener(
         self, listener: Callable[[MonitorEvent], object]
@@ -227,11 +238,11 @@ class ReadOnlyMonitor:
             return  # another thread probed while we waited
         self._suspect = False
         self._next_probe = now + self._interval()
-        if state.read_only and state.reason == "announcement":
+        if state.read_only and state.reason is Reason.ANNOUNCEMENT:
             return
         if not self._can_probe():
             if state.read_only and not force:
-                self._transition(False, "expired", "no probe available; assuming writable again")
+                self._transition(False, Reason.EXPIRED, "no probe available; assuming writable again")
             return
         generation = self._generation
         try:
@@ -243,13 +254,13 @@ class ReadOnlyMonitor:
             logger.debug("read-only probe failed: %s", exc)
             if not state.read_only:
                 detail = f"database unreachable: {first_line(exc)}"
-                self._transition(True, "probe", detail, classify(exc), generation=generation)
+                self._transition(True, Reason.PROBE, detail, classify(exc), generation=generation)
             return
         # Also when it was unreachable and now answers as a standby: users must hear "read-only"
         # (refresh later), not "unavailable", for as long as the read-only failover lasts.
         if read_only != state.read_only or (read_only and state.failure is Failure.UNAVAILABLE):
             detail = "the database refuses writes" if read_only else "the database takes writes"
-            self._transition(read_only, "probe", detail, None, generation=generation)
+            self._transition(read_only, Reason.PROBE, detail, None, generation=generation)
 
     def _check_announcement(self, now: float, *, force: bool = False) -> None:
         watcher = self._watcher
@@ -271,10 +282,10 @@ class ReadOnlyMonitor:
                 self._announce(announcement)
             in_effect = announcement is not None and announcement.in_effect(wall)
             state = self._state
-            if in_effect and announcement is not None and state.reason != "announcement":
-                self._transition(True, "announcement", announcement.message, None)
-            elif not in_effect and state.read_only and state.reason == "announcement":
-                self._transition(False, "announcement", "the maintenance announcement ended")
+            if in_effect and announcement is not None and state.reason is not Reason.ANNOUNCEMENT:
+                self._transition(True, Reason.ANNOUNCEMENT, announcement.message, None)
+            elif not in_effect and state.read_only and state.reason is Reason.ANNOUNCEMENT:
+                self._transition(False, Reason.ANNOUNCEMENT, "the maintenance announcement ended")
                 self._suspect = self._can_probe()  # the database itself may still be read-only
         finally:
             self._announce_lock.release()
@@ -293,7 +304,7 @@ class ReadOnlyMonitor:
     def _transition(
         self,
         read_only: bool,
-        reason: str,
+        reason: Reason,
         detail: str,
         failure: Failure | None = None,
         *,

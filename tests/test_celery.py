@@ -178,3 +178,14 @@ def test_unknown_commit_is_not_deferred_unless_the_task_is_idempotent(celery_env
     with pytest.raises(TaskDeadlineExceeded, match="unreachable"):
         idempotent.get(timeout=20)
     assert [x for x in _final_lines(celery_env.worker, idempotent.id) if " retry: " in x]
+
+
+def test_an_unknown_on_read_only_policy_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from srht_readonly.celery import OnReadOnly, ReadOnlyTasks
+
+    assert ReadOnlyTasks._policy(SimpleNamespace(name="t", on_read_only="defer")) is OnReadOnly.DEFER
+    assert ReadOnlyTasks._policy(SimpleNamespace(name="t", on_read_only=None)) is OnReadOnly.FAIL
+    with pytest.raises(ValueError, match="task t: on_read_only must be 'fail' or 'defer', not 'later'"):
+        ReadOnlyTasks._policy(SimpleNamespace(name="t", on_read_only="later"))
