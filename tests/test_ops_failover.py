@@ -11,12 +11,12 @@ import psycopg2
 import pytest
 
 from srht_readonly.ops.cluster import Cluster
+from srht_readonly.ops.console import Admin
 from srht_readonly.ops.errors import OpsError, PartlyDone, Refused
 from srht_readonly.ops.failover import check_failover, run_failover
 from srht_readonly.ops.fleet import Fleet
 from srht_readonly.ops.inventory import load
 from srht_readonly.ops.lock import OperatorLock, lock_path
-from srht_readonly.ops.pgbouncer import Admin
 from srht_readonly.testing.fleet import fleet_fixture
 from tests._fleet import file_ports, out, q, reloads, running_ports
 

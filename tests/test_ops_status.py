@@ -7,7 +7,8 @@ import json
 from click.testing import CliRunner
 
 from srht_readonly.ops.cli import main
-from srht_readonly.ops.pgbouncer import Admin, repoint
+from srht_readonly.ops.console import Admin
+from srht_readonly.ops.pgbouncer import repoint
 from srht_readonly.testing.fleet import fleet_fixture
 from tests._fleet import out, q, status
 

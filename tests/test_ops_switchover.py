@@ -8,7 +8,7 @@ import time
 import psycopg2
 import pytest
 
-from srht_readonly.ops.pgbouncer import Admin
+from srht_readonly.ops.console import Admin
 from srht_readonly.testing.fleet import fleet_fixture
 from srht_readonly.testing.load import WriteLoad
 from tests._fleet import file_ports, out, q, roles, running_ports, status

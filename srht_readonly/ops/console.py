@@ -1,14 +1,17 @@
-"""PgBouncer admin consoles driven in parallel, each command with a deadline.
+"""PgBouncer's admin console: many driven in parallel, each command with a deadline; or one, ``Admin``.
 
 psycopg2's asynchronous mode lets one thread send ``RELOAD`` to every PgBouncer at the same
 moment and wait for all of them with ``select``. It also gives ``PAUSE`` a real timeout: a PAUSE
 that has not returned in time has its connection *closed* before anyone sends RESUME, because a
 RESUME issued while a PAUSE is still pending leaves that PAUSE hung forever (PgBouncer issue 715).
+``Admin`` is the same client for one console and one command at a time (the lab, the tests,
+``status``): it connects, runs the command within its deadline, and closes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import select
 import time
 from collections.abc import Iterable, Mapping
@@ -18,7 +21,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 
-from .sql import _safe
+from .errors import OpsError
+from .sql import redact
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class Console:
         self.cursor: Any = None
 
     def __repr__(self) -> str:
-        return f"<Console {self.key} {_safe(self.dsn)}>"
+        return f"<Console {self.key} {redact(self.dsn)}>"
 
     @property
     def is_open(self) -> bool:
@@ -64,7 +68,7 @@ def connect(consoles: Iterable[Console], *, timeout: float = 5) -> dict[str, Out
             c.conn = psycopg2.connect(c.dsn, async_=1)
             started[c.key] = c
         except psycopg2.Error as exc:
-            results[c.key] = Outcome(False, error=f"cannot connect to {_safe(c.dsn)}: {str(exc).strip()}")
+            results[c.key] = Outcome(False, error=f"cannot connect to {redact(c.dsn)}: {str(exc).strip()}")
     results.update(_drive(started, timeout, "connect"))
     for key, outcome in results.items():
         if not outcome.ok and key in started:
@@ -142,3 +146,61 @@ def _drive(pending: dict[str, Console], timeout: float, what: str) -> dict[str, 
 
 def _message(exc: psycopg2.Error) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class Admin:
+    """One PgBouncer's admin console (``dbname=pgbouncer``, a user in ``admin_users``), one command at a time.
+
+    ``timeout`` bounds connecting; ``command_timeout`` each command (a ``PAUSE`` waits for the
+    running transactions to end). A failure raises ``OpsError`` naming the console.
+    """
+
+    def __init__(self, dsn: str, *, timeout: float = 3, command_timeout: float = 60) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+        self.command_timeout = command_timeout
+
+    def _command(self, command: str) -> list[dict[str, Any]]:
+        console = Console("admin", self.dsn)
+        try:
+            reached = connect([console], timeout=self.timeout)["admin"]
+            if not reached.ok:
+                raise OpsError(f"cannot reach PgBouncer's console at {redact(self.dsn)}: {reached.error}")
+            done = execute([console], command, timeout=self.command_timeout)["admin"]
+            if not done.ok:
+                raise OpsError(f"PgBouncer {command.split()[0]} failed: {done.error}")
+            return done.rows
+        finally:
+            console.close()
+
+    def show(self, what: str) -> list[dict[str, Any]]:
+        """``SHOW <what>`` (DATABASES, POOLS, CONFIG, ...) as a list of dicts."""
+        return self._command(f"SHOW {what}")
+
+    def databases(self) -> dict[str, dict[str, Any]]:
+        """``SHOW DATABASES`` keyed by database name (host, port, paused, disabled...)."""
+        return {row["name"]: row for row in self.show("DATABASES")}
+
+    def config(self) -> dict[str, str]:
+        """``SHOW CONFIG`` as {key: value}."""
+        return {row["key"]: row["value"] for row in self.show("CONFIG")}
+
+    def reload(self) -> None:
+        self._command("RELOAD")
+
+    def pause(self, db: str | None = None) -> None:
+        """``PAUSE``: returns once every server connection is released (no transaction running)."""
+        self._command(f"PAUSE {_ident(db)}" if db else "PAUSE")
+
+    def resume(self, db: str | None = None) -> None:
+        self._command(f"RESUME {_ident(db)}" if db else "RESUME")
+
+    def set(self, key: str, value: str | int) -> None:
+        """``SET key = value`` (runtime only; the file still rules at the next RELOAD)."""
+        self._command(f"SET {key} = '{value}'")
+
+
+def _ident(name: str) -> str:
+    if not re.fullmatch(r"[\w.\-]+", name):
+        raise ValueError(f"unsafe database name for the admin console: {name!r}")
+    return name

@@ -114,18 +114,18 @@ class Fleet:
         """Reach every PgBouncer: host, config file, console (``SHOW CONFIG``). Returns {name: why} for failures."""
         _parallel(self.members.values(), self._reach)
         reached = [m for m in self.members.values() if m.error is None and m.console is not None]
-        for key, outcome in consoles.connect([m.console for m in reached if m.console], timeout=timeout).items():
+        for key, outcome in consoles.connect(_consoles(reached), timeout=timeout).items():
             if not outcome.ok:
                 self.members[key].error = f"console: {outcome.error}"
         ready = [m for m in reached if m.error is None]
-        for key, outcome in consoles.execute([m.console for m in ready if m.console], "SHOW CONFIG",
+        for key, outcome in consoles.execute(_consoles(ready), "SHOW CONFIG",
                                              timeout=timeout).items():
             if outcome.ok:
                 self.members[key].config = {r["key"]: r["value"] for r in outcome.rows}
             else:
                 self.members[key].error = f"console: {outcome.error}"
         ready = [m for m in ready if m.error is None and m.console is not None]
-        probed = consoles.execute([m.console for m in ready if m.console], "SHOW STATE", timeout=timeout)
+        probed = consoles.execute(_consoles(ready), "SHOW STATE", timeout=timeout)
         for key, outcome in probed.items():
             m = self.members[key]
             m.has_state = outcome.ok
@@ -168,8 +168,8 @@ class Fleet:
     def observe(self) -> dict[str, BouncerState]:
         """Each PgBouncer's running targets (``SHOW DATABASES``), its file's targets, paused, settings."""
         ready = [m for m in self.members.values() if m.error is None and m.console is not None]
-        shown = consoles.execute([m.console for m in ready if m.console], "SHOW DATABASES", timeout=5)
-        states = consoles.execute([m.console for m in ready if m.console and m.has_state and shown[m.name].ok],
+        shown = consoles.execute(_consoles(ready), "SHOW DATABASES", timeout=5)
+        states = consoles.execute(_consoles(m for m in ready if m.has_state and shown[m.name].ok),
                                   "SHOW STATE", timeout=5)
         result = {}
         for name, m in self.members.items():
@@ -269,13 +269,13 @@ class Fleet:
         ``server_login_retry = 0`` until its pools have reached the new server (at most 2 s),
         then ``login_retry`` (or the file's value where that is lower).
         """
-        ready = [m.console for m in self.members.values() if m.error is None and m.console is not None]
+        ready = _consoles(m for m in self.members.values() if m.error is None)
         results = consoles.execute(ready, "RELOAD", timeout=timeout)
         if login_retry is None:
             return results
         reloaded = [m for m in self.members.values() if m.console is not None and results.get(m.name)
                     and results[m.name].ok]
-        for key, outcome in consoles.execute([m.console for m in reloaded if m.console],
+        for key, outcome in consoles.execute(_consoles(reloaded),
                                              "SET server_login_retry = '0'", timeout=timeout).items():
             if not outcome.ok:
                 results[key] = outcome
@@ -285,7 +285,7 @@ class Fleet:
         for m in reloaded:
             current = m.config.get("server_login_retry", "")
             final[m.name] = current if seconds_setting(current) <= login_retry else f"{login_retry:g}"
-        for key, outcome in consoles.execute([m.console for m in reloaded if m.console],
+        for key, outcome in consoles.execute(_consoles(reloaded),
                                              {n: f"SET server_login_retry = '{v}'" for n, v in final.items()},
                                              timeout=timeout).items():
             if not outcome.ok:
@@ -299,7 +299,7 @@ class Fleet:
         deadline = time.monotonic() + timeout
         pending = list(members)
         while pending and time.monotonic() < deadline:
-            shown = consoles.execute([m.console for m in pending if m.console], "SHOW POOLS", timeout=timeout)
+            shown = consoles.execute(_consoles(pending), "SHOW POOLS", timeout=timeout)
             still = []
             for m in pending:
                 outcome = shown.get(m.name)
@@ -345,7 +345,7 @@ class Fleet:
                 extra.append(c)
                 jobs[c.key] = f'PAUSE "{db}"'
         consoles.connect(extra, timeout=timeout)
-        chosen = [m.console for m in self.members.values() if m.console is not None and m.name in jobs] + extra
+        chosen = _consoles(m for m in self.members.values() if m.name in jobs) + extra
         results = consoles.execute(chosen, jobs, timeout=timeout)
         for c in extra:
             c.close()
@@ -369,18 +369,23 @@ class Fleet:
         for i in range(max((len(s) for s in steps.values()), default=0)):
             batch = {n: s[i] for n, s in steps.items() if i < len(s)}
             chosen = [m for m in members if m.name in batch and m.console is not None]
-            consoles.connect([m.console for m in chosen if m.console is not None and not m.console.is_open],
+            consoles.connect(_consoles(chosen, unopened=True),
                              timeout=timeout)
-            for name, outcome in consoles.execute([m.console for m in chosen if m.console], batch,
+            for name, outcome in consoles.execute(_consoles(chosen), batch,
                                                   timeout=timeout).items():
                 if not outcome.ok and outcome.error and "not paused" in outcome.error:
                     outcome = consoles.Outcome(True, seconds=outcome.seconds)
                 if name not in results or results[name].ok:
                     results[name] = outcome
         # Leave every console open for whatever comes next (a failed command closed its own).
-        consoles.connect([m.console for m in members if m.console is not None and not m.console.is_open],
+        consoles.connect(_consoles(members, unopened=True),
                          timeout=timeout)
         return results
+
+
+def _consoles(members: Iterable[Member], *, unopened: bool = False) -> list[consoles.Console]:
+    """The consoles of ``members`` that have one (with ``unopened``: only those not open now)."""
+    return [m.console for m in members if m.console is not None and not (unopened and m.console.is_open)]
 
 
 def _globally_paused(rows: list[dict[str, Any]]) -> bool:

@@ -1,9 +1,9 @@
-"""PgBouncer: its config file, its process, and its admin console.
+"""PgBouncer: its config file and its process (its admin console is ``console``).
 
 The plan's central move is to repoint every PgBouncer's ``[databases]`` entries at another
 node and reload them all at once. This module holds the pieces for one PgBouncer: render and
-rewrite the config (the rest of the file is kept as written), start/stop as a non-root user,
-and talk to the admin console (``SHOW DATABASES``, ``PAUSE``, ``RESUME``, ``RELOAD``, ``SET``).
+rewrite the config (the rest of the file is kept as written) and start/stop it as a non-root
+user.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psycopg2
 
 from . import sql
-from .errors import OpsError, ToolMissing
+from .errors import ToolMissing
 from .remote import LocalHost
 
 # --- config ------------------------------------------------------------------------------------
@@ -58,7 +55,13 @@ def parse_config(text: str) -> dict[str, dict[str, str]]:
 
 
 def parse_conninfo(conninfo: str) -> dict[str, str]:
-    """``host=a port=5 dbname='x y'`` -> dict (libpq keyword syntax, quotes honoured)."""
+    """``host=a port=5 dbname='x y'`` -> dict (libpq keyword syntax, quotes honoured).
+
+    Not libpq's own parser (``psycopg2.extensions.parse_dsn``, used for real connection strings
+    in ``sql.redact``): a PgBouncer ``[databases]`` entry also carries keys libpq refuses
+    (``pool_size``, ``pool_mode``, ``auth_user``, ``max_db_connections``...), and those must be
+    kept as they are when the entry is repointed.
+    """
     result = {}
     for m in re.finditer(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", conninfo):
         value = m.group(2)
@@ -177,64 +180,3 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return True
-
-
-# --- admin console -----------------------------------------------------------------------------
-
-
-class Admin:
-    """PgBouncer's admin console (``dbname=pgbouncer``, a user in ``admin_users``)."""
-
-    def __init__(self, dsn: str, *, timeout: int = 3) -> None:
-        self.dsn = dsn
-        self.timeout = timeout
-
-    def _command(self, command: str) -> list[dict[str, Any]]:
-        try:
-            conn = psycopg2.connect(self.dsn, connect_timeout=self.timeout)
-        except psycopg2.Error as exc:
-            raise OpsError(f"cannot reach PgBouncer's console at {sql._safe(self.dsn)}: {str(exc).strip()}") from exc
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(command)
-                if cur.description is None:
-                    return []
-                cols = [c.name for c in cur.description]
-                return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-        except psycopg2.Error as exc:
-            raise OpsError(f"PgBouncer {command.split()[0]} failed: {str(exc).strip()}") from exc
-        finally:
-            conn.close()
-
-    def show(self, what: str) -> list[dict[str, Any]]:
-        """``SHOW <what>`` (DATABASES, POOLS, CONFIG, ...) as a list of dicts."""
-        return self._command(f"SHOW {what}")
-
-    def databases(self) -> dict[str, dict[str, Any]]:
-        """``SHOW DATABASES`` keyed by database name (host, port, paused, disabled...)."""
-        return {row["name"]: row for row in self.show("DATABASES")}
-
-    def config(self) -> dict[str, str]:
-        """``SHOW CONFIG`` as {key: value}."""
-        return {row["key"]: row["value"] for row in self.show("CONFIG")}
-
-    def reload(self) -> None:
-        self._command("RELOAD")
-
-    def pause(self, db: str | None = None) -> None:
-        """``PAUSE``: returns once every server connection is released (no transaction running)."""
-        self._command(f"PAUSE {_ident(db)}" if db else "PAUSE")
-
-    def resume(self, db: str | None = None) -> None:
-        self._command(f"RESUME {_ident(db)}" if db else "RESUME")
-
-    def set(self, key: str, value: str | int) -> None:
-        """``SET key = value`` (runtime only; the file still rules at the next RELOAD)."""
-        self._command(f"SET {key} = '{value}'")
-
-
-def _ident(name: str) -> str:
-    if not re.fullmatch(r"[\w.\-]+", name):
-        raise ValueError(f"unsafe database name for the admin console: {name!r}")
-    return name

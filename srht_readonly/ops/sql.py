@@ -25,7 +25,7 @@ def connect(dsn: str, *, timeout: int = CONNECT_TIMEOUT) -> Iterator[psycopg2.ex
     try:
         conn = psycopg2.connect(dsn, connect_timeout=timeout)
     except psycopg2.Error as exc:
-        raise OpsError(f"cannot connect to {_safe(dsn)}: {str(exc).strip()}") from exc
+        raise OpsError(f"cannot connect to {redact(dsn)}: {str(exc).strip()}") from exc
     try:
         conn.autocommit = True
         yield conn
@@ -43,7 +43,7 @@ def query(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...
 def query_one(dsn: str, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...]:
     rows = query(dsn, sql, params)
     if not rows:
-        raise OpsError(f"{sql!r} returned no row on {_safe(dsn)}")
+        raise OpsError(f"{sql!r} returned no row on {redact(dsn)}")
     return rows[0]
 
 
@@ -116,6 +116,16 @@ def wait_until(check: Any, *, timeout: float, what: str, interval: float = 0.05)
         time.sleep(interval)
 
 
-def _safe(dsn: str) -> str:
-    """``dsn`` without its password, for messages and logs."""
-    return " ".join(p for p in dsn.split() if not p.startswith("password="))
+def redact(dsn: str) -> str:
+    """``dsn`` without its password, for messages, logs and JSON.
+
+    Parsed with libpq's own parser, so a password in a URI (``postgresql://u:secret@h/db``),
+    quoted with spaces (``password='a b'``) or spaced around ``=`` is removed too; a string libpq
+    cannot parse is not shown at all.
+    """
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error:
+        return "(a connection string libpq cannot parse)"
+    params.pop("password", None)
+    return psycopg2.extensions.make_dsn(**params)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..ops import replication, sql
+from ..ops.console import Admin
 from ..ops.errors import OpsError
-from ..ops.pgbouncer import Admin, PgBouncerProcess, render_config, repoint
+from ..ops.pgbouncer import PgBouncerProcess, render_config, repoint
 from ..ops.ports import free_port
 from ..ops.postgres import PostgresServer, find_bin_dir
 from ..ops.remote import LocalHost
