@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ._root import SrhtReadOnlyError
+from ._root_error import SrhtReadOnlyError
 from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, ReadOnlyError, classify
 from .monitor import ReadOnlyMonitor
 from .policies import Deadline, abort_on_read_only, drop_on_read_only, retry_until_writable

@@ -172,7 +172,24 @@ class Attempt:
 
 
 class RetryPolicy:
-    """What ``retry_until_writable`` returns: iterable of attempts, decorator, and ``.call``."""
+    """``retry_until_writable``: retry a write until it succeeds; past ``deadline`` raise ``DeadlineExceeded``.
+
+    Iterable of attempts (``for attempt in policy: with attempt: ...``), decorator, and ``.call``.
+
+    ``deadline`` is seconds (counted from each call or loop) or a shared :class:`Deadline`.
+    READ_ONLY and UNAVAILABLE failures are retried with ``backoff.expo`` waits (``factor``
+    0.1 s, at most ``max_wait`` 1 s) and ``backoff.full_jitter``, each wait capped at the time
+    left, so ``DeadlineExceeded`` comes at the deadline plus at most one attempt. A COMMIT
+    whose outcome is unknown raises ``DatabaseUnavailable`` unless ``idempotent=True``; other
+    errors pass unchanged. With ``session`` (a Session, Connection or DBAPI connection) every
+    try starts with a rollback and, if ``commit``, ends with a commit that is part of the try.
+    ``on_wait(event)`` is called before each wait. Waits are logged to ``log`` (default: the
+    ``srht_readonly.policies`` logger) at INFO once per change of state (the first wait, the
+    failure changing, the database writable again), shared by every policy logging there, and
+    at DEBUG otherwise; pass another logger or adapter to send it there instead, or None
+    to silence it (an ``on_wait`` of your own then says what you want). ``wait_gen``,
+    ``jitter``, ``factor``, ``max_wait`` and ``sleep`` set the strategy.
+    """
 
     def __init__(
         self,

@@ -50,7 +50,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import TaskPredicate
 
-from ._root import SrhtReadOnlyError
+from ._root_error import SrhtReadOnlyError
 from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, ReadOnlyError, classify, first_line
 
 __all__ = ["COUNTERS_TASK", "DEFER", "FAIL", "OnReadOnly", "ReadOnlyTasks", "TaskDeadlineExceeded", "install",

@@ -25,7 +25,7 @@ import enum
 import re
 from collections.abc import Iterator
 
-from ._root import SrhtReadOnlyError
+from ._root_error import SrhtReadOnlyError
 
 __all__ = [
     "DatabaseUnavailable",

@@ -38,7 +38,7 @@ import flask
 from jinja2 import Template
 from sqlalchemy.exc import DBAPIError
 
-from ._root import SrhtReadOnlyError
+from ._root_error import SrhtReadOnlyError
 from .errors import Failure
 from .monitor import ReadOnlyMonitor
 from .sqlalchemy import instrument

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .._root import SrhtReadOnlyError
+from .._root_error import SrhtReadOnlyError
 
 
 class OpsError(SrhtReadOnlyError):
