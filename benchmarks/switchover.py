@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from srht_readonly.ops import replication, sql  # noqa: E402
 from srht_readonly.ops.pgbouncer import repoint  # noqa: E402
 from srht_readonly.testing import Lab  # noqa: E402
-from srht_readonly.testing.fleet import LabFleet, build_fleet  # noqa: E402
+from srht_readonly.testing.deployment import LabFleet, build_fleet  # noqa: E402
 from srht_readonly.testing.load import WriteLoad  # noqa: E402
 
 

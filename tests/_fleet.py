@@ -10,7 +10,7 @@ from typing import Any
 import psycopg2
 
 from srht_readonly.ops.console import Admin
-from srht_readonly.testing.fleet import LabFleet
+from srht_readonly.testing.deployment import LabFleet
 from srht_readonly.testing.lab import APP_DB
 
 

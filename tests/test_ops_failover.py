@@ -17,7 +17,7 @@ from srht_readonly.ops.failover import check_failover, run_failover
 from srht_readonly.ops.fleet import Fleet
 from srht_readonly.ops.inventory import load
 from srht_readonly.ops.lock import OperatorLock, lock_path
-from srht_readonly.testing.fleet import fleet_fixture
+from srht_readonly.testing.deployment import fleet_fixture
 from tests._fleet import file_ports, out, q, reloads, running_ports
 
 fleet = fleet_fixture("module", databases={"meta.sr.ht": ["srht"]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from srht_readonly.testing.fleet import fleet_fixture
+from srht_readonly.testing.deployment import fleet_fixture
 from tests._fleet import out, q, roles
 
 # konpaku is reached over ssh: the base backup streams its progress back through sshd.

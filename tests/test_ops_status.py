@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from srht_readonly.ops.cli import main
 from srht_readonly.ops.console import Admin
 from srht_readonly.ops.pgbouncer import repoint
-from srht_readonly.testing.fleet import fleet_fixture
+from srht_readonly.testing.deployment import fleet_fixture
 from tests._fleet import out, q, status
 
 fleet = fleet_fixture("module", databases={"meta.sr.ht": ["srht"]})

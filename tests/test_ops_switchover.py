@@ -9,7 +9,7 @@ import psycopg2
 import pytest
 
 from srht_readonly.ops.console import Admin
-from srht_readonly.testing.fleet import fleet_fixture
+from srht_readonly.testing.deployment import fleet_fixture
 from srht_readonly.testing.load import WriteLoad
 from tests._fleet import file_ports, out, q, roles, running_ports, status
 

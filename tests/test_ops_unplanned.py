@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from srht_readonly.testing.fleet import fleet_fixture
+from srht_readonly.testing.deployment import fleet_fixture
 from srht_readonly.testing.load import ReadProbe, WriteLoad
 from tests._fleet import out, q, roles, status
 

@@ -19,12 +19,11 @@ from . import hba, replication, sql
 from .cluster import Cluster
 from .errors import OpsError, Refused
 from .observe import observe_nodes
-from .postgres import PostgresServer
+from .rewind import CLEAN, finish_crash_recovery
+from .rewind import rewind as pg_rewind
 
 logger = logging.getLogger(__name__)
 
-CLEAN = ("shut down", "shut down in recovery")
-LOCAL_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
 
 
 @dataclass
@@ -133,7 +132,7 @@ def demote_node(cluster: Cluster, plan: DemotePlan, *, timeout: float = 120) -> 
     control = server.controldata()
     crashed = control.get("Database cluster state") not in CLEAN
     if crashed:
-        _finish_crash_recovery(server)
+        finish_crash_recovery(server)
         control = server.controldata()
     primary_tli = sql.timeline(pspec.dsn)
     rewind, reason = needs_rewind(control, timeline_history(pspec.dsn, primary_tli), primary_tli)
@@ -143,7 +142,8 @@ def demote_node(cluster: Cluster, plan: DemotePlan, *, timeout: float = 120) -> 
         _check_rewind_possible(cluster, plan.node, plan.primary, control,
                                dict(sql.query(pspec.dsn, "SELECT name, setting FROM pg_settings "
                                                          "WHERE name = 'full_page_writes'")), sure=True)
-        _rewind(cluster, server, plan.primary)
+        source, env = cluster.rewind_source(plan.primary)
+        pg_rewind(server, source, checkpoint_dsn=pspec.dsn, env=env)
     replication.configure_standby(server, cluster.replication_conninfo(plan.primary, plan.node), slot=plan.node)
     server.start(timeout=timeout)
     replication.wait_streaming(spec.dsn, timeout=timeout)
@@ -207,26 +207,3 @@ def _check_rewind_possible(cluster: Cluster, node: str, primary: str, control: d
             f"{node} {maybe or 'needs pg_rewind, which cannot run: '}{'; '.join(missing)}. Rebuild it from a "
             f"base backup instead: srht-readonly standby prepare {node} --from {primary} --force"
         )
-
-
-def _finish_crash_recovery(server: PostgresServer) -> None:
-    """Replay a crashed node's WAL in single-user mode, so it ends with a clean shutdown (pg_rewind needs one)."""
-    for name in ("standby.signal", "recovery.signal"):
-        server.host.remove(server.data / name)
-    server.host.run([server.tool("postgres"), "--single", "-D", str(server.data), "-c", "hot_standby=off",
-                     "postgres"], user=server.os_user, input="", timeout=600)
-
-
-def _rewind(cluster: Cluster, server: PostgresServer, primary: str) -> None:
-    """``pg_rewind`` from the primary, keeping the node's own config files (pg_rewind copies the source's)."""
-    sql.execute(cluster.node(primary).dsn, "CHECKPOINT")
-    kept = {}
-    for name in LOCAL_FILES:
-        path = server.data / name
-        if server.host.exists(path):
-            kept[name] = server.host.read_text(path)
-    source, env = cluster.rewind_source(primary)
-    server.host.run([server.tool("pg_rewind"), "-D", str(server.data), "--source-server", source],
-                    user=server.os_user, env=env, timeout=3600)
-    for name, text in kept.items():
-        server.write_file(name, text)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from . import hba, replication, sql
 from .cluster import Cluster
-from .demote import LOCAL_FILES
 from .errors import Refused
 from .observe import observe_node
 from .postgres import PostgresServer
 from .replication import Progress
+from .rewind import LOCAL_FILES
 
 logger = logging.getLogger(__name__)
 

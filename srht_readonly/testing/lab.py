@@ -1,4 +1,7 @@
-"""The lab: a primary, a streaming hot standby and a PgBouncer on free loopback ports.
+"""The lab: a primary, a streaming hot standby and a PgBouncer on free loopback ports (its lifecycle and state).
+
+The servers themselves are ``servers.LabNode`` and ``servers.LabBouncer``; the inventory that
+describes a lab is written by ``inventory.write_inventory``.
 
 Everything lives in one directory (``Lab(directory)``, a temporary one by default) that the
 lab's OS user can read, and is described by ``lab.json`` in it, so ``Lab.attach(directory)``
@@ -18,187 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..ops import replication, sql
-from ..ops.console import Admin
+from ..ops import replication, rewind, sql
 from ..ops.errors import OpsError
-from ..ops.pgbouncer import PgBouncerProcess, render_config, repoint
 from ..ops.ports import free_port
-from ..ops.postgres import PostgresServer, find_bin_dir
+from ..ops.postgres import find_bin_dir
 from ..ops.remote import LocalHost
+from .inventory import write_inventory
+from .servers import APP_DB, APP_USER, HOST, NODE_SETTINGS, REPLICATION_USER, LabBouncer, LabNode
 
 logger = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
-APP_USER = "srht"
-APP_DB = "srht"
-REPLICATION_USER = "replicator"
 NODE_NAMES = ("remilia", "konpaku")
 STATE_FILE = "lab.json"
-
-# Settings that make a failover drill behave like production, minus durability across an OS
-# crash (nothing here survives a reboot anyway).
-NODE_SETTINGS: dict[str, object] = {
-    "listen_addresses": HOST,
-    "wal_level": "replica",
-    "wal_log_hints": True,
-    "hot_standby": True,
-    "max_wal_senders": 10,
-    "max_replication_slots": 10,
-    "wal_keep_size": "64MB",
-    "max_connections": 200,
-    "shared_buffers": "32MB",
-    "fsync": False,
-    "full_page_writes": True,
-    "logging_collector": False,
-    "log_line_prefix": "%m [%p] ",
-    "wal_receiver_status_interval": "1s",
-    "hot_standby_feedback": True,
-}
-
-
-class LabNode:
-    """One PostgreSQL server of the lab, reachable on ``127.0.0.1:port``."""
-
-    def __init__(self, lab: Lab, name: str, port: int) -> None:
-        self.lab = lab
-        self.name = name
-        self.host = HOST
-        self.port = port
-        self.server = PostgresServer(
-            lab.directory / name / "data", bin=lab.bin, host=lab.hostos, os_user=lab.os_user,
-            log=lab.directory / name / "postgres.log",
-        )
-
-    def __repr__(self) -> str:
-        return f"<LabNode {self.name} {self.host}:{self.port}>"
-
-    def dsn_for(self, *, user: str = APP_USER, dbname: str = APP_DB) -> str:
-        return f"host={self.host} port={self.port} user={user} dbname={dbname}"
-
-    @property
-    def dsn(self) -> str:
-        """libpq keyword DSN of the application database, as the application role."""
-        return self.dsn_for()
-
-    @property
-    def url(self) -> str:
-        """The same as a ``postgresql://`` URL."""
-        return f"postgresql://{APP_USER}@{self.host}:{self.port}/{APP_DB}"
-
-    @property
-    def admin_dsn(self) -> str:
-        """Superuser DSN (``postgres``/``postgres``), for what the application may not do."""
-        return self.dsn_for(user="postgres", dbname="postgres")
-
-    @property
-    def target(self) -> dict[str, str]:
-        """How PgBouncer reaches this node."""
-        return {"host": self.host, "port": str(self.port)}
-
-    def role(self) -> str:
-        """``primary``, ``standby`` or ``down`` (observed)."""
-        try:
-            return sql.role(self.admin_dsn)
-        except OpsError:
-            return "down"
-
-    def is_running(self) -> bool:
-        return self.server.is_running()
-
-    def start(self, *, timeout: float = 60) -> None:
-        self.server.start(timeout=timeout)
-
-    def stop(self, mode: str = "fast") -> None:
-        self.server.stop(mode)
-
-    def kill(self) -> None:
-        """``kill -9`` the postmaster."""
-        self.server.kill()
-
-
-class LabBouncer:
-    """The lab's PgBouncer (transaction pooling), in front of whichever node it points at."""
-
-    def __init__(self, lab: Lab, port: int, target: str, *, name: str = "pgbouncer",
-                 settings: dict[str, object] | None = None) -> None:
-        self.lab = lab
-        self.name = name
-        self.host = HOST
-        self.port = port
-        self.target = target
-        # Overrides of the [pgbouncer] settings below; None removes one (PgBouncer's default).
-        self.settings = dict(settings or {})
-        base = lab.directory / name
-        self.config_path = base / "pgbouncer.ini"
-        self.process = PgBouncerProcess(base / "pgbouncer.ini", base / "pgbouncer.pid",
-                                        os_user=lab.os_user, host=lab.hostos)
-        self.admin = Admin(self.admin_dsn)
-
-    def __repr__(self) -> str:
-        return f"<LabBouncer {self.host}:{self.port} -> {self.target}>"
-
-    @property
-    def dsn(self) -> str:
-        return f"host={self.host} port={self.port} user={APP_USER} dbname={APP_DB}"
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://{APP_USER}@{self.host}:{self.port}/{APP_DB}"
-
-    @property
-    def admin_dsn(self) -> str:
-        return f"host={self.host} port={self.port} user=postgres dbname=pgbouncer"
-
-    def write_config(self) -> None:
-        base = self.config_path.parent
-        self.lab.hostos.make_dir(base, owner=self.lab.os_user, mode=0o755)
-        node = self.lab.nodes[self.target]
-        conninfo = f"host={node.host} port={node.port}"
-        defaults: dict[str, object] = {
-            "listen_addr": self.host,
-            "listen_port": self.port,
-            "unix_socket_dir": "",
-            "auth_type": "trust",
-            "auth_file": base / "userlist.txt",
-            "admin_users": "postgres",
-            "pool_mode": "transaction",
-            "max_client_conn": 500,
-            "default_pool_size": 20,
-            # docs/facts.md: the default 15 s turns a crash into a 15 s outage.
-            "server_login_retry": 1,
-            "query_wait_timeout": 30,
-            "ignore_startup_parameters": "extra_float_digits,options",
-            "logfile": base / "pgbouncer.log",
-            "pidfile": base / "pgbouncer.pid",
-        }
-        settings = {k: v for k, v in {**defaults, **self.settings}.items() if v is not None}
-        # "*": any other database name (tests' own databases) goes to the same node.
-        text = render_config(settings, {APP_DB: f"{conninfo} dbname={APP_DB}", "*": conninfo})
-        self.lab.hostos.write_text_atomic(self.config_path, text, owner=self.lab.os_user, mode=0o640)
-        users = f'"{APP_USER}" ""\n"postgres" ""\n'
-        self.lab.hostos.write_text_atomic(base / "userlist.txt", users, owner=self.lab.os_user, mode=0o640)
-
-    def start(self) -> None:
-        self.process.start()
-        sql.wait_until(lambda: self.admin.databases(), timeout=10, what="pgbouncer's console")
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def point_at(self, node: LabNode | str) -> None:
-        """Repoint every database at ``node``, RELOAD, and wait until SHOW DATABASES agrees."""
-        node = self.lab.node(node)
-        text = self.lab.hostos.read_text(self.config_path)
-        self.lab.hostos.write_text_atomic(self.config_path, repoint(text, node.target))
-        self.admin.reload()
-        self.target = node.name
-        self.lab.save()
-
-        def switched() -> bool:
-            return all(int(r["port"]) == node.port for r in self.admin.show("DATABASES")
-                       if r["name"] in (APP_DB,))
-
-        sql.wait_until(switched, timeout=5, what=f"pgbouncer to point at {node.name}")
 
 
 class Lab:
@@ -350,19 +184,16 @@ class Lab:
     def rejoin(self, node: LabNode | str, *, upstream: LabNode | str | None = None) -> None:
         """Make a stopped former primary follow ``upstream`` (the current primary) again.
 
-        Uses ``pg_rewind`` so a diverged node (after a crash) can rejoin without a new backup.
+        Uses ``pg_rewind`` (``ops.rewind``, as ``srht-readonly demote`` does) so a diverged node
+        (after a crash) can rejoin without a new backup.
         """
         node = self.node(node)
         up = self.node(upstream) if upstream is not None else self.primary
         node.stop("fast")
         replication.ensure_slot(up.admin_dsn, node.name)
-        replication.checkpoint(up.admin_dsn)
-        if node.server.controldata().get("Database cluster state") not in ("shut down", "shut down in recovery"):
-            # pg_rewind needs a clean shutdown: let crash recovery finish first.
-            node.server.run("postgres", "--single", "-D", node.server.data, "-c", "hot_standby=off",
-                            "postgres", timeout=120)
-        node.server.run("pg_rewind", "-D", node.server.data, "--source-server", up.admin_dsn,
-                        "--no-sync", timeout=600)
+        if not rewind.is_clean(node.server.controldata()):
+            rewind.finish_crash_recovery(node.server, timeout=120)
+        rewind.rewind(node.server, up.admin_dsn, checkpoint_dsn=up.admin_dsn, sync=False, timeout=600)
         self.configure_as_standby(node, up)
         node.start()
         replication.wait_streaming(node.admin_dsn)
@@ -377,15 +208,17 @@ class Lab:
         return ([self.pgbouncer] if self.pgbouncer else []) + list(self.extra_bouncers.values())
 
     def add_pgbouncer(self, name: str, **settings: object) -> LabBouncer:
-        """Start another PgBouncer in front of the primary (see ``testing.fleet``); ``settings`` override."""
-        from .fleet import add_pgbouncer
-
-        return add_pgbouncer(self, name, settings)
+        """Start PgBouncer ``name`` (own directory and port) in front of the current primary; ``settings`` override."""
+        if name in self.extra_bouncers or name == "pgbouncer":
+            raise ValueError(f"the lab already has a PgBouncer called {name}")
+        bouncer = LabBouncer(self, free_port(), self.primary.name, name=name, settings=settings)
+        bouncer.write_config()
+        bouncer.start()
+        self.extra_bouncers[name] = bouncer
+        return bouncer
 
     def write_inventory(self, path: str | os.PathLike[str], **options: Any) -> Path:
-        """Write the CLI's INI inventory describing this lab (see ``testing.fleet.write_inventory``)."""
-        from .fleet import write_inventory
-
+        """Write the CLI's INI inventory describing this lab (see ``testing.inventory.write_inventory``)."""
         return write_inventory(self, path, **options)
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
-"""The lab as a fleet for the operations CLI: more PgBouncers, one reached over a real sshd, and
-the INI inventory (docs/cli.md's format) that describes it all.
+"""The lab laid out like a deployment for the operations CLI: more PgBouncers, some reached over a
+real sshd, and the INI inventory (docs/cli.md's format) that describes it all.
 
 ``build_fleet(lab)`` is what the CLI's tests and ``benchmarks/switchover.py`` use::
 
@@ -20,24 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..ops.ports import free_port
-from .lab import REPLICATION_USER, Lab, LabBouncer
+from .inventory import write_inventory
+from .lab import Lab
+from .servers import LabBouncer
 from .sshd import Sshd
 
 logger = logging.getLogger(__name__)
 
 SSH_ALIAS_SUFFIX = ".lab-ssh"
-
-
-def add_pgbouncer(lab: Lab, name: str, settings: Mapping[str, object] | None = None) -> LabBouncer:
-    """Start PgBouncer ``name`` (own directory and port) in front of the current primary."""
-    if name in lab.extra_bouncers or name == "pgbouncer":
-        raise ValueError(f"the lab already has a PgBouncer called {name}")
-    bouncer = LabBouncer(lab, free_port(), lab.primary.name, name=name, settings=dict(settings or {}))
-    bouncer.write_config()
-    bouncer.start()
-    lab.extra_bouncers[name] = bouncer
-    return bouncer
 
 
 def start_sshd(lab: Lab) -> Sshd:
@@ -46,46 +36,6 @@ def start_sshd(lab: Lab) -> Sshd:
     sshd.start()
     lab.on_close("stop sshd", sshd.stop)
     return sshd
-
-
-def write_inventory(
-    lab: Lab,
-    path: str | os.PathLike[str],
-    *,
-    ssh: Mapping[str, str] | None = None,
-    databases: Mapping[str, Iterable[str]] | None = None,
-    password_file: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Write the inventory (docs/cli.md) for ``lab``: every node, every PgBouncer, ``[replication]``.
-
-    ``ssh`` maps node or PgBouncer names to the ssh destination that reaches their host;
-    ``databases`` restricts which entries of a PgBouncer follow the primary.
-    """
-    ssh, databases = dict(ssh or {}), dict(databases or {})
-    out = [f"; srht-readonly lab in {lab.directory}", ""]
-    for node in lab.nodes.values():
-        out += [f"[node {node.name}]"] + ([f"ssh = {ssh[node.name]}"] if node.name in ssh else []) + [
-            f"dsn = {node.admin_dsn}",
-            f"data = {node.server.data}",
-            f"bin = {lab.bin}",
-            f"os-user = {lab.os_user}",
-            f"target = host={node.host} port={node.port}",
-            "",
-        ]
-    for bouncer in lab.bouncers:
-        out += [f"[pgbouncer {bouncer.name}]"]
-        if bouncer.name in ssh:
-            out.append(f"ssh = {ssh[bouncer.name]}")
-        out += [f"config = {bouncer.config_path}", f"admin = {bouncer.admin_dsn}"]
-        if bouncer.name in databases:
-            out.append(f"databases = {', '.join(databases[bouncer.name])}")
-        out.append("")
-    out += ["[replication]", f"user = {REPLICATION_USER}"]
-    if password_file is not None:
-        out.append(f"password-file = {password_file}")
-    path = Path(path)
-    path.write_text("\n".join(out) + "\n")
-    return path
 
 
 @dataclass
@@ -133,7 +83,7 @@ def build_fleet(
     fresh production install would, so tests see what ``failover`` does about it.
     """
     settings = dict(settings or {})
-    made = [add_pgbouncer(lab, name, {"server_login_retry": None, **settings.get(name, {})}) for name in extra]
+    made = [lab.add_pgbouncer(name, **{"server_login_retry": None, **settings.get(name, {})}) for name in extra]
     sshd = start_sshd(lab)
     ssh_config = lab.directory / "ssh_config"
     aliases = {}
