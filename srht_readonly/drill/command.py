@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..ops.cli import EXIT_REFUSED, EXIT_USAGE, Failure, failures
+from ..ops.cli.options import EXIT_REFUSED, EXIT_USAGE, Failure, failures
 from ..ops.errors import Refused
 from ..ops.inventory import InventoryError
 from . import report as report_mod
@@ -145,7 +145,7 @@ def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *
         try:
             setting = stack.enter_context(where)
         except (InventoryError, Refused):
-            raise  # exit 2 and exit 1 with their own messages (see ops.cli.failures)
+            raise  # exit 2 and exit 1 with their own messages (see ops.cli.options.failures)
         except Exception as exc:  # the lab or a service cannot start: not root, a missing program or package
             raise Failure(f"the drill could not start: {type(exc).__name__}: {exc}", EXIT_USAGE,
                           "drill not started", as_json) from exc

@@ -1,6 +1,6 @@
 """The procedure commands of ``srht-readonly`` (status, standby prepare, failover, promote, demote,
 switchover), each a thin wrapper: load the inventory, take the operator lock, check, show the plan,
-confirm, run, render. The group and the shared options live in ``cli``.
+confirm, run, render. The group is ``cli``'s ``main``; the shared options are in ``options``.
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ from typing import Any
 
 import click
 
-from . import render
-from .cli import EXIT_REFUSED, failures, main, option_dry_run, option_json, option_yes
-from .cluster import Cluster
-from .demote import check_demote, demote_node
-from .failover import check_failover, run_failover
-from .fleet import Fleet
-from .inventory import load, resolve_path
-from .lock import OperatorLock, lock_path
-from .promote import check_promote, promote_node
-from .standby import check_prepare, run_prepare
-from .status import collect
-from .switchover import MAX_LAG, check_switchover, run_switchover
+from .. import render
+from ..cluster import Cluster
+from ..demote import check_demote, demote_node
+from ..failover import check_failover, run_failover
+from ..fleet import Fleet
+from ..inventory import load, resolve_path
+from ..lock import OperatorLock, lock_path
+from ..promote import check_promote, promote_node
+from ..standby import check_prepare, run_prepare
+from ..status import collect
+from ..switchover import MAX_LAG, check_switchover, run_switchover
+from .options import EXIT_REFUSED, failures, option_dry_run, option_json, option_yes
 
 
 @contextmanager
@@ -61,7 +61,7 @@ def _lock_name(dry_run: bool, text: str) -> str | None:
     return None if dry_run else text
 
 
-@main.command()
+@click.command()
 @option_json
 @click.option("--check", is_flag=True, help="Exit 1 when anything needs attention (for cron and alerting).")
 @click.pass_context
@@ -85,7 +85,7 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
         ctx.exit(EXIT_REFUSED)
 
 
-@main.group()
+@click.group()
 def standby() -> None:
     """Build hot standbys (the plan's "Preparing the hot standby").
 
@@ -138,7 +138,7 @@ def standby_prepare(ctx: click.Context, node: str, primary: str, force: bool, dr
                    f"same databases) after {result.seconds:.1f} s{moved}{hba}")
 
 
-@main.command()
+@click.command()
 @click.option("--to", "to", required=True, metavar="NODE", help="The node every PgBouncer will point at.")
 @click.option("--force", is_flag=True, help="Point at NODE even if it does not answer.")
 @option_dry_run
@@ -175,7 +175,7 @@ def failover(ctx: click.Context, to: str, force: bool, dry_run: bool, yes: bool,
                f"{len(result.reloaded)} reloaded, in {result.seconds:.2f} s{lowered}")
 
 
-@main.command()
+@click.command()
 @click.argument("node")
 @click.option("--force", is_flag=True, help="Promote even though another node is still a primary.")
 @click.option("--replay-timeout", default=10.0, show_default=True, metavar="SECONDS",
@@ -210,7 +210,7 @@ def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, d
                f"{result.seconds:.3f} s; CHECKPOINT done")
 
 
-@main.command()
+@click.command()
 @click.argument("node")
 @click.option("--primary", "primary", required=True, metavar="NEW", help="The node NODE will follow.")
 @click.option("--force", is_flag=True, help="Demote NODE even while it runs as a primary (its newer writes are lost).")
@@ -247,7 +247,7 @@ def demote(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bo
                    f"in {result.seconds:.1f} s")
 
 
-@main.command()
+@click.command()
 @click.option("--to", "to", required=True, metavar="NODE", help="The standby that becomes the primary.")
 @click.option("--pause-timeout", default=5.0, show_default=True, metavar="SECONDS",
               help="Longest wait for PAUSE (running transactions) before giving up, changing nothing.")
