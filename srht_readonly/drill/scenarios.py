@@ -141,11 +141,18 @@ def readonly_failover_then_promotion(s: Step) -> None:
     s.hold_until("met-read-only")
     s.do(f"stop {old}", lambda: p.stop(old, "fast"))
     s.facts["promote_started"] = s.recorder.now()
-    s.enter(None)  # the standby takes writes as soon as the promotion is under way
+    _promote_then_rejoin(s, old, new, promoted="read_only_until", rejoin=f"demote {old} to follow {new}")
+
+
+def _promote_then_rejoin(s: Step, old: str, new: str, *, promoted: str, rejoin: str) -> None:
+    """Promote ``new`` (the standby takes writes as soon as that is under way), note when it was
+    done in ``facts[promoted]``, hold until every kind works again, then make ``old`` follow it."""
+    p = s.procedures
+    s.enter(None)
     s.do(f"promote {new}", lambda: p.promote(new))
-    s.facts["read_only_until"] = s.facts["back_at"] = s.recorder.now()
+    s.facts[promoted] = s.facts["back_at"] = s.recorder.now()
     s.hold_until("worked-again")
-    s.do(f"demote {old} to follow {new}", lambda: p.demote(old, new))
+    s.do(rejoin, lambda: p.demote(old, new))
     s.hold(0.5)
 
 
@@ -163,12 +170,7 @@ def primary_crash(s: Step) -> None:
     s.facts["failover_at"] = s.recorder.now()
     s.enter(State.READ_ONLY)
     s.hold(0.5)
-    s.enter(None)
-    s.do(f"promote {new}", lambda: p.promote(new))
-    s.facts["promoted_at"] = s.facts["back_at"] = s.recorder.now()
-    s.hold_until("worked-again")
-    s.do(f"rejoin {old} (pg_rewind)", lambda: p.demote(old, new))
-    s.hold(0.5)
+    _promote_then_rejoin(s, old, new, promoted="promoted_at", rejoin=f"rejoin {old} (pg_rewind)")
 
 
 def standby_crash(s: Step) -> None:
