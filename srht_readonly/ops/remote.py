@@ -22,7 +22,66 @@ from .errors import CommandFailed, OpsError, ToolMissing, Unreachable
 from .ports import free_port
 
 
-class LocalHost:
+class Host:
+    """Anything that runs commands and writes files on one machine: ``LocalHost`` or ``SshHost``.
+
+    ``run`` is written once here; each kind of host says how it executes (``_execute``).
+    """
+
+    name: str
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        user: str | None = None,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run to completion as ``user``, capturing output; raise ``CommandFailed`` on failure if ``check``."""
+        argv = [str(a) for a in argv]
+        proc = self._execute(argv, user=user, input=input, env=env, timeout=timeout, cwd=cwd)
+        if check and proc.returncode != 0:
+            raise CommandFailed(argv, proc.returncode, proc.stderr or proc.stdout, self.name)
+        return proc
+
+    def popen(self, argv: Sequence[str], *, user: str | None = None, env: Mapping[str, str] | None = None,
+              **kwargs: object) -> subprocess.Popen[str]:
+        """Start ``argv`` as ``user`` and return at once (for streamed output such as progress)."""
+        return self._start([str(a) for a in argv], user=user, env=env, kwargs=dict(kwargs))
+
+    def _execute(self, argv: list[str], *, user: str | None, input: str | None, env: Mapping[str, str] | None,
+                 timeout: float | None, cwd: str | os.PathLike[str] | None) -> subprocess.CompletedProcess[str]:
+        raise NotImplementedError
+
+    def _start(self, argv: Sequence[str], *, user: str | None, env: Mapping[str, str] | None,
+               kwargs: dict[str, object]) -> subprocess.Popen[str]:
+        raise NotImplementedError
+
+    # The rest of the interface, each host's own:
+
+    def read_text(self, path: str | os.PathLike[str]) -> str:
+        raise NotImplementedError
+
+    def exists(self, path: str | os.PathLike[str]) -> bool:
+        raise NotImplementedError
+
+    def write_text_atomic(self, path: str | os.PathLike[str], text: str, *, owner: str | None = None,
+                          mode: int | None = None) -> None:
+        raise NotImplementedError
+
+    def tunnel(self, host: str, port: int | str) -> tuple[str, int]:
+        """Where this machine reaches ``host:port`` as seen from that host."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class LocalHost(Host):
     """This machine. ``name`` appears in messages (``local`` unless told otherwise)."""
 
     def __init__(self, name: str = "local") -> None:
@@ -43,44 +102,17 @@ class LocalHost:
             raise ToolMissing("runuser", "util-linux")
         return [runuser, "-u", user, "--", *argv]
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        user: str | None = None,
-        input: str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        check: bool = True,
-        cwd: str | os.PathLike[str] | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run to completion, capturing output; raise ``CommandFailed`` on failure if ``check``."""
+    def _execute(self, argv: list[str], *, user: str | None, input: str | None, env: Mapping[str, str] | None,
+                 timeout: float | None, cwd: str | os.PathLike[str] | None) -> subprocess.CompletedProcess[str]:
         full = self.command(argv, user=user)
         try:
-            proc = subprocess.run(
-                full,
-                input=input,
-                capture_output=True,
-                text=True,
-                env=_merged_env(env),
-                timeout=timeout,
-                cwd=cwd if cwd is not None else "/",
-            )
+            return subprocess.run(full, input=input, capture_output=True, text=True, env=_merged_env(env),
+                                  timeout=timeout, cwd=cwd if cwd is not None else "/")
         except FileNotFoundError as exc:
             raise OpsError(f"{full[0]}: not found on {self.name}") from exc
-        if check and proc.returncode != 0:
-            raise CommandFailed(argv, proc.returncode, proc.stderr or proc.stdout, self.name)
-        return proc
 
-    def popen(
-        self,
-        argv: Sequence[str],
-        *,
-        user: str | None = None,
-        env: Mapping[str, str] | None = None,
-        **kwargs: object,
-    ) -> subprocess.Popen[str]:
-        """Start ``argv`` and return at once (for streamed output such as progress)."""
+    def _start(self, argv: Sequence[str], *, user: str | None, env: Mapping[str, str] | None,
+               kwargs: dict[str, object]) -> subprocess.Popen[str]:
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
             self.command(argv, user=user), env=_merged_env(env), text=True, cwd="/", **kwargs
         )
@@ -160,7 +192,7 @@ class LocalHost:
         """Nothing to release for this machine (``SshHost`` closes its connection)."""
 
 
-class SshHost:
+class SshHost(Host):
     """Another machine, reached with OpenSSH's client; the same interface as ``LocalHost``.
 
     ``destination`` is what you would type after ``ssh`` (``[user@]host`` or a ``Host`` alias);
@@ -255,39 +287,19 @@ class SshHost:
         return [*self._ssh("-o", f"ControlPath={self._control}", "-o", "ControlMaster=no"),
                 self.destination, self.remote_command(argv, user=user, env=env)]
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        user: str | None = None,
-        input: str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        check: bool = True,
-        cwd: str | os.PathLike[str] | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run to completion, capturing output; raise ``CommandFailed`` on failure if ``check``."""
+    def _execute(self, argv: list[str], *, user: str | None, input: str | None, env: Mapping[str, str] | None,
+                 timeout: float | None, cwd: str | os.PathLike[str] | None) -> subprocess.CompletedProcess[str]:
         if cwd is not None:
-            argv = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(cwd), *map(str, argv)]
-        full = self.command(argv, user=user, env=env)
-        proc = subprocess.run(full, input=input if input is not None else "", capture_output=True, text=True,
-                              timeout=timeout)
+            argv = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(cwd), *argv]
+        proc = subprocess.run(self.command(argv, user=user, env=env), input=input if input is not None else "",
+                              capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 255:
             raise Unreachable(f"ssh to {self.name} failed: {proc.stderr.strip() or 'exit 255'}")
-        if check and proc.returncode != 0:
-            raise CommandFailed(argv, proc.returncode, proc.stderr or proc.stdout, self.name)
         return proc
 
-    def popen(
-        self,
-        argv: Sequence[str],
-        *,
-        user: str | None = None,
-        env: Mapping[str, str] | None = None,
-        **kwargs: object,
-    ) -> subprocess.Popen[str]:
-        """Start ``argv`` on the other host and return at once; its pipes are ssh's."""
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
+    def _start(self, argv: Sequence[str], *, user: str | None, env: Mapping[str, str] | None,
+               kwargs: dict[str, object]) -> subprocess.Popen[str]:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)  # its pipes are ssh's
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
             self.command(argv, user=user, env=env), text=True, **kwargs
         )
@@ -384,8 +396,6 @@ trap - EXIT
 """
 
 
-Host = LocalHost | SshHost
-"""Anything that runs commands and writes files on one machine."""
 
 
 def chown(path: str | os.PathLike[str], user: str) -> None:
