@@ -140,7 +140,7 @@ def test_after_a_failure_past_the_promotion_running_again_says_what_is_left(flee
         raise OpsError("the old primary's disk is full")
 
     monkeypatch.setenv("SRHT_READONLY_SSH_CONFIG", str(fleet.ssh_config))
-    monkeypatch.setattr(switchover, "demote_node", broken_demote)
+    monkeypatch.setattr(switchover, "run_demote", broken_demote)
     with Cluster(load(fleet.inventory)) as cluster, Fleet(cluster) as pgbouncers:
         plan = switchover.check_switchover(cluster, pgbouncers, "konpaku")
         with pytest.raises(PartlyDone) as info:

@@ -11,12 +11,12 @@ from typing import Any
 
 from ..ops import replication, sql
 from ..ops.cluster import Cluster
-from ..ops.demote import check_demote, demote_node
+from ..ops.demote import check_demote, run_demote
 from ..ops.errors import OpsError
 from ..ops.failover import LOGIN_RETRY, check_failover, run_failover
 from ..ops.fleet import Change, Fleet
 from ..ops.observe import observe_nodes, primaries
-from ..ops.promote import check_promote, promote_node
+from ..ops.promote import check_promote, run_promote
 from ..ops.switchover import check_switchover, run_switchover
 from .sabotage import with_setting
 
@@ -92,10 +92,10 @@ class InventoryProcedures:
             run_failover(self.cluster, fleet, check_failover(self.cluster, fleet, to), login_retry=login_retry)
 
     def promote(self, node: str) -> None:
-        promote_node(self.cluster, check_promote(self.cluster, node))
+        run_promote(self.cluster, check_promote(self.cluster, node))
 
     def demote(self, node: str, primary: str) -> None:
-        demote_node(self.cluster, check_demote(self.cluster, node, primary))
+        run_demote(self.cluster, check_demote(self.cluster, node, primary))
 
     def stop(self, node: str, mode: str = "fast") -> None:
         self.cluster.server(node).stop(mode)

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DemotePlan:
-    """What ``check_demote`` found and what ``demote_node`` will do."""
+    """What ``check_demote`` found and what ``run_demote`` will do."""
 
     node: str
     primary: str
@@ -60,6 +60,9 @@ class DemotePlan:
         ]
         return steps
 
+    def title(self) -> str:
+        return f"make {self.node} follow {self.primary}"
+
 
 @dataclass
 class DemoteResult:
@@ -69,6 +72,13 @@ class DemoteResult:
     reason: str
     seconds: float
     nothing_to_do: bool = False
+
+    def text(self) -> str:
+        if self.nothing_to_do:
+            return f"{self.node} already streams from {self.primary}: nothing to do"
+        how = "rewound with pg_rewind" if self.rewound else "no pg_rewind needed"
+        return (f"{self.node} streams from {self.primary} and has caught up ({how}: {self.reason}) "
+                f"in {self.seconds:.1f} s")
 
 
 def check_demote(cluster: Cluster, node: str, primary: str, *, force: bool = False) -> DemotePlan:
@@ -118,7 +128,7 @@ def check_demote(cluster: Cluster, node: str, primary: str, *, force: bool = Fal
     return plan
 
 
-def demote_node(cluster: Cluster, plan: DemotePlan, *, timeout: float = 120) -> DemoteResult:
+def run_demote(cluster: Cluster, plan: DemotePlan, *, timeout: float = 120) -> DemoteResult:
     """Carry out the plan; each step is safe to repeat if a previous run stopped half-way."""
     start = time.monotonic()
     if plan.already_following:

@@ -50,6 +50,9 @@ class FailoverPlan:
         steps.append(f"check SHOW DATABASES on every PgBouncer shows {self.target}")
         return steps
 
+    def title(self) -> str:
+        return f"point every PgBouncer at {self.target} ({self.target_role})"
+
 
 @dataclass
 class FailoverResult:
@@ -60,6 +63,13 @@ class FailoverResult:
     login_retry_set: list[str]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        mode = (f" (a standby: read-only until `srht-readonly promote {self.target}`)"
+                if self.target_role == "standby" else "")
+        lowered = f"; server_login_retry lowered on {', '.join(self.login_retry_set)}" if self.login_retry_set else ""
+        return (f"every PgBouncer points at {self.target}{mode}: {len(self.written)} config(s) rewritten, "
+                f"{len(self.reloaded)} reloaded, in {self.seconds:.2f} s{lowered}")
 
 
 def check_failover(cluster: Cluster, fleet: Fleet, to: str, *, force: bool = False) -> FailoverPlan:

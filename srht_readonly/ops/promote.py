@@ -2,7 +2,7 @@
 
 ``check_promote`` refuses (``Refused``, nothing changed) when the node is not a standby, when
 another node is still a writable primary (split brain) unless forced, or when the node has not
-replayed everything it received. ``promote_node`` then promotes, verifies that the timeline went
+replayed everything it received. ``run_promote`` then promotes, verifies that the timeline went
 up, and checkpoints (so ``pg_rewind`` and base backups see the new timeline).
 """
 
@@ -38,6 +38,9 @@ class PromotePlan:
             f"CHECKPOINT on {self.node} (so pg_rewind and base backups see the new timeline)",
         ]
 
+    def title(self) -> str:
+        return f"promote {self.node}"
+
 
 @dataclass
 class PromoteResult:
@@ -48,6 +51,10 @@ class PromoteResult:
     timeline_after: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return (f"{self.node} is the primary: timeline {self.timeline_before} -> {self.timeline_after} in "
+                f"{self.seconds:.3f} s; CHECKPOINT done")
 
 
 def check_promote(cluster: Cluster, node: str, *, force: bool = False, replay_timeout: float = 10) -> PromotePlan:
@@ -95,7 +102,7 @@ def _wait_replayed(cluster: Cluster, me: NodeState, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def promote_node(cluster: Cluster, plan: PromotePlan, *, timeout: float = 60) -> PromoteResult:
+def run_promote(cluster: Cluster, plan: PromotePlan, *, timeout: float = 60) -> PromoteResult:
     """Promote, verify, checkpoint."""
     dsn = cluster.node(plan.node).dsn
     before, after, seconds = fast_promote(dsn, timeout=timeout)

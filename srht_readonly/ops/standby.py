@@ -60,6 +60,9 @@ class PreparePlan:
         ]
         return steps
 
+    def title(self) -> str:
+        return f"make {self.node} a hot standby of {self.primary}"
+
 
 @dataclass
 class PrepareResult:
@@ -70,6 +73,14 @@ class PrepareResult:
     hba_line: str | None = None
     sanity: dict[str, object] = field(default_factory=dict)
     nothing_to_do: bool = False
+
+    def text(self) -> str:
+        if self.nothing_to_do:
+            return f"{self.node} already streams from {self.primary}: nothing to do"
+        moved = f"; old data directory kept at {self.moved_aside}" if self.moved_aside else ""
+        hba = f"; pg_hba.conf: added '{self.hba_line}'" if self.hba_line else ""
+        return (f"{self.node} is a streaming hot standby of {self.primary} (timeline {self.sanity.get('timeline')}, "
+                f"same databases) after {self.seconds:.1f} s{moved}{hba}")
 
 
 def check_prepare(cluster: Cluster, node: str, primary: str, *, force: bool = False) -> PreparePlan:

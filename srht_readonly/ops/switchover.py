@@ -27,7 +27,7 @@ import psycopg2
 
 from . import replication, sql
 from .cluster import Cluster
-from .demote import DemoteResult, check_demote, demote_node
+from .demote import DemoteResult, check_demote, run_demote
 from .errors import OpsError, PartlyDone, Refused, Timeout
 from .fleet import Change, Fleet
 from .hba import hba_line, replication_access
@@ -67,6 +67,9 @@ class SwitchoverPlan:
             f"make {self.old} follow {self.new} (standby settings, start, wait until streaming)",
         ]
 
+    def title(self) -> str:
+        return f"switch the primary from {self.old} to {self.new}"
+
 
 @dataclass
 class SwitchoverResult:
@@ -80,6 +83,15 @@ class SwitchoverResult:
     timeline_before: int
     timeline_after: int
     demote: DemoteResult | None = None
+
+    def text(self) -> str:
+        phases = ", ".join(f"{k} {v:.3f}" for k, v in self.phases.items())
+        follow = ""
+        if self.demote is not None:
+            follow = (f"; {self.old} follows {self.new} "
+                      f"({'rewound' if self.demote.rewound else 'no pg_rewind needed'})")
+        return (f"switched over {self.old} -> {self.new}: write pause {self.write_pause:.3f} s ({phases}); "
+                f"timeline {self.timeline_before} -> {self.timeline_after}{follow}")
 
 
 def check_switchover(cluster: Cluster, fleet: Fleet, to: str, *, max_lag: int = MAX_LAG,
@@ -226,7 +238,7 @@ def run_switchover(cluster: Cluster, fleet: Fleet, plan: SwitchoverPlan, *, say:
     sql.execute(new_dsn, "CHECKPOINT")
     say(f"making {old} follow {new}")
     try:
-        result.demote = demote_node(cluster, check_demote(cluster, old, new))
+        result.demote = run_demote(cluster, check_demote(cluster, old, new))
     except OpsError as exc:
         raise PartlyDone(
             f"switchover done: {new} is the primary and every PgBouncer points at it (write pause {pause:.3f} s), "

@@ -5,8 +5,9 @@ confirm, run, render. The group is ``cli``'s ``main``; the shared options are in
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,13 +15,14 @@ import click
 
 from .. import render
 from ..cluster import Cluster
-from ..demote import check_demote, demote_node
+from ..demote import check_demote, run_demote
 from ..failover import check_failover, run_failover
 from ..fleet import Fleet
 from ..inventory import load, resolve_path
 from ..lock import OperatorLock, lock_path
-from ..promote import check_promote, promote_node
-from ..standby import check_prepare, run_prepare
+from ..procedure import Plan, Result
+from ..promote import check_promote, run_promote
+from ..standby import PreparePlan, PrepareResult, check_prepare, run_prepare
 from ..status import collect
 from ..switchover import MAX_LAG, check_switchover, run_switchover
 from .options import EXIT_REFUSED, failures, option_dry_run, option_json, option_yes
@@ -57,8 +59,19 @@ def say(message: str) -> None:
     click.echo(f"... {message}", err=True)
 
 
-def _lock_name(dry_run: bool, text: str) -> str | None:
-    return None if dry_run else text
+def carry_out(ctx: click.Context, command: str, *, as_json: bool, dry_run: bool, yes: bool,
+              check: Callable[[Cluster, Fleet | None], Plan], run: Callable[[Cluster, Fleet | None, Any], Result],
+              fleet: bool = False) -> None:
+    """Every changing command: inventory and operator lock, ``check``, show the plan and confirm,
+    ``run``, print the result (text or JSON). ``fleet``: the procedure drives the PgBouncers too."""
+    with session(ctx, None if dry_run else command, as_json) as cluster, \
+            (Fleet(cluster) if fleet else contextlib.nullcontext()) as bouncers:
+        with failures(as_json):
+            plan = check(cluster, bouncers)
+        confirm(plan.title(), plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
+        with failures(as_json, changing=True):
+            result = run(cluster, bouncers, plan)
+    click.echo(render.to_json(result) if as_json else result.text())
 
 
 @click.command()
@@ -117,25 +130,15 @@ def standby_prepare(ctx: click.Context, node: str, primary: str, force: bool, dr
       srht-readonly standby prepare konpaku --from remilia --dry-run
       srht-readonly standby prepare konpaku --from remilia --force --yes
     """
-    with session(ctx, _lock_name(dry_run, f"standby prepare {node}"), as_json) as cluster:
-        with failures(as_json):
-            plan = check_prepare(cluster, node, primary, force=force)
-        confirm(f"make {node} a hot standby of {primary}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
+    def run(cluster: Cluster, _: Fleet | None, plan: PreparePlan) -> PrepareResult:
         bar = _ProgressBar(as_json)
         try:
-            with failures(as_json, changing=True):
-                result = run_prepare(cluster, plan, progress=bar.update)
+            return run_prepare(cluster, plan, progress=bar.update)
         finally:
             bar.close()
-    if as_json:
-        click.echo(render.to_json(result))
-    elif result.nothing_to_do:
-        click.echo(f"{node} already streams from {primary}: nothing to do")
-    else:
-        moved = f"; old data directory kept at {result.moved_aside}" if result.moved_aside else ""
-        hba = f"; pg_hba.conf: added '{result.hba_line}'" if result.hba_line else ""
-        click.echo(f"{node} is a streaming hot standby of {primary} (timeline {result.sanity.get('timeline')}, "
-                   f"same databases) after {result.seconds:.1f} s{moved}{hba}")
+
+    carry_out(ctx, f"standby prepare {node}", as_json=as_json, dry_run=dry_run, yes=yes, run=run,
+              check=lambda cluster, _: check_prepare(cluster, node, primary, force=force))
 
 
 @click.command()
@@ -159,20 +162,9 @@ def failover(ctx: click.Context, to: str, force: bool, dry_run: bool, yes: bool,
       srht-readonly failover --to konpaku --dry-run
       srht-readonly failover --to konpaku --yes && srht-readonly promote konpaku --yes
     """
-    with session(ctx, _lock_name(dry_run, f"failover --to {to}"), as_json) as cluster, Fleet(cluster) as fleet:
-        with failures(as_json):
-            plan = check_failover(cluster, fleet, to, force=force)
-        confirm(f"point every PgBouncer at {to} ({plan.target_role})", plan.steps(), plan.warnings,
-                dry_run=dry_run, yes=yes)
-        with failures(as_json, changing=True):
-            result = run_failover(cluster, fleet, plan)
-    if as_json:
-        click.echo(render.to_json(result))
-        return
-    mode = " (a standby: read-only until `srht-readonly promote " + to + "`)" if result.target_role == "standby" else ""
-    lowered = f"; server_login_retry lowered on {', '.join(result.login_retry_set)}" if result.login_retry_set else ""
-    click.echo(f"every PgBouncer points at {to}{mode}: {len(result.written)} config(s) rewritten, "
-               f"{len(result.reloaded)} reloaded, in {result.seconds:.2f} s{lowered}")
+    carry_out(ctx, f"failover --to {to}", as_json=as_json, dry_run=dry_run, yes=yes, fleet=True,
+              check=lambda cluster, fleet: check_failover(cluster, _the(fleet), to, force=force),
+              run=lambda cluster, fleet, plan: run_failover(cluster, _the(fleet), plan))
 
 
 @click.command()
@@ -197,17 +189,9 @@ def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, d
       srht-readonly promote konpaku --dry-run
       srht-readonly promote konpaku --yes
     """
-    with session(ctx, _lock_name(dry_run, f"promote {node}"), as_json) as cluster:
-        with failures(as_json):
-            plan = check_promote(cluster, node, force=force, replay_timeout=replay_timeout)
-        confirm(f"promote {node}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
-        with failures(as_json, changing=True):
-            result = promote_node(cluster, plan)
-    if as_json:
-        click.echo(render.to_json(result))
-        return
-    click.echo(f"{node} is the primary: timeline {result.timeline_before} -> {result.timeline_after} in "
-               f"{result.seconds:.3f} s; CHECKPOINT done")
+    carry_out(ctx, f"promote {node}", as_json=as_json, dry_run=dry_run, yes=yes,
+              check=lambda cluster, _: check_promote(cluster, node, force=force, replay_timeout=replay_timeout),
+              run=lambda cluster, _, plan: run_promote(cluster, plan))
 
 
 @click.command()
@@ -231,20 +215,9 @@ def demote(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bo
       srht-readonly demote remilia --primary konpaku --dry-run
       srht-readonly demote remilia --primary konpaku --yes
     """
-    with session(ctx, _lock_name(dry_run, f"demote {node}"), as_json) as cluster:
-        with failures(as_json):
-            plan = check_demote(cluster, node, primary, force=force)
-        confirm(f"make {node} follow {primary}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
-        with failures(as_json, changing=True):
-            result = demote_node(cluster, plan)
-    if as_json:
-        click.echo(render.to_json(result))
-    elif result.nothing_to_do:
-        click.echo(f"{node} already streams from {primary}: nothing to do")
-    else:
-        how = "rewound with pg_rewind" if result.rewound else "no pg_rewind needed"
-        click.echo(f"{node} streams from {primary} and has caught up ({how}: {result.reason}) "
-                   f"in {result.seconds:.1f} s")
+    carry_out(ctx, f"demote {node}", as_json=as_json, dry_run=dry_run, yes=yes,
+              check=lambda cluster, _: check_demote(cluster, node, primary, force=force),
+              run=lambda cluster, _, plan: run_demote(cluster, plan))
 
 
 @click.command()
@@ -270,21 +243,15 @@ def switchover(ctx: click.Context, to: str, pause_timeout: float, max_lag: int, 
       srht-readonly switchover --to konpaku --dry-run
       srht-readonly switchover --to konpaku --yes
     """
-    with session(ctx, _lock_name(dry_run, f"switchover --to {to}"), as_json) as cluster, Fleet(cluster) as fleet:
-        with failures(as_json):
-            plan = check_switchover(cluster, fleet, to, max_lag=max_lag * 2**20, pause_timeout=pause_timeout)
-        confirm(f"switch the primary from {plan.old} to {to}", plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
-        with failures(as_json, changing=True):
-            result = run_switchover(cluster, fleet, plan, say=say)
-    if as_json:
-        click.echo(render.to_json(result))
-        return
-    phases = ", ".join(f"{k} {v:.3f}" for k, v in result.phases.items())
-    follow = ""
-    if result.demote is not None:
-        follow = f"; {result.old} follows {to} ({'rewound' if result.demote.rewound else 'no pg_rewind needed'})"
-    click.echo(f"switched over {result.old} -> {to}: write pause {result.write_pause:.3f} s ({phases}); timeline "
-               f"{result.timeline_before} -> {result.timeline_after}{follow}")
+    carry_out(ctx, f"switchover --to {to}", as_json=as_json, dry_run=dry_run, yes=yes, fleet=True,
+              check=lambda cluster, fleet: check_switchover(cluster, _the(fleet), to, max_lag=max_lag * 2**20,
+                                                            pause_timeout=pause_timeout),
+              run=lambda cluster, fleet, plan: run_switchover(cluster, _the(fleet), plan, say=say))
+
+
+def _the(fleet: Fleet | None) -> Fleet:
+    assert fleet is not None, "carry_out(fleet=True) opens one"
+    return fleet
 
 
 class _ProgressBar:
