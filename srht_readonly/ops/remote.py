@@ -127,14 +127,8 @@ class LocalHost(Host):
         """The OS user owning ``path``."""
         return pwd.getpwuid(Path(path).stat().st_uid).pw_name
 
-    def write_text_atomic(
-        self,
-        path: str | os.PathLike[str],
-        text: str,
-        *,
-        owner: str | None = None,
-        mode: int | None = None,
-    ) -> None:
+    def write_text_atomic(self, path: str | os.PathLike[str], text: str, *, owner: str | None = None,
+                          mode: int | None = None) -> None:
         """Replace ``path`` atomically (temp file in the same directory, fsync, rename).
 
         The new file keeps the old one's mode and ownership unless ``owner``/``mode`` are given,
@@ -335,14 +329,8 @@ class SshHost(Host):
     def rename(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         self.run(["mv", "--", str(src), str(dst)])
 
-    def write_text_atomic(
-        self,
-        path: str | os.PathLike[str],
-        text: str,
-        *,
-        owner: str | None = None,
-        mode: int | None = None,
-    ) -> None:
+    def write_text_atomic(self, path: str | os.PathLike[str], text: str, *, owner: str | None = None,
+                          mode: int | None = None) -> None:
         """Replace ``path`` atomically on the other host, keeping its mode and owner (as ``LocalHost``)."""
         self.run(["sh", "-c", _ATOMIC_WRITE, "sh", str(path), "" if mode is None else f"{mode:o}", owner or ""],
                  input=text)

@@ -25,7 +25,7 @@ from ..promote import check_promote, run_promote
 from ..standby import PreparePlan, PrepareResult, check_prepare, run_prepare
 from ..status import collect
 from ..switchover import MAX_LAG, check_switchover, run_switchover
-from .options import EXIT_REFUSED, failures, option_dry_run, option_json, option_yes
+from .options import EXIT_REFUSED, changing, failures, option_json
 
 
 @contextmanager
@@ -112,10 +112,7 @@ def standby() -> None:
 @click.argument("node")
 @click.option("--from", "primary", required=True, metavar="PRIMARY", help="The primary to copy.")
 @click.option("--force", is_flag=True, help="Stop NODE and move its data directory aside (kept) if it has one.")
-@option_dry_run
-@option_yes
-@option_json
-@click.pass_context
+@changing
 def standby_prepare(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bool, yes: bool,
                     as_json: bool) -> None:
     """Make NODE a streaming hot standby of PRIMARY, steps 1-8 of the plan.
@@ -144,10 +141,7 @@ def standby_prepare(ctx: click.Context, node: str, primary: str, force: bool, dr
 @click.command()
 @click.option("--to", "to", required=True, metavar="NODE", help="The node every PgBouncer will point at.")
 @click.option("--force", is_flag=True, help="Point at NODE even if it does not answer.")
-@option_dry_run
-@option_yes
-@option_json
-@click.pass_context
+@changing
 def failover(ctx: click.Context, to: str, force: bool, dry_run: bool, yes: bool, as_json: bool) -> None:
     """Read-only failover: point every PgBouncer at NODE (usually the standby).
 
@@ -172,10 +166,7 @@ def failover(ctx: click.Context, to: str, force: bool, dry_run: bool, yes: bool,
 @click.option("--force", is_flag=True, help="Promote even though another node is still a primary.")
 @click.option("--replay-timeout", default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for NODE to replay what it received before refusing.")
-@option_dry_run
-@option_yes
-@option_json
-@click.pass_context
+@changing
 def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, dry_run: bool, yes: bool,
             as_json: bool) -> None:
     """Promote the standby NODE to primary (the plan's "Standby promotion procedure").
@@ -198,10 +189,7 @@ def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, d
 @click.argument("node")
 @click.option("--primary", "primary", required=True, metavar="NEW", help="The node NODE will follow.")
 @click.option("--force", is_flag=True, help="Demote NODE even while it runs as a primary (its newer writes are lost).")
-@option_dry_run
-@option_yes
-@option_json
-@click.pass_context
+@changing
 def demote(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bool, yes: bool,
            as_json: bool) -> None:
     """Make the former primary NODE a standby of NEW (the plan's "Master demotion procedure").
@@ -226,10 +214,7 @@ def demote(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bo
               help="Longest wait for PAUSE (running transactions) before giving up, changing nothing.")
 @click.option("--max-lag", default=MAX_LAG // 2**20, show_default=True, metavar="MB",
               help="Refuse when NODE is further behind than this.")
-@option_dry_run
-@option_yes
-@option_json
-@click.pass_context
+@changing
 def switchover(ctx: click.Context, to: str, pause_timeout: float, max_lag: int, dry_run: bool, yes: bool,
                as_json: bool) -> None:
     """Planned switchover to NODE with no failed client request; prints the write pause.

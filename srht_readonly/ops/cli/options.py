@@ -27,6 +27,11 @@ option_yes = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 option_dry_run = click.option("--dry-run", is_flag=True, help="Check and print the plan; change nothing.")
 
 
+def changing(fn: F) -> F:
+    """The options of every changing command (``--dry-run``, ``--yes``, ``--json``) and the click context."""
+    return option_dry_run(option_yes(option_json(click.pass_context(fn))))  # type: ignore[return-value]
+
+
 class Failure(click.ClickException):
     """A package error at the CLI boundary, with its exit status (docs/architecture.md)."""
 
