@@ -29,7 +29,7 @@ from integrations.buildsrht import BuildResult, BuildRunner
 from integrations.buildsrht import schema as builds
 from srht_readonly import ReadOnlyMonitor
 from srht_readonly.drill import Event, Operation, Outcome, Recorder, State, verdicts
-from srht_readonly.drill.scenarios import MOST_HOLD, Expectation
+from srht_readonly.drill.scenarios import MOST_HOLD, Expectation, Fact
 from srht_readonly.drill.services import DrillEnvironment
 from srht_readonly.sqlalchemy import instrument
 
@@ -137,8 +137,8 @@ class BuildTraffic(Traffic):
         aborted = [b.event for b in ended if b.result is not None and b.result.status == "aborted" and b.event]
         checks.append(Expectation(f"builds: none aborted (deadline {self.deadline:g} s)", not aborted,
                                   verdicts.sample(aborted, "aborted")))
-        if scenario == "readonly-failover" and "read_only_until" in facts:
-            hi = facts["read_only_until"]
+        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
+            hi = facts[Fact.READ_ONLY_UNTIL]
             waited = [b for b in ended if b.result is not None and b.result.waited > 0 and b.event is not None]
             late = [f"#{b.job_id} {b.event.t - hi:.2f} s" for b in waited
                     if b.event and b.event.t > hi + verdicts.GRACE]

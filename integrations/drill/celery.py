@@ -34,7 +34,7 @@ from integrations.webhooks import schema as webhooks
 from integrations.webhooks.harness import CeleryWorker, RedisServer
 from srht_readonly import DatabaseUnavailable, ReadOnlyError
 from srht_readonly.drill import Operation, Outcome, Recorder, State, verdicts
-from srht_readonly.drill.scenarios import Expectation
+from srht_readonly.drill.scenarios import Expectation, Fact
 from srht_readonly.drill.services import DrillEnvironment
 
 from ._traffic import Traffic
@@ -119,7 +119,7 @@ class CeleryTraffic(Traffic):
             retried = self._retries["stop"] - self._retries["start"]
             checks.append(Expectation("celery: no delivery was retried (no retry storm)", retried == 0,
                                       f"{retried} retries in the worker's log"))
-        if scenario == "readonly-failover" and "read_only_until" in facts:
+        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
             inside = verdicts.judged_read_only(events, facts)
             wrong = [e for e in inside if e.outcome is not Outcome.EXPLAINED or "ReadOnlyError" not in e.detail]
             checks.append(Expectation("celery: deliveries that met the read-only state failed cleanly with "

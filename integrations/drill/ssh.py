@@ -45,7 +45,7 @@ from integrations.gitsrht.ssh.meta import MetaServer
 from integrations.gitsrht.ssh.sshd import GitSshd, make_key
 from integrations.gitsrht.ssh.webhooks import READ_ONLY_WARNING
 from srht_readonly.drill import Outcome, Recorder, State, verdicts
-from srht_readonly.drill.scenarios import Expectation
+from srht_readonly.drill.scenarios import Expectation, Fact
 from srht_readonly.drill.services import DrillEnvironment
 
 from ._traffic import Traffic
@@ -195,7 +195,7 @@ class SshTraffic(Traffic):
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
-        if scenario == "readonly-failover" and "read_only_until" in facts:
+        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
             checks += window_checks(events, facts)
         return checks
 

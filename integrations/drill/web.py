@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 
 from integrations.gitsrht.web import create_app, init_db, serve
 from srht_readonly.drill import Outcome, Recorder, State, verdicts
-from srht_readonly.drill.scenarios import Expectation
+from srht_readonly.drill.scenarios import Expectation, Fact
 from srht_readonly.drill.services import DrillEnvironment
 from srht_readonly.flask import HEADER
 
@@ -105,8 +105,8 @@ class WebTraffic(Traffic):
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
-        if scenario == "readonly-failover" and "read_only_until" in facts:
-            hi = facts["read_only_until"]
+        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
+            hi = facts[Fact.READ_ONLY_UNTIL]
             inside = verdicts.judged_read_only(events, facts)
             checks.append(verdicts.all_are("web: every form and API write that met the read-only state got the "
                                            "read-only explanation (503)", [e for e in inside if e.write],

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import verdicts
 from .recorder import Recorder
+from .scenarios import Fact
 
 
 class Coverage:
@@ -34,7 +35,7 @@ class Coverage:
         self._timed = 0
 
     def missing(self, goal: str, facts: Mapping[str, Any]) -> list[str]:
-        key = json.dumps([goal, facts.get("states", []), facts.get("back_at")])
+        key = json.dumps([goal, facts.get(Fact.STATES, []), facts.get(Fact.BACK_AT)])
         done, seen = self._done.get(key, (set(), 0))
         new = self.recorder.events_since(seen)
         done |= verdicts.reached(new, goal, facts)

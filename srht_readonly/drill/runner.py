@@ -18,7 +18,7 @@ from . import verdicts
 from .coverage import Coverage
 from .recorder import Recorder
 from .report import timeline
-from .scenarios import BY_NAME, Expectation, Procedures, Scenario, Step
+from .scenarios import BY_NAME, Expectation, Fact, Procedures, Scenario, Step
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ def _result(scenario: Scenario, recorder: Recorder, step: Step, checks: list[Exp
     for svc, counts in recorder.counts().items():
         services[svc] = {**counts, "longest_write_gap": round(recorder.longest_write_gap(svc), 3)}
     lost_because = ""
-    if result_ledger.lost and "standby_received" in step.facts:
+    if result_ledger.lost and Fact.STANDBY_RECEIVED in step.facts:
         lost_because = ("Replication is asynchronous: these commits were acknowledged by the old primary "
-                        f"after the last WAL the standby had received ({step.facts['standby_received']}), "
+                        f"after the last WAL the standby had received ({step.facts[Fact.STANDBY_RECEIVED]}), "
                         "so they died with it; pg_rewind removed them from its data directory when it rejoined.")
     elif result_ledger.lost:
         lost_because = "No primary crashed in this scenario: losing an acknowledged write here is a bug."

@@ -17,9 +17,33 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from .recorder import Event, Recorder, State
+
+
+class Fact(StrEnum):
+    """The keys of a scenario's facts (``Step.facts``, ``report.json``'s ``facts``): a ``str``, so the JSON is
+    the same, and a typo is an error."""
+
+    READ_ONLY_FROM = "read_only_from"
+    PROMOTE_STARTED = "promote_started"
+    READ_ONLY_UNTIL = "read_only_until"
+    BACK_AT = "back_at"
+    CRASH_AT = "crash_at"
+    FAILOVER_AT = "failover_at"
+    PROMOTED_AT = "promoted_at"
+    STANDBY_RECEIVED = "standby_received"
+    STATES = "states"
+    HELD_LONGER = "held_longer"
+    NEVER = "never"
+    STEP_SECONDS = "step_seconds"
+    SWITCHOVER = "switchover"
+    THERE = "there"
+    BACK = "back"
+    CATCH_UP_SECONDS = "catch_up_seconds"
+
 
 #: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
 EXTRA_HOLD = 20.0
@@ -49,7 +73,7 @@ class Progress(Protocol):
 
     ``missing(goal, facts)`` names the kinds (``"service op"``) that have not yet reached
     ``goal``: ``"met-read-only"`` (met the read-only state of the current window) or
-    ``"worked-again"`` (succeeded after ``facts["back_at"]``); ``slowest(kinds)`` is the longest
+    ``"worked-again"`` (succeeded after ``facts[Fact.BACK_AT]``); ``slowest(kinds)`` is the longest
     an operation of those kinds has taken (or been under way) so far, in seconds.
     """
 
@@ -76,7 +100,7 @@ class Step:
         s more, or twice the slowest operation of a missing kind (at most ``MOST_HOLD``) on a
         machine so loaded that one takes longer.
 
-        What was still missing when the bound ran out is noted in ``facts["never"][goal]``.
+        What was still missing when the bound ran out is noted in ``facts[Fact.NEVER][goal]``.
         """
         self.hold(factor)
         started = time.monotonic()
@@ -89,14 +113,14 @@ class Step:
             left = self.progress.missing(goal, self.facts)
         extra = time.monotonic() - started
         if extra >= 0.2:
-            self.facts.setdefault("held_longer", {})[goal] = round(extra, 2)
+            self.facts.setdefault(Fact.HELD_LONGER, {})[goal] = round(extra, 2)
         if left:
-            self.facts.setdefault("never", {})[goal] = left
+            self.facts.setdefault(Fact.NEVER, {})[goal] = left
 
     def enter(self, state: State | None) -> None:
         """From now on the services' database is in ``state`` (None: writable again)."""
         now = self.recorder.now()
-        states = self.facts.setdefault("states", [])
+        states = self.facts.setdefault(Fact.STATES, [])
         if states and states[-1][2] is None:
             states[-1][2] = now
         if state is not None:
@@ -107,7 +131,7 @@ class Step:
         self.recorder.mark(label)
         started = time.monotonic()
         result = action()
-        self.facts.setdefault("step_seconds", {})[label] = round(time.monotonic() - started, 3)
+        self.facts.setdefault(Fact.STEP_SECONDS, {})[label] = round(time.monotonic() - started, 3)
         return result
 
 
@@ -125,8 +149,8 @@ def planned_switchover(s: Step) -> None:
     old, new = p.primary(), p.standby()
     s.hold()
     result = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
-    s.facts["switchover"] = result
-    s.facts["back_at"] = s.recorder.now()
+    s.facts[Fact.SWITCHOVER] = result
+    s.facts[Fact.BACK_AT] = s.recorder.now()
     s.hold_until("worked-again")
 
 
@@ -136,12 +160,12 @@ def readonly_failover_then_promotion(s: Step) -> None:
     old, new = p.primary(), p.standby()
     s.hold()
     s.do(f"failover: PgBouncers -> {new} (read-only)", lambda: p.failover(new))
-    s.facts["read_only_from"] = s.recorder.now()
+    s.facts[Fact.READ_ONLY_FROM] = s.recorder.now()
     s.enter(State.READ_ONLY)
     s.hold_until("met-read-only")
     s.do(f"stop {old}", lambda: p.stop(old, "fast"))
-    s.facts["promote_started"] = s.recorder.now()
-    _promote_then_rejoin(s, old, new, promoted="read_only_until", rejoin=f"demote {old} to follow {new}")
+    s.facts[Fact.PROMOTE_STARTED] = s.recorder.now()
+    _promote_then_rejoin(s, old, new, promoted=Fact.READ_ONLY_UNTIL, rejoin=f"demote {old} to follow {new}")
 
 
 def _promote_then_rejoin(s: Step, old: str, new: str, *, promoted: str, rejoin: str) -> None:
@@ -150,7 +174,7 @@ def _promote_then_rejoin(s: Step, old: str, new: str, *, promoted: str, rejoin: 
     p = s.procedures
     s.enter(None)
     s.do(f"promote {new}", lambda: p.promote(new))
-    s.facts[promoted] = s.facts["back_at"] = s.recorder.now()
+    s.facts[promoted] = s.facts[Fact.BACK_AT] = s.recorder.now()
     s.hold_until("worked-again")
     s.do(rejoin, lambda: p.demote(old, new))
     s.hold(0.5)
@@ -162,15 +186,15 @@ def primary_crash(s: Step) -> None:
     old, new = p.primary(), p.standby()
     s.hold()
     s.do(f"kill -9 {old}", lambda: p.kill(old))
-    s.facts["crash_at"] = s.recorder.now()
+    s.facts[Fact.CRASH_AT] = s.recorder.now()
     s.enter(State.UNAVAILABLE)
     time.sleep(0.5)  # the time it takes a watchdog or an operator to notice
-    s.facts["standby_received"] = p.receive_lsn(new)
+    s.facts[Fact.STANDBY_RECEIVED] = p.receive_lsn(new)
     s.do(f"failover: PgBouncers -> {new}", lambda: p.failover(new))
-    s.facts["failover_at"] = s.recorder.now()
+    s.facts[Fact.FAILOVER_AT] = s.recorder.now()
     s.enter(State.READ_ONLY)
     s.hold(0.5)
-    _promote_then_rejoin(s, old, new, promoted="promoted_at", rejoin=f"rejoin {old} (pg_rewind)")
+    _promote_then_rejoin(s, old, new, promoted=Fact.PROMOTED_AT, rejoin=f"rejoin {old} (pg_rewind)")
 
 
 def standby_crash(s: Step) -> None:
@@ -181,8 +205,8 @@ def standby_crash(s: Step) -> None:
     s.do(f"kill -9 {standby}", lambda: p.kill(standby))
     s.hold()
     s.do(f"start {standby}", lambda: p.start(standby))
-    s.facts["catch_up_seconds"] = s.do(f"{standby} caught up", lambda: p.wait_caught_up(standby))
-    s.facts["back_at"] = 0.0  # the services' database never changed: every kind must simply have worked
+    s.facts[Fact.CATCH_UP_SECONDS] = s.do(f"{standby} caught up", lambda: p.wait_caught_up(standby))
+    s.facts[Fact.BACK_AT] = 0.0  # the services' database never changed: every kind must simply have worked
     s.hold_until("worked-again", 0.5)
 
 
@@ -191,7 +215,7 @@ def minor_upgrade(s: Step) -> None:
     p = s.procedures
     old, new = p.primary(), p.standby()
     s.hold(0.5)
-    s.facts["there"] = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
+    s.facts[Fact.THERE] = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
     s.hold(0.5)
     def restart() -> None:  # where an upgrade installs the new minor version's binaries
         p.stop(old, "fast")
@@ -200,8 +224,8 @@ def minor_upgrade(s: Step) -> None:
     s.do(f"upgrade {old}: restart", restart)
     s.do(f"{old} caught up", lambda: p.wait_caught_up(old))
     s.hold(0.5)
-    s.facts["back"] = s.do(f"switchover {new} -> {old}", lambda: p.switchover(old))
-    s.facts["back_at"] = s.recorder.now()
+    s.facts[Fact.BACK] = s.do(f"switchover {new} -> {old}", lambda: p.switchover(old))
+    s.facts[Fact.BACK_AT] = s.recorder.now()
     s.hold_until("worked-again", 0.5)
 
 

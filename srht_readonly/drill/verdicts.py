@@ -1,7 +1,7 @@
 """Judging what was recorded against what the plan promises in each scenario.
 
 **Windows as users meet them.** The scenarios note the states the services' database went
-through (``facts["states"]``: read-only, unreachable, from when to when). An operation belongs
+through (``facts[Fact.STATES]``: read-only, unreachable, from when to when). An operation belongs
 to the state it *met*: the one it observed (``Event.met``: a 25006 refusal, the
 ``Srht-Read-Only`` header, a "database unreachable" page), or, where it observed nothing (a
 fetch that worked), the state at its start. Two sets follow from that:
@@ -42,7 +42,7 @@ from ..ops.sql import parse_lsn
 from .ledger import KINDS as LEDGER_KINDS
 from .ledger import LedgerResult
 from .recorder import Event, Outcome, Recorder, State
-from .scenarios import BY_NAME, Expectation
+from .scenarios import BY_NAME, Expectation, Fact
 
 __all__ = ["GRACE", "after", "all_are", "common", "database", "during", "each_kind", "first", "judged_read_only",
            "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample",
@@ -84,16 +84,16 @@ def read_only_window(facts: dict[str, Any]) -> tuple[float, float]:
     """When the database was certainly read-only in ``readonly-failover``: from ``read_only_from``
     to the start of the promotion step (``promote_started``; ``read_only_until`` is when the
     promotion was *verified*, and the standby already takes writes during that verification)."""
-    return facts["read_only_from"], facts.get("promote_started", facts["read_only_until"])
+    return facts[Fact.READ_ONLY_FROM], facts.get(Fact.PROMOTE_STARTED, facts[Fact.READ_ONLY_UNTIL])
 
 
 def _windows(facts: Mapping[str, Any], state: State) -> list[tuple[float, float]]:
-    return [(lo, float("inf") if hi is None else hi) for s, lo, hi in facts.get("states", []) if s == state.value]
+    return [(lo, float("inf") if hi is None else hi) for s, lo, hi in facts.get(Fact.STATES, []) if s == state.value]
 
 
 def state_at(t: float, facts: Mapping[str, Any]) -> State:
     """The state the scenario had put the services' database in at ``t`` (writable outside every window)."""
-    for s, lo, hi in facts.get("states", []):
+    for s, lo, hi in facts.get(Fact.STATES, []):
         if lo <= t < (float("inf") if hi is None else hi):
             return State(s)
     return State.WRITABLE
@@ -121,12 +121,12 @@ def reached(events: Iterable[Event], goal: str, facts: Mapping[str, Any]) -> set
     """The kinds ``(service, op)`` among ``events`` that reached ``goal``.
 
     ``met-read-only``: met the read-only state; ``worked-again``: succeeded, started ``GRACE``
-    after ``facts["back_at"]`` (when the database was writable again).
+    after ``facts[Fact.BACK_AT]`` (when the database was writable again).
     """
     if goal == "met-read-only":
         return {(e.service, e.op) for e in met_read_only(events, facts)}
     if goal == "worked-again":
-        since = facts.get("back_at", 0.0) + GRACE
+        since = facts.get(Fact.BACK_AT, 0.0) + GRACE
         return {(e.service, e.op) for e in events if e.outcome is Outcome.OK and e.started >= since}
     raise ValueError(f"unknown goal {goal!r}")
 
@@ -218,7 +218,7 @@ def common(service: str, scenario: str, events: list[Event], facts: dict[str, An
                                 lambda e: e.outcome is Outcome.OK))
     elif scenario == "readonly-failover":
         checks.append(no_errors(f"{service}: traffic ran and no user saw an unexplained error", events))
-        if missing := _missing(facts, "read_only_from", "read_only_until"):
+        if missing := _missing(facts, Fact.READ_ONLY_FROM, Fact.READ_ONLY_UNTIL):
             return [*checks, _not_reached(service, missing)]
         writes = [e for e in events if e.write]
         if writes and not writes_wait:
@@ -226,17 +226,17 @@ def common(service: str, scenario: str, events: list[Event], facts: dict[str, An
                                   "explanation or dropped", judged_read_only(writes, facts), DEGRADED))
         checks.append(each_kind(f"{service}: every kind of operation met the read-only state", events, kinds,
                                 lambda e: met(e, facts) is State.READ_ONLY))
-        checks += works_again(service, events, kinds, facts["read_only_until"] + GRACE)
+        checks += works_again(service, events, kinds, facts[Fact.READ_ONLY_UNTIL] + GRACE)
     elif scenario == "primary-crash":
-        if missing := _missing(facts, "crash_at", "failover_at", "promoted_at"):
+        if missing := _missing(facts, Fact.CRASH_AT, Fact.FAILOVER_AT, Fact.PROMOTED_AT):
             return [*checks, _not_reached(service, missing)]
-        lo, hi = facts["crash_at"], facts["failover_at"] + GRACE
+        lo, hi = facts[Fact.CRASH_AT], facts[Fact.FAILOVER_AT] + GRACE
         errors = [e for e in events if e.outcome is Outcome.ERROR]
         stray = [e for e in errors if not (e.started <= hi and e.t >= lo)]
         checks.append(Expectation(
             f"{service}: errors only from operations under way between the crash and {GRACE:g} s after the failover",
             bool(events) and not stray, f"{sample(errors)}; {sample(stray, 'outside')}", stray + errors))
-        checks += works_again(service, events, kinds, facts["promoted_at"] + GRACE)
+        checks += works_again(service, events, kinds, facts[Fact.PROMOTED_AT] + GRACE)
     return checks
 
 
@@ -255,7 +255,7 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
         failed = [e for e in events if e.write and e.outcome is not Outcome.OK]
         checks.append(Expectation("no write failed", not failed, len(failed), failed))
     if scenario == "readonly-failover":
-        if missing := _missing(facts, "read_only_from", "read_only_until"):
+        if missing := _missing(facts, Fact.READ_ONLY_FROM, Fact.READ_ONLY_UNTIL):
             return [*checks, _not_reached("database", missing)]
         reads_failed = [e for e in events if not e.write and e.outcome is Outcome.ERROR]
         checks.append(Expectation("reads never failed", not reads_failed, len(reads_failed), reads_failed))
@@ -268,21 +268,21 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
         checks.append(each_kind("database: reads and writes met the read-only state", events, LEDGER_KINDS,
                                 lambda e: met(e, facts) is State.READ_ONLY))
     if scenario == "primary-crash":
-        if missing := _missing(facts, "failover_at", "promoted_at"):
+        if missing := _missing(facts, Fact.FAILOVER_AT, Fact.PROMOTED_AT):
             return [*checks, _not_reached("database", missing)]
-        for what, write, since, step in (("reads", False, "failover_at", "failover"),
-                                         ("writes", True, "promoted_at", "promotion")):
+        for what, write, since, step in (("reads", False, Fact.FAILOVER_AT, "failover"),
+                                         ("writes", True, Fact.PROMOTED_AT, "promotion")):
             back = first(events, lambda e, w=write, t=facts[since]: e.t >= t and e.write == w  # type: ignore[misc]
                          and e.outcome is Outcome.OK)
             took = None if back is None else back.t - facts[since]
             checks.append(Expectation(f"{what} restored within {GRACE:g} s of the {step}",
                                       took is not None and took <= GRACE,
                                       "never" if took is None else f"{took:.2f} s", [back] if back else []))
-        unexplained = _lost_not_explained(ledger, facts.get("standby_received"))
+        unexplained = _lost_not_explained(ledger, facts.get(Fact.STANDBY_RECEIVED))
         checks.append(Expectation("every lost write was committed past the WAL the standby had received",
                                   not unexplained, f"{len(ledger.lost)} lost, {len(unexplained)} unexplained"))
     if scenario == "standby-crash":
-        catch_up = facts.get("catch_up_seconds")
+        catch_up = facts.get(Fact.CATCH_UP_SECONDS)
         checks.append(Expectation("standby caught up within 30 s of its restart",
                                   catch_up is not None and catch_up < 30,
                                   f"{catch_up:.2f} s" if catch_up is not None else "not reached"))
