@@ -28,14 +28,7 @@ from srht_readonly import (
 from srht_readonly.errors import mark_commit
 from srht_readonly.sqlalchemy import instrument
 from tests._db import admin, commit_trigger, error_of
-
-
-class Pg2Error(Exception):
-    """Shaped like a psycopg2 error: ``pgcode`` (None for client-side errors)."""
-
-    def __init__(self, message: str, pgcode: str | None = None) -> None:
-        super().__init__(message)
-        self.pgcode = pgcode
+from tests._fakes import Pg2Error
 
 
 def pg3(code: str, message: str) -> psycopg.Error:

@@ -19,25 +19,9 @@ from sqlalchemy.exc import InternalError, ProgrammingError
 from srht_readonly import DatabaseUnavailable, Failure, ReadOnlyError, ReadOnlyMonitor
 from srht_readonly.flask import DEFAULT_TEMPLATE, DEFAULTS, EXTENSION_KEY, HEADER, ReadOnly, exempt
 from srht_readonly.monitor import Announcement
+from tests._fakes import Pg2Error, UnboundSession
 
-
-class FakeSession:
-    def __init__(self) -> None:
-        self.rollbacks = 0
-
-    def rollback(self) -> None:
-        self.rollbacks += 1
-
-    def get_bind(self) -> None:
-        return None  # unbound: the monitor has no engine to probe
-
-
-class Pg2Error(Exception):
-    """Stands in for a psycopg2 error (``pgcode``), as SQLAlchemy's ``.orig``."""
-
-    def __init__(self, message: str, pgcode: str | None) -> None:
-        super().__init__(message)
-        self.pgcode = pgcode
+FakeSession = UnboundSession
 
 
 def make_app(tmp_path: Path | None = None, **config: Any) -> tuple[flask.Flask, ReadOnlyMonitor, FakeSession]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -16,70 +14,17 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from srht_readonly import Failure, ReadOnlyMonitor, classify
-from srht_readonly.monitor import ANNOUNCE_ENV, Announcement
 from srht_readonly.sqlalchemy import instrument
+from tests._fakes import Clock, Pg2Error, Probe, dispose_engines, lost_connection_error, monitor_on, read_only_error
 
-
-class Pg2Error(Exception):
-    def __init__(self, message: str, pgcode: str | None = None) -> None:
-        super().__init__(message)
-        self.pgcode = pgcode
-
-
-READ_ONLY = Pg2Error("cannot execute INSERT in a read-only transaction", "25006")
-LOST = Pg2Error("server closed the connection unexpectedly")
+READ_ONLY = read_only_error()
+LOST = lost_connection_error()
+make = monitor_on
 
 
 @pytest.fixture(autouse=True)
 def _dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Dispose every engine a test made, even when it fails: a connection left to the garbage
-    collector is a ResourceWarning, and warnings are errors."""
-    made: list[sa.Engine] = []
-    real = sa.create_engine
-
-    def create_engine(*args: Any, **kwargs: Any) -> sa.Engine:
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(sa, "create_engine", create_engine)
-    yield
-    for engine in made:
-        engine.dispose()
-
-
-class Clock:
-    """Monotonic and wall clocks that move only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.wall = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.wall += seconds
-
-
-class Probe:
-    """A probe whose answer the test sets; records when it was asked."""
-
-    def __init__(self, clock: Clock, answer: bool | Exception = False) -> None:
-        self.clock = clock
-        self.answer = answer
-        self.calls: list[float] = []
-
-    def __call__(self) -> bool:
-        self.calls.append(self.clock.now)
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
-
-
-def make(clock: Clock, probe: Any = None, **options: Any) -> ReadOnlyMonitor:
-    options.setdefault("announce_file", None)
-    return ReadOnlyMonitor(probe=probe, clock=clock, wall_clock=lambda: clock.wall, **options)
+    yield from dispose_engines(monkeypatch)
 
 
 @pytest.fixture
@@ -249,99 +194,6 @@ def test_manual_state_and_listener_errors_do_not_escape(clock, caplog):
     assert [e["event"] for e in seen] == ["read-only", "writable"]
     assert any("listener" in r.getMessage() for r in caplog.records)
     assert "read-only" in repr(monitor)
-
-
-# --- operator announcements --------------------------------------------------------------------
-
-
-def test_plain_text_announcement_makes_read_only_until_removed(clock, tmp_path):
-    path = tmp_path / "announce"
-    probe = Probe(clock, answer=False)
-    monitor = make(clock, probe, announce_file=path, recheck=2.0)
-    events = []
-    monitor.add_listener(events.append)
-    assert monitor.read_only is False
-    path.write_text("Database maintenance until 10:30 UTC.\n")
-    assert monitor.read_only is False  # not re-read before the next check is due
-    clock.advance(2.0)
-    assert monitor.read_only is True
-    assert monitor.state.reason == "announcement"
-    assert monitor.state.detail == "Database maintenance until 10:30 UTC."
-    assert monitor.announcement == Announcement("Database maintenance until 10:30 UTC.")
-    clock.advance(10.0)
-    assert monitor.read_only is True
-    assert probe.calls == []  # the operator's word is not overridden by probes
-    path.unlink()
-    clock.advance(2.0)
-    assert monitor.read_only is False
-    assert len(probe.calls) == 1  # the database itself is asked once
-    assert [e["event"] for e in events] == ["announcement", "read-only", "announcement", "writable"]
-
-
-def test_scheduled_announcement_is_shown_before_and_applies_from_its_start(clock, tmp_path):
-    path = tmp_path / "announce"
-    start = datetime.fromtimestamp(clock.wall, UTC) + timedelta(seconds=60)
-    Announcement("Read-only in one minute", starts=start, ends=start + timedelta(seconds=30)).write(path)
-    monitor = make(clock, Probe(clock), announce_file=path, recheck=2.0)
-    assert monitor.read_only is False
-    assert monitor.announcement is not None and monitor.announcement.starts == start
-    clock.advance(59.0)
-    assert monitor.read_only is False
-    clock.advance(1.0)
-    assert monitor.read_only is True  # checked at the start time, not up to recheck later
-    clock.advance(30.0)
-    assert monitor.read_only is False
-
-
-def test_announcement_file_is_statted_at_most_once_per_recheck(clock, tmp_path, monkeypatch):
-    path = tmp_path / "announce"
-    monitor = make(clock, None, announce_file=path, recheck=2.0)
-    real_stat = os.stat
-    stats = []
-
-    def counting_stat(p: Any, *args: Any, **kwargs: Any) -> Any:
-        if os.fspath(p) == str(path):
-            stats.append(clock.now)
-        return real_stat(p, *args, **kwargs)
-
-    monkeypatch.setattr(os, "stat", counting_stat)
-    for _ in range(2000):
-        monitor.read_only  # noqa: B018
-        clock.advance(0.01)
-    assert 10 <= len(stats) <= 15
-
-
-def test_announcement_file_defaults_to_the_environment(clock, tmp_path, monkeypatch):
-    path = tmp_path / "from-env"
-    path.write_text('{"message": "maintenance", "starts": "2000-01-01T00:00:00"}')
-    monkeypatch.setenv(ANNOUNCE_ENV, str(path))
-    monitor = ReadOnlyMonitor(clock=clock, wall_clock=lambda: clock.wall)
-    assert monitor.read_only is True
-    assert monitor.announcement is not None
-    assert monitor.announcement.starts == datetime(2000, 1, 1, tzinfo=UTC)
-    monkeypatch.delenv(ANNOUNCE_ENV)
-    assert make(clock).announcement is None
-
-
-def test_broken_announcement_is_logged_once_and_ignored(clock, tmp_path, caplog):
-    path = tmp_path / "announce"
-    path.write_text('{"message": ')
-    monitor = make(clock, None, announce_file=path)
-    for _ in range(5):
-        assert monitor.read_only is False
-        clock.advance(3)
-    assert len([r for r in caplog.records if "ignoring announcement" in r.getMessage()]) == 1
-
-
-def test_announcement_round_trips_through_json():
-    start = datetime(2024, 6, 8, 10, 0, tzinfo=UTC)
-    announcement = Announcement("maintenance", starts=start)
-    assert Announcement.parse(announcement.to_json()) == announcement
-    assert Announcement.parse('{"message": "x", "ends": "2024-06-08T11:00:00"}').ends == (
-        datetime(2024, 6, 8, 11, 0, tzinfo=UTC)
-    )
-    with pytest.raises(ValueError):
-        Announcement.parse('{"starts": "2024-06-08T10:00:00"}')
 
 
 # --- real servers ------------------------------------------------------------------------------

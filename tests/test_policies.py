@@ -28,69 +28,16 @@ from srht_readonly import (
 )
 from srht_readonly.sqlalchemy import instrument
 from tests._db import admin, commit_trigger
+from tests._fakes import FakeTime, Pg2Error, RecordingSession, dispose_engines, lost_connection_error, read_only_error
 
-
-class Pg2Error(Exception):
-    def __init__(self, message: str, pgcode: str | None = None) -> None:
-        super().__init__(message)
-        self.pgcode = pgcode
-
-
-def read_only() -> Pg2Error:
-    return Pg2Error("cannot execute INSERT in a read-only transaction", "25006")
-
-
-def lost() -> Pg2Error:
-    return Pg2Error("server closed the connection unexpectedly")
+read_only = read_only_error
+lost = lost_connection_error
+FakeSession = RecordingSession
 
 
 @pytest.fixture(autouse=True)
 def _dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Dispose every engine a test made, even when it fails: a connection left to the garbage
-    collector is a ResourceWarning, and warnings are errors."""
-    made: list[sa.Engine] = []
-    real = sa.create_engine
-
-    def create_engine(*args: Any, **kwargs: Any) -> sa.Engine:
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(sa, "create_engine", create_engine)
-    yield
-    for engine in made:
-        engine.dispose()
-
-
-class FakeTime:
-    """A clock for Deadline and a sleep that advances it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-class FakeSession:
-    def __init__(self, commit_errors: list[Exception] | None = None) -> None:
-        self.log: list[str] = []
-        self.commit_errors = commit_errors or []
-
-    def rollback(self) -> None:
-        self.log.append("rollback")
-
-    def flush(self) -> None:
-        self.log.append("flush")
-
-    def commit(self) -> None:
-        self.log.append("commit")
-        if self.commit_errors:
-            raise self.commit_errors.pop(0)
+    yield from dispose_engines(monkeypatch)
 
 
 def failing(*errors: Exception, result: Any = "done") -> Any:
