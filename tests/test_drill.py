@@ -39,9 +39,10 @@ def _nothing_left(report: dict) -> None:
 
 
 def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
-    # 5 s per state; a state the verdicts judge is held longer (at most 20 s) until every kind of
-    # operation of every service has met it, so no verdict is passed on nothing.
-    proc = drill("--duration", "5", "--json", cwd=tmp_path)
+    # 3 s per state: a state the verdicts judge is held longer (20 s more at most, or twice the
+    # slowest operation) until every kind of operation of every service has met it, so even a
+    # short drill judges no verdict on nothing.
+    proc = drill("--duration", "3", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report["passed"] is True
@@ -81,7 +82,7 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
 def test_local_drill_holds_under_excessive_load(tmp_path):
     # The read-only failover is the scenario an overloaded 2-core machine hurts most: four web and
     # celery loops with no pauses, two SSH loops per kind, 16 ledger writers and 16 readers.
-    proc = drill("--load", "excessive", "--scenario", "readonly-failover", "--duration", "4", "--json", cwd=tmp_path)
+    proc = drill("--load", "excessive", "--scenario", "readonly-failover", "--duration", "3", "--json", cwd=tmp_path)
     report = json.loads(proc.stdout)
     failed = [e for s in report["scenarios"] for e in s["expectations"] if not e["passed"]]
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
@@ -92,7 +93,7 @@ def test_local_drill_holds_under_excessive_load(tmp_path):
 @pytest.mark.parametrize("name", list(SABOTAGES))
 def test_each_sabotage_fails_its_drill_naming_the_expectation_that_caught_it(tmp_path, name):
     sabotage = SABOTAGES[name]
-    proc = drill("--sabotage", name, "--duration", "3", "--json", cwd=tmp_path)
+    proc = drill("--sabotage", name, "--duration", "2", "--json", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert [s["name"] for s in report["scenarios"]] == [sabotage.scenario]

@@ -74,7 +74,7 @@ class Progress(Protocol):
     ``missing(goal, facts)`` names the kinds (``"service op"``) that have not yet reached
     ``goal``: ``"met-read-only"`` (met the read-only state of the current window) or
     ``"worked-again"`` (succeeded after ``facts[Fact.BACK_AT]``); ``slowest(kinds)`` is the longest
-    an operation of those kinds has taken (or been under way) so far, in seconds.
+    an operation of those kinds has taken so far, in seconds.
     """
 
     def missing(self, goal: str, facts: dict[str, Any]) -> list[str]: ...
