@@ -195,6 +195,9 @@ def test_a_drill_that_cannot_start_exits_2(tmp_path):
     ("[drill]\nspeed = 3\n", "[drill] has no key 'speed'"),
     ("[drill]\ntraffic = postgresql://x@h/db\n[probe a]\nevery = 1\n", "needs exactly one of url = or command ="),
     ("[drill]\ntraffic = postgresql://x@h/db\n[probe a]\nurl = http://h/\nexplained = (\n", "[probe a]:"),
+    ("[drill]\ntraffic = postgresql://x@h/db\n[probe a]\nurl = http://h/\nevery = 0\n", "every = 0 must be"),
+    ("[drill]\ntraffic = postgresql://x@h/db\n[probe a]\nurl = http://h/\ntimeout = -1\n", "timeout = -1 must be"),
+    ("[drill]\ntraffic = postgresql://x@h/db\n[probe a]\nurl = http://h/\nevery = nan\n", "every = nan must be"),
 ])
 def test_drill_sections_are_checked_with_the_line_at_fault(text, message):
     inventory = parse("[node a]\ndsn = host=h\ndata = /d\n" + text, "fleet.ini")

@@ -91,6 +91,15 @@ explained = read-only mode ;|#[0-9]+
          "databases = ,\n", 7, "lists no database"),
         ("[node a]\ndsn = host=a\ndata = /d\njust words\n", 4, "expected 'key = value'"),
         ("[pgbouncer p]\nconfig = /c\nadmin = dbname=pgbouncer\n", None, "no [node NAME]"),
+        ("[node Remilia-1]\ndsn = host=a\ndata = /d\n", 1, "replication slot's name"),
+        ("[node " + "a" * 64 + "]\ndsn = host=a\ndata = /d\n", 1, "1 to 63 of a-z, 0-9 and _"),
+        ("[node a]\ndsn = host=a port=54x2\ndata = /d\n", 2, "a port is a number"),
+        ("[node a]\ndsn = host=a\ndata = /d\ntarget = host=a port=0\n", 4, "a port is a number"),
+        ("[node a]\ndsn = host=a\ndata = /d\nssh = -oProxyCommand=x\n", 4, "ssh reads as an option"),
+        ("[node a]\ndsn = host=a\ndata = /d\n[pgbouncer p]\nconfig = /c\nadmin = dbname=pgbouncer port=x\n", 6,
+         "a port is a number"),
+        ("[node a]\ndsn = host=a\ndata = /d\n[pgbouncer p]\nconfig = /c\nadmin = dbname=pgbouncer\nssh = -x\n", 7,
+         "ssh reads as an option"),
     ],
 )
 def test_malformed_inventory_names_line_and_fault(text, line, words):

@@ -93,7 +93,7 @@ def _probe(name: str, entries: dict[str, tuple[str, int]], path: str) -> ProbeSp
     if ("url" in value) == ("command" in value):
         raise InventoryError(path, line, f"{section} needs exactly one of url = or command =")
     try:
-        return ProbeSpec(
+        spec = ProbeSpec(
             name=name,
             url=value.get("url"),
             method=value.get("method", "POST" if "data" in value else "GET").upper(),
@@ -107,6 +107,12 @@ def _probe(name: str, entries: dict[str, tuple[str, int]], path: str) -> ProbeSp
         )
     except (re.error, ValueError) as exc:
         raise InventoryError(path, line, f"{section}: {exc}") from None
+    for key in ("every", "timeout"):
+        seconds = getattr(spec, key)
+        if not (0 < seconds < float("inf")):  # NaN too
+            raise InventoryError(path, entries[key][1], f"{section}: {key} = {seconds:g} must be a number of "
+                                                        "seconds above 0")
+    return spec
 
 
 def _check(entries: dict[str, tuple[str, int]], allowed: set[str], section: str, path: str) -> None:

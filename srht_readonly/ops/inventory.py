@@ -43,6 +43,8 @@ from .errors import OpsError
 DEFAULT_PATH = "/etc/sr.ht/readonly.ini"
 ENV_VAR = "SRHT_READONLY_CONFIG"
 
+#: A node's name is also the name of its replication slot on the other nodes.
+NODE_NAME = re.compile(r"[a-z0-9_]{1,63}")
 NODE_KEYS = {"dsn": True, "data": True, "ssh": False, "bin": False, "os-user": False, "target": False}
 BOUNCER_KEYS = {"config": True, "admin": True, "ssh": False, "databases": False}
 REPLICATION_KEYS = {"user": False, "password-file": False}
@@ -265,14 +267,37 @@ def _conninfo(value: str, key: str, line: int, path: str) -> dict[str, str]:
         raise InventoryError(path, line, f"{key} is not a libpq connection string: {str(exc).strip()}") from None
 
 
+def _port(params: dict[str, str], key: str, line: int, path: str) -> None:
+    """A port libpq and PgBouncer can use (it is written into every pgbouncer.ini)."""
+    port = params.get("port")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise InventoryError(path, line, f"{key} has port={port!r}; a port is a number from 1 to 65535")
+
+
+def _ssh(entries: dict[str, tuple[str, int]], path: str) -> str | None:
+    """The ``ssh`` destination; one starting with ``-`` would be read by ssh as an option."""
+    if "ssh" not in entries:
+        return None
+    value, line = entries["ssh"]
+    if value.startswith("-"):
+        raise InventoryError(path, line, f"ssh = {value!r} starts with '-', which ssh reads as an option; "
+                                         "give a host name or an ssh_config alias")
+    return value
+
+
 def _node(name: str, number: int, entries: dict[str, tuple[str, int]], path: str) -> NodeSpec:
     section = f"[node {name}]"
+    if not NODE_NAME.fullmatch(name):
+        raise InventoryError(path, number, f"[node {name}]: a node's name is also its replication slot's name, "
+                                           "so it must be 1 to 63 of a-z, 0-9 and _")
     _check_keys(entries, NODE_KEYS, section, number, path)
     dsn, dsn_line = entries["dsn"]
     params = _conninfo(dsn, "dsn", dsn_line, path)
+    _port(params, "dsn", dsn_line, path)
     if "target" in entries:
         value, line = entries["target"]
         target = _conninfo(value, "target", line, path)
+        _port(target, "target", line, path)
         if "host" not in target:
             raise InventoryError(path, line, "target has no host=; PgBouncers need a host to connect to")
     else:
@@ -285,7 +310,7 @@ def _node(name: str, number: int, entries: dict[str, tuple[str, int]], path: str
         raise InventoryError(path, data_line, f"data must be an absolute path, not {data!r}")
     return NodeSpec(
         name=name, dsn=dsn, data=data, target={"host": target["host"], "port": target.get("port", "5432")},
-        ssh=_opt(entries, "ssh"), bin=_opt(entries, "bin"), os_user=_opt(entries, "os-user"), line=number,
+        ssh=_ssh(entries, path), bin=_opt(entries, "bin"), os_user=_opt(entries, "os-user"), line=number,
     )
 
 
@@ -294,6 +319,7 @@ def _bouncer(name: str, number: int, entries: dict[str, tuple[str, int]], path: 
     _check_keys(entries, BOUNCER_KEYS, section, number, path)
     admin, admin_line = entries["admin"]
     params = _conninfo(admin, "admin", admin_line, path)
+    _port(params, "admin", admin_line, path)
     if params.get("dbname") != "pgbouncer":
         raise InventoryError(path, admin_line, "admin must connect to PgBouncer's console: add dbname=pgbouncer")
     config, config_line = entries["config"]
@@ -305,7 +331,7 @@ def _bouncer(name: str, number: int, entries: dict[str, tuple[str, int]], path: 
         databases = tuple(d.strip() for d in value.split(",") if d.strip())
         if not databases:
             raise InventoryError(path, line, "databases lists no database; remove the line to mean all of them")
-    return BouncerSpec(name=name, config=config, admin=admin, ssh=_opt(entries, "ssh"), databases=databases,
+    return BouncerSpec(name=name, config=config, admin=admin, ssh=_ssh(entries, path), databases=databases,
                        line=number)
 
 
