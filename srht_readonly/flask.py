@@ -28,6 +28,7 @@ Promises:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -349,15 +350,27 @@ def _wants_json(prefixes: tuple[str, ...]) -> bool:
     return request.accept_mimetypes.best_match(("text/html", "application/json")) == "application/json"
 
 
+#: Form fields never written into the page's *Try again* form (a CSRF token is not a secret from
+#: its user, and the form needs it).
+SECRET_FIELD = re.compile(r"pass(word|wd|phrase)|secret|(?<!csrf_)token|api[_-]?key|(^|[_-])otp($|[_-])", re.I)
+
+
 def _retry_control(settings: Settings) -> dict[str, Any]:
-    """How the page's *Try again* control repeats this request (re-posting a form's fields)."""
+    """How the page's *Try again* control repeats this request (re-posting a form's fields, but
+    never a password-like one: those the user types again, or the browser's refresh resends)."""
     request = flask.request
     query = request.query_string.decode("latin-1")
     url = request.script_root + request.path + (f"?{query}" if query else "")
     fields: list[tuple[str, str]] | None = None
+    left_out: list[str] = []
     if request.method == "POST" and settings.repost and not request.files:
-        fields = list(request.form.items(multi=True))
-    return {"method": request.method, "url": url, "fields": fields}
+        fields = []
+        for name, value in request.form.items(multi=True):
+            if SECRET_FIELD.search(name):
+                left_out.append(name)
+            else:
+                fields.append((name, value))
+    return {"method": request.method, "url": url, "fields": fields, "left_out": sorted(set(left_out))}
 
 
 def respond(state: ReadOnlyState, failure: Failure, message: str | None = None) -> flask.Response:

@@ -131,6 +131,20 @@ def test_while_read_only_a_form_post_is_refused_before_the_view_with_the_503_pag
     assert "&lt;script&gt;&#34;x&#34;&lt;/script&gt;" in page and "<script>" not in page
 
 
+@pytest.mark.parametrize("secret", ["password", "new_password", "passwd", "client_secret", "token", "api_key",
+                                    "passphrase", "otp"])
+def test_the_retry_form_never_holds_a_password_like_field(secret: str):
+    app, monitor, _ = make_app()
+    monitor.set_read_only("test")
+    response = app.test_client().post("/", data={"username": "alice", secret: "hunter2",
+                                                       "csrf_token": "abc"})
+    page = response.text
+    assert "hunter2" not in page
+    assert '<input type="hidden" name="username" value="alice">' in page
+    assert '<input type="hidden" name="csrf_token" value="abc">' in page  # not a secret, and the form needs it
+    assert f"Fields such as {secret} are not repeated" in page
+
+
 @pytest.mark.parametrize("how", ["content-type", "accept", "api-prefix", "graphql"])
 def test_api_and_graphql_clients_get_the_json_error(how: str):
     app, monitor, _ = make_app()
