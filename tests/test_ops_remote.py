@@ -120,6 +120,25 @@ def test_operator_lock_refuses_a_second_operator_and_names_the_first(tmp_path):
         pass  # released: the next operator gets it
 
 
+def test_operator_lock_never_follows_a_symlink_nor_uses_a_file_of_someone_else(tmp_path):
+    victim = tmp_path / "shadow"
+    victim.write_text("precious\n")
+    link = tmp_path / "lock-link"
+    link.symlink_to(victim)
+    with pytest.raises(Refused, match="it is a symlink: remove it"):
+        OperatorLock(link, "switchover --to konpaku").acquire()
+    assert victim.read_text() == "precious\n"  # not truncated, not written
+    other = tmp_path / "lock-other"
+    other.write_text("")
+    os.chown(other, 65534, 65534)  # nobody's (the tests run as root)
+    with pytest.raises(Refused, match="not a regular file of yours"):
+        OperatorLock(other, "switchover --to konpaku").acquire()
+    fifo = tmp_path / "lock-fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(Refused, match="not a regular file of yours"):
+        OperatorLock(fifo, "switchover --to konpaku").acquire()
+
+
 def test_operator_lock_is_released_when_its_holder_is_killed(tmp_path):
     path = tmp_path / "lock"
     code = ("import sys, time; from srht_readonly.ops.lock import OperatorLock; "

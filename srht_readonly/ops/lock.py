@@ -14,6 +14,7 @@ import getpass
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +48,22 @@ class OperatorLock:
         self.release()
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock, or ``Refused`` naming the holder.
+
+        The directory may be world-writable (``/tmp``): the file is opened without following a
+        symlink (``O_NOFOLLOW``) and must be a regular file of ours, so nobody can make root
+        truncate and write another file through it.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise Refused(f"cannot open the operator lock {self.path}: {exc.strerror}"
+                          + (" (it is a symlink: remove it)" if os.path.islink(self.path) else "")) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            os.close(fd)
+            raise Refused(f"the operator lock {self.path} is not a regular file of yours (owner uid {info.st_uid}); "
+                          "remove it, or set $SRHT_READONLY_LOCK_DIR to a directory only you can write")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
