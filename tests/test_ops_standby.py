@@ -49,6 +49,8 @@ def test_prepare_rebuilds_a_standby_with_its_own_hba_line_and_a_secret_password(
     remilia, konpaku = fleet.lab.nodes["remilia"], fleet.lab.nodes["konpaku"]
     _use_password_file(fleet)
     hba, _ = _drop_replication_access(remilia.admin_dsn)
+    q(remilia.admin_dsn, "ALTER SYSTEM SET log_statement = 'ddl'")  # ALTER ROLE ... PASSWORD would be logged
+    q(remilia.admin_dsn, "SELECT pg_reload_conf()")
     q(remilia.dsn, "CREATE TABLE written_before (v int)")
     q(remilia.dsn, "INSERT INTO written_before VALUES (42)")
     plan = fleet.cli("standby", "prepare", "konpaku", "--from", "remilia", "--force", "--dry-run")
@@ -61,6 +63,11 @@ def test_prepare_rebuilds_a_standby_with_its_own_hba_line_and_a_secret_password(
     assert "ssh = konpaku.lab-ssh" in fleet.inventory.read_text()
     assert "base backup (kB)" in proc.stderr  # pg_basebackup's progress, streamed back through sshd
     assert SECRET not in out(proc)  # not in output nor in debug logs
+    log = remilia.server.log.read_text()
+    assert "ALTER ROLE" in log or "CREATE ROLE" in log  # the statement was logged...
+    assert SECRET not in log  # ...with a SCRAM verifier, not the password
+    (verifier,) = q(remilia.admin_dsn, "SELECT rolpassword FROM pg_authid WHERE rolname = 'replicator'")[0]
+    assert verifier.startswith("SCRAM-SHA-256$")
     added = [line for line in hba.read_text().splitlines() if "replication" in line and not line.startswith("#")]
     assert added == ["host replication replicator 127.0.0.1/32 scram-sha-256"]  # this address only
     aside = next(konpaku.server.data.parent.glob("data.before-prepare-*"))

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg2.extensions
 from psycopg2 import sql as pgsql
 
 from . import sql
@@ -28,14 +29,17 @@ Progress = Callable[[int, int], None]
 def ensure_replication_role(dsn: str, user: str, password: str | None = None) -> bool:
     """Create (or fix) a LOGIN REPLICATION role; True if anything changed.
 
-    The password travels as a query parameter to the server, never in argv or logs.
+    The password never leaves this process: the server is sent its SCRAM-SHA-256 verifier,
+    computed here by libpq, so a statement log (``log_statement = ddl``) shows no password;
+    nor does argv.
     """
     rows = sql.query(dsn, "SELECT rolcanlogin, rolreplication FROM pg_roles WHERE rolname = %s", (user,))
     with sql.connect(dsn) as conn, conn.cursor() as cur:
         verb = "ALTER" if rows else "CREATE"
         stmt = pgsql.SQL("{} ROLE {} WITH LOGIN REPLICATION").format(pgsql.SQL(verb), pgsql.Identifier(user))
         if password is not None:
-            stmt = stmt + pgsql.SQL(" PASSWORD {}").format(pgsql.Literal(password))
+            verifier = psycopg2.extensions.encrypt_password(password, user, conn, "scram-sha-256")
+            stmt = stmt + pgsql.SQL(" PASSWORD {}").format(pgsql.Literal(verifier))
         if rows and rows[0] == (True, True) and password is None:
             return False
         cur.execute(stmt)
