@@ -131,3 +131,22 @@ def test_base_backup_reports_progress_to_its_callback(srht_lab, tmp_path):
         import shutil
 
         shutil.rmtree(target.data, ignore_errors=True)
+
+
+def test_a_base_backup_that_stalls_without_a_word_is_killed_at_its_timeout(tmp_path):
+    import socket
+
+    from srht_readonly.ops import replication
+    from srht_readonly.ops.errors import CommandFailed
+    from srht_readonly.ops.postgres import PostgresServer
+
+    # A "primary" that accepts the connection and never answers: pg_basebackup prints nothing at all.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        target = PostgresServer(tmp_path / "data", os_user="root")
+        started = time.monotonic()
+        with pytest.raises(CommandFailed, match="no progress: killed after 2 s"):
+            replication.base_backup(target, f"host=127.0.0.1 port={port} user=x connect_timeout=0", timeout=2)
+        assert time.monotonic() - started < 10

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,25 +77,38 @@ def base_backup(
     progress: Progress | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 3600,
+    sync: bool = True,
 ) -> None:
     """Copy the primary into ``target.data`` with ``pg_basebackup`` (plain format, WAL streamed).
 
     Always ``--checkpoint=fast``: the default spread checkpoint made an idle lab wait 92 s.
     The target directory must be empty or absent. ``progress(done_kb, total_kb)`` is called as
-    pg_basebackup reports; ``env`` may carry ``PGPASSFILE`` so no password is ever in argv.
+    pg_basebackup reports; ``env`` may carry ``PGPASSFILE`` so no password is ever in argv, and
+    ``-w`` makes a missing one an error instead of a prompt nobody answers. Past ``timeout`` it
+    is killed, whether or not it still prints. ``sync=False`` (the lab's throwaway copies
+    only) skips the final fsync.
     """
     if target.host.exists(target.data) and target.host.listdir(target.data):
         raise OpsError(f"{target.data} is not empty; move it away before taking a base backup into it")
     target.host.make_dir(target.data, owner=target.os_user, mode=0o700)
     argv = [target.tool("pg_basebackup"), "-D", str(target.data), "-d", source_conninfo,
-            "--checkpoint=fast", "-X", "stream", "-P", "--no-sync"]
+            "--checkpoint=fast", "-X", "stream", "-P", "-w", *([] if sync else ["--no-sync"])]
     if slot:
         argv += ["-S", slot]
     err: list[str] = []
-    deadline = time.monotonic() + timeout
     with target.host.popen(argv, user=target.os_user, env=env,
                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL) as proc:
         assert proc.stderr is not None
+        # A stalled copy prints nothing: only a timer can tell it is time to give up.
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.daemon = True
+        watchdog.start()
         buf = ""
         while chunk := proc.stderr.read(256):
             buf += chunk
@@ -106,11 +120,10 @@ def base_backup(
                     progress(int(m.group(1)), int(m.group(2)))
                 elif line.strip() and not m:
                     err.append(line)
-            if time.monotonic() > deadline:
-                proc.kill()
-                err.append(f"killed after {timeout:g} s")
-                break
         code = proc.wait()
+        watchdog.cancel()
+        if killed.is_set():
+            err.append(f"no progress: killed after {timeout:g} s")
     if code != 0:
         raise CommandFailed(argv, code, "\n".join(err), target.host.name)
 

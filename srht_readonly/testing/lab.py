@@ -164,7 +164,7 @@ class Lab:
         node = self.nodes.get(name) or self._add_node(name)
         replication.ensure_slot(upstream.admin_dsn, name)
         conninfo = self.replication_conninfo(upstream) % name
-        replication.base_backup(node.server, conninfo, slot=name)
+        replication.base_backup(node.server, conninfo, slot=name, sync=False)  # a throwaway copy
         self.configure_as_standby(node, upstream)
         node.start()
         replication.wait_streaming(node.admin_dsn)
