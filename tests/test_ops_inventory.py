@@ -175,3 +175,19 @@ def test_an_unexpected_error_after_the_plan_was_accepted_is_partly_done():
     with pytest.raises(Failure) as info, failures(changing=True):
         raise OpsError("pg_ctl exited 1")
     assert info.value.exit_code == 3 and "running the same command again is safe" in info.value.message
+
+
+def test_connection_strings_ops_writes_are_escaped_by_libpq(tmp_path):
+    import psycopg2.extensions
+
+    from srht_readonly.ops.cluster import Cluster
+
+    secret = "a b'c\\d=e"
+    (tmp_path / "pw").write_text(secret + "\n")
+    inv = parse(DOCUMENTED_EXAMPLE.replace("/etc/sr.ht/replication.password", str(tmp_path / "pw"))
+                .replace("user=postgres dbname=postgres", "user=postgres dbname=postgres password='x y'", 1))
+    with Cluster(inv) as cluster:
+        streaming = psycopg2.extensions.parse_dsn(cluster.replication_conninfo("remilia", "konpaku"))
+        source, env = cluster.rewind_source("remilia")
+    assert streaming["password"] == secret and streaming["application_name"] == "konpaku"
+    assert "password" not in psycopg2.extensions.parse_dsn(source) and env == {"PGPASSWORD": "x y"}

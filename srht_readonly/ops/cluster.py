@@ -11,6 +11,8 @@ import os
 import threading
 from pathlib import Path
 
+import psycopg2.extensions
+
 from .errors import ToolMissing
 from .inventory import BouncerSpec, Inventory, NodeSpec
 from .postgres import PostgresServer, find_bin_dir
@@ -80,12 +82,12 @@ class Cluster:
     def replication_conninfo(self, upstream: str, application_name: str, *, password: bool = True) -> str:
         """How ``application_name``'s node streams from ``upstream``: its target, the replication user."""
         target = self.node(upstream).target
-        parts = [f"host={target['host']}", f"port={target['port']}", f"user={self.inventory.replication.user}",
-                 f"application_name={application_name}"]
+        params = {"host": target["host"], "port": target["port"], "user": self.inventory.replication.user,
+                  "application_name": application_name}
         secret = self.inventory.replication.password() if password else None
         if secret is not None:
-            parts.append("password=" + _quote(secret))
-        return " ".join(parts)
+            params["password"] = secret
+        return psycopg2.extensions.make_dsn(**params)
 
     def rewind_source(self, upstream: str) -> tuple[str, dict[str, str]]:
         """A superuser conninfo of ``upstream`` as other nodes reach it, and the env carrying its password."""
@@ -94,7 +96,7 @@ class Cluster:
         env = {}
         if "password" in params:
             env["PGPASSWORD"] = params.pop("password")
-        return " ".join(f"{k}={_quote(v)}" for k, v in params.items()), env
+        return psycopg2.extensions.make_dsn(**params), env
 
     def close(self) -> None:
         """Close every ssh connection opened; never raises."""
@@ -107,12 +109,4 @@ class Cluster:
 
 
 def _dsn_params(dsn: str) -> dict[str, str]:
-    import psycopg2.extensions
-
     return dict(psycopg2.extensions.parse_dsn(dsn))
-
-
-def _quote(value: str) -> str:
-    if value and all(c.isalnum() or c in "._-/:@" for c in value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

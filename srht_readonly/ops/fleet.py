@@ -147,7 +147,7 @@ class Fleet:
             params["host"], port = m.host.tunnel(host, params.get("port", "6432"))
             params["port"] = str(port)
             params.setdefault("connect_timeout", "5")
-            m.console = consoles.Console(m.name, " ".join(f"{k}='{v}'" for k, v in params.items()))
+            m.console = consoles.Console(m.name, psycopg2.extensions.make_dsn(**params))
         except (OpsError, OSError) as exc:
             where = f" ({m.spec.ssh})" if m.spec.ssh else ""
             m.error = f"{m.host.name}{where}: {exc}"
