@@ -253,8 +253,11 @@ class ReadOnlyMonitor:
         except Exception as exc:
             logger.debug("read-only probe failed: %s", exc)
             if not state.read_only:
+                # Whatever kept the probe from an answer (a pool timeout, a bug) says nothing of
+                # read-only: users are told the database cannot be reached.
                 detail = f"database unreachable: {first_line(exc)}"
-                self._transition(True, Reason.PROBE, detail, classify(exc), generation=generation)
+                self._transition(True, Reason.PROBE, detail, classify(exc) or Failure.UNAVAILABLE,
+                                 generation=generation)
             return
         # Also when it was unreachable and now answers as a standby: users must hear "read-only"
         # (refresh later), not "unavailable", for as long as the read-only failover lasts.

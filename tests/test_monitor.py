@@ -107,6 +107,16 @@ def test_lost_connection_makes_the_next_read_probe_once(clock):
     assert monitor.state.failure is Failure.UNAVAILABLE
 
 
+def test_a_probe_that_fails_for_a_reason_other_than_the_database_means_unavailable_not_read_only(clock):
+    # A pool checkout timing out, say: nothing says the database refuses writes.
+    probe = Probe(clock, answer=TimeoutError("QueuePool limit of size 5 overflow 10 reached"))
+    monitor = make(clock, probe)
+    monitor.observe(LOST)
+    assert monitor.read_only is True
+    assert monitor.state.failure is Failure.UNAVAILABLE
+    assert monitor.state.detail == "database unreachable: QueuePool limit of size 5 overflow 10 reached"
+
+
 def test_unreachable_then_a_standby_is_read_only_not_unavailable(clock, caplog):
     # kill -9 of the primary, then PgBouncer repointed at the hot standby: the first probe finds
     # nothing, the next one a standby. Users must be told "read-only", not "unavailable".
