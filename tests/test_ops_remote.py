@@ -42,6 +42,36 @@ def test_runs_commands_as_the_login_user_and_as_another_user(ssh):
     assert ssh.run(["printenv", "GREETING"], env={"GREETING": "a b'c"}).stdout == "a b'c\n"
 
 
+def test_env_given_to_run_never_appears_on_any_command_line(ssh):
+    import threading
+    import uuid
+
+    secret = f"pw-{uuid.uuid4().hex}"
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # every process's argv on this machine, both ends of the ssh connection
+        while not stop.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                if secret in cmdline:
+                    seen.append(cmdline.replace("\0", " "))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        shown = ssh.run(["sh", "-c", 'sleep 0.5; printf %s "$PGPASSWORD"'], env={"PGPASSWORD": secret}, user="postgres")
+        piped = ssh.run(["cat"], env={"PGPASSWORD": secret}, input="the command's own stdin")
+    finally:
+        stop.set()
+        watcher.join()
+    assert shown.stdout == secret and piped.stdout == "the command's own stdin"
+    assert seen == []
+
+
 def test_failed_command_raises_with_its_status_and_stderr(ssh):
     with pytest.raises(CommandFailed) as info:
         ssh.run(["sh", "-c", "echo nope >&2; exit 7"])

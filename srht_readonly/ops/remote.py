@@ -186,6 +186,12 @@ class LocalHost(Host):
         """Nothing to release for this machine (``SshHost`` closes its connection)."""
 
 
+#: Reads ``size`` bytes of ``export`` lines from stdin (byte by byte: the rest is the command's),
+#: sources them and runs the command.
+_ENV_FROM_STDIN = ('f=$(mktemp) || exit 125; dd bs=1 count={size} of="$f" 2>/dev/null; . "$f"; rm -f "$f"; '
+                   'exec "$@"')
+
+
 class SshHost(Host):
     """Another machine, reached with OpenSSH's client; the same interface as ``LocalHost``.
 
@@ -264,7 +270,8 @@ class SshHost(Host):
 
     def remote_command(self, argv: Sequence[str], *, user: str | None = None,
                        env: Mapping[str, str] | None = None) -> str:
-        """The shell command line run on the other side (argv quoted; as ``user``; with ``env``)."""
+        """The shell command line run on the other side (argv quoted; as ``user``; with ``env``, which
+        is then visible in ``ps``: ``run`` sends its ``env`` over stdin instead, so pass secrets there)."""
         words = [str(a) for a in argv]
         if env:
             words = ["env", *(f"{k}={v}" for k, v in env.items()), *words]
@@ -285,7 +292,13 @@ class SshHost(Host):
                  timeout: float | None, cwd: str | os.PathLike[str] | None) -> subprocess.CompletedProcess[str]:
         if cwd is not None:
             argv = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(cwd), *argv]
-        proc = subprocess.run(self.command(argv, user=user, env=env), input=input if input is not None else "",
+        if env:
+            # Never on the command line (ps, sudo logs, on both hosts): the variables travel first on
+            # stdin, into a file of the remote user's own (mode 600) that is read and removed at once.
+            exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+            argv = ["sh", "-c", _ENV_FROM_STDIN.format(size=len(exports.encode())), "sh", *argv]
+            input = exports + (input or "")
+        proc = subprocess.run(self.command(argv, user=user), input=input if input is not None else "",
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 255:
             raise Unreachable(f"ssh to {self.name} failed: {proc.stderr.strip() or 'exit 255'}")
