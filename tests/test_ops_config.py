@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from srht_readonly.ops.failover import fleet_refusal
+from srht_readonly.ops.observe import NodeState
 from srht_readonly.ops.pgbouncer import parse_config, parse_conninfo, repoint, targets
 from srht_readonly.ops.postgres import merge_conf, parse_conf
 from srht_readonly.ops.sql import redact
@@ -67,3 +69,21 @@ def test_parse_conninfo_honours_quotes():
 def test_redact_removes_the_password_in_every_form_libpq_reads(dsn, shown):
     assert redact(dsn) == shown
     assert "secret" not in redact(dsn)
+
+
+def _state(name: str, role: str, received: str | None = None) -> NodeState:
+    return NodeState(name, role, receive_lsn=received)
+
+
+@pytest.mark.parametrize(("states", "to", "refusal"), [
+    ({"a": _state("a", "primary"), "b": _state("b", "standby", "0/5000000")}, "b", None),
+    ({"a": _state("a", "down"), "b": _state("b", "standby", "0/5000000")}, "b", None),
+    ({"a": _state("a", "primary"), "b": _state("b", "primary")}, "b", "a and b are both primaries"),
+    ({"a": _state("a", "down"), "b": _state("b", "standby", "0/5000000"), "c": _state("c", "standby", "0/6000000")},
+     "b", "c has received more WAL than b (0/6000000 > 0/5000000): fail over to c"),
+    ({"a": _state("a", "down"), "b": _state("b", "standby", "0/6000000"), "c": _state("c", "standby", "0/5000000")},
+     "b", None),
+])
+def test_failover_looks_at_every_node_not_only_at_its_target(states, to, refusal):
+    why = fleet_refusal(states, to)
+    assert (why is None) if refusal is None else (refusal in why), why

@@ -108,6 +108,9 @@ def test_split_brain_is_resolved_by_forced_promote_then_forced_demote_with_rewin
     assert refused.returncode == 1 and "remilia is running as a primary; refusing to overwrite it" in refused.stderr
     refused = f.cli("demote", "remilia", "--primary", "konpaku", "--yes")
     assert refused.returncode == 1 and "running as a primary" in refused.stderr
+    for to in ("konpaku", "remilia"):  # failover looks at every node, not only at its target
+        refused = f.cli("failover", "--to", to, "--yes")
+        assert refused.returncode == 1 and "are both primaries (a split brain)" in refused.stderr, out(refused)
     hba = Path(q(konpaku.admin_dsn, "SHOW hba_file")[0][0])
     original = hba.read_text()
     hba.write_text("\n".join(line for line in original.splitlines() if "replication" not in line) + "\n")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from .cluster import Cluster
 from .errors import PartlyDone, Refused
 from .fleet import Change, Fleet, seconds_setting
-from .observe import observe_node
+from .observe import NodeState, observe_nodes, primaries
+from .sql import parse_lsn
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +73,40 @@ class FailoverResult:
                 f"{len(self.reloaded)} reloaded, in {self.seconds:.2f} s{lowered}")
 
 
+def fleet_refusal(states: dict[str, NodeState], to: str) -> str | None:
+    """Why pointing the fleet at ``to`` is unsafe, looking at every node (not only at ``to``), or None.
+
+    Two primaries are a split brain: repointing would pick a side blindly. A standby that has
+    received less WAL than another would lose, once promoted, what the other already has.
+    """
+    live = primaries(states)
+    if len(live) > 1:
+        return (f"{' and '.join(live)} are both primaries (a split brain): pointing the PgBouncers at one picks a "
+                "side blindly. Stop the one that must lose (srht-readonly status shows both), or pass --force")
+    target = states[to]
+    if target.role != "standby" or target.receive_lsn is None:
+        return None
+    ahead = [(name, s.receive_lsn) for name, s in states.items()
+             if name != to and s.role == "standby" and s.receive_lsn is not None
+             and parse_lsn(s.receive_lsn) > parse_lsn(target.receive_lsn)]
+    if ahead:
+        name, lsn = max(ahead, key=lambda a: parse_lsn(a[1]))
+        return (f"{name} has received more WAL than {to} ({lsn} > {target.receive_lsn}): fail over to {name}, "
+                "which holds every write the other has, or pass --force")
+    return None
+
+
 def check_failover(cluster: Cluster, fleet: Fleet, to: str, *, force: bool = False) -> FailoverPlan:
-    """Refuse (nothing changed) unless every PgBouncer is reachable and ``to`` answers."""
+    """Refuse (nothing changed) unless every PgBouncer is reachable, ``to`` answers, and ``to`` is the
+    right node to go to (``fleet_refusal``)."""
     spec = cluster.node(to)
-    state = observe_node(spec)
+    states = observe_nodes(cluster.inventory)
+    state = states[to]
     warnings = []
+    if (why := fleet_refusal(states, to)) is not None:
+        if not force:
+            raise Refused(why)
+        warnings.append(f"--force: {why.split(':')[0]}")
     if state.role == "down":
         if not force:
             raise Refused(f"{to} does not answer ({state.error}); pointing the PgBouncers at it would take reads "
