@@ -129,3 +129,21 @@ def test_split_brain_is_resolved_by_forced_promote_then_forced_demote_with_rewin
     assert "rewound with pg_rewind" in proc.stdout
     assert roles(f) == {"remilia": "standby", "konpaku": "primary"}
     assert q(f.lab.nodes["remilia"].dsn, "SELECT to_regclass('only_on_remilia') IS NULL") == [(True,)]
+
+
+def test_demote_refuses_a_node_that_runs_but_does_not_answer_unless_forced(fresh_fleet):
+    f = fresh_fleet
+    konpaku = f.lab.nodes["konpaku"]
+    hba = Path(q(konpaku.admin_dsn, "SHOW hba_file")[0][0])
+    original = hba.read_text()
+    hba.write_text("host all postgres 127.0.0.1/32 reject\n" + original)  # running, but not for ops
+    q(konpaku.admin_dsn, "SELECT pg_reload_conf()")
+    try:
+        refused = f.cli("demote", "konpaku", "--primary", "remilia", "--yes")
+        assert refused.returncode == 1, out(refused)
+        assert "konpaku does not answer over its dsn" in refused.stderr and "its postmaster runs" in refused.stderr
+        assert konpaku.is_running()  # not stopped, not rewound
+    finally:
+        hba.write_text(original)
+        konpaku.server.run("pg_ctl", "reload", "-D", konpaku.server.data)
+    assert roles(f) == {"remilia": "primary", "konpaku": "standby"}

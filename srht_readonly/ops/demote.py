@@ -102,7 +102,16 @@ def check_demote(cluster: Cluster, node: str, primary: str, *, force: bool = Fal
                 f"it discards them (pg_rewind). Stop it first (that is the confirmation), or pass --force"
             )
         plan.warnings.append(f"--force: writes {node} accepted after {primary} was promoted will be discarded")
-    plan.stop_first = n.role != "down"
+    if n.role == "down" and cluster.server(node).is_running():
+        # Unreachable is not stopped (max_connections, pg_hba, a firewall): it may be a primary
+        # still taking writes, which a stop and a rewind would throw away.
+        if not force:
+            raise Refused(
+                f"{node} does not answer over its dsn ({n.error}) but its postmaster runs: it may be a primary "
+                f"taking writes. Find out why it does not answer (or stop it yourself), or pass --force"
+            )
+        plan.warnings.append(f"--force: {node} runs but does not answer; it is stopped and rewound whatever it holds")
+    plan.stop_first = n.role != "down" or cluster.server(node).is_running()
     user = cluster.inventory.replication.user
     verdict = hba.replication_access(pspec.dsn, user, spec.address)
     if not verdict.allowed:
