@@ -78,8 +78,21 @@ def test_the_plans_procedures_in_order_failover_promote_demote(fresh_fleet):
     f = fresh_fleet
     remilia, konpaku = f.lab.nodes["remilia"], f.lab.nodes["konpaku"]
     q(f.lab.pgbouncer.dsn, "CREATE TABLE before_switch (v int)")
-    assert f.cli("failover", "--to", "konpaku", "--yes").returncode == 0
+    hba = Path(q(remilia.admin_dsn, "SHOW hba_file")[0][0])
+    original = hba.read_text()
+    hba.write_text("host all postgres 127.0.0.1/32 reject\n" + original)  # remilia runs, but ops cannot see it
+    q(remilia.admin_dsn, "SELECT pg_reload_conf()")
+    try:
+        unfenced = f.cli("promote", "konpaku", "--yes")
+    finally:
+        hba.write_text(original)
+        remilia.server.run("pg_ctl", "reload", "-D", remilia.server.data)
+    assert unfenced.returncode == 1, out(unfenced)
+    assert "remilia does not answer but its postmaster runs" in unfenced.stderr
     remilia.stop("fast")
+    elsewhere = f.cli("promote", "konpaku", "--dry-run")  # the plan's order: failover first
+    assert "point at remilia, not konpaku: their services will not use it" in elsewhere.stderr, out(elsewhere)
+    assert f.cli("failover", "--to", "konpaku", "--yes").returncode == 0
     proc = f.cli("promote", "konpaku", "--yes", "--json")
     assert proc.returncode == 0, out(proc)
     promoted = json.loads(proc.stdout)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from . import sql
 from .cluster import Cluster
 from .errors import OpsError, Refused, Timeout
+from .fleet import Fleet
 from .observe import NodeState, observe_nodes, primaries
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,38 @@ def check_promote(cluster: Cluster, node: str, *, force: bool = False, replay_ti
         )
     if live:
         warnings.append(f"--force: {', '.join(live)} is still a primary; make sure no client can reach it")
+    # Unreachable is not stopped: an old primary that runs may still take writes from its clients.
+    unfenced = [name for name, s in states.items() if name != node and s.role == "down"
+                and cluster.server(name).is_running()]
+    if unfenced and not force:
+        raise Refused(
+            f"{', '.join(unfenced)} does not answer but its postmaster runs: it may still take writes, and "
+            f"promoting {node} would make two primaries. Stop it first (srht-readonly can stop it: "
+            f"it is the plan's 'shut off the master'), or pass --force once it is cut off from every client"
+        )
+    if unfenced:
+        warnings.append(f"--force: {', '.join(unfenced)} runs but does not answer; make sure no client can reach it")
+    warnings += _fleet_not_on(cluster, node)
     _wait_replayed(cluster, me, replay_timeout)
     return PromotePlan(node, me.timeline, me.receive_lsn, me.replay_lsn, others, warnings)
+
+
+def _fleet_not_on(cluster: Cluster, node: str) -> list[str]:
+    """Warnings when the PgBouncers do not all point at ``node`` (the plan's order: failover, then promote)."""
+    try:
+        with Fleet(cluster) as fleet:
+            fleet.open()
+            elsewhere = {name: b.target or "an unknown server" for name, b in fleet.observe().items()
+                         if b.target != node}
+            unreached = fleet.errors()
+    except OpsError as exc:
+        return [f"could not look at the PgBouncers: {exc}"]
+    warnings = [f"could not look at PgBouncer {name}: {why}" for name, why in unreached.items()]
+    if elsewhere:
+        where = ", ".join(sorted(set(elsewhere.values())))
+        warnings.append(f"PgBouncers {', '.join(elsewhere)} point at {where}, not {node}: their services will not "
+                        f"use it; run `srht-readonly failover --to {node}`")
+    return warnings
 
 
 def _wait_replayed(cluster: Cluster, me: NodeState, timeout: float) -> None:
