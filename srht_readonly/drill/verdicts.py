@@ -44,9 +44,8 @@ from .ledger import LedgerResult
 from .recorder import Event, Outcome, Recorder, State
 from .scenarios import BY_NAME, Expectation, Fact
 
-__all__ = ["GRACE", "after", "all_are", "common", "database", "during", "each_kind", "first", "judged_read_only",
-           "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample",
-           "started", "state_at"]
+__all__ = ["GRACE", "after", "all_are", "common", "database", "each_kind", "first", "judged_read_only",
+           "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample", "state_at"]
 
 #: Seconds after a step (failover, promotion) the services are given to notice it.
 GRACE = 2.0
@@ -58,17 +57,8 @@ UNDISTURBED = ("switchover", "minor-upgrade", "standby-crash")
 DEGRADED = (Outcome.EXPLAINED, Outcome.DROPPED)
 
 
-def started(e: Event) -> float:
-    return e.started
-
-
 def of_service(events: Iterable[Event], service: str, *ops: str) -> list[Event]:
     return [e for e in events if e.service == service and (not ops or e.op in ops)]
-
-
-def during(events: Iterable[Event], lo: float, hi: float) -> list[Event]:
-    """Operations that started and ended within ``[lo, hi]``."""
-    return [e for e in events if e.started >= lo and e.t <= hi]
 
 
 def after(events: Iterable[Event], t: float) -> list[Event]:
