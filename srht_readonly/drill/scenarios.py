@@ -117,9 +117,17 @@ class Step:
         if left:
             self.facts.setdefault(Fact.NEVER, {})[goal] = left
 
-    def enter(self, state: State | None) -> None:
-        """From now on the services' database is in ``state`` (None: writable again)."""
+    def note(self, *facts: str) -> float:
+        """Note the time now (seconds from the scenario's start) as each of ``facts``."""
         now = self.recorder.now()
+        for fact in facts:
+            self.facts[fact] = now
+        return now
+
+    def enter(self, state: State | None, *, noted: str | None = None) -> None:
+        """From now on the services' database is in ``state`` (None: writable again); ``noted`` also
+        records when, as that fact."""
+        now = self.note(*([noted] if noted else []))
         states = self.facts.setdefault(Fact.STATES, [])
         if states and states[-1][2] is None:
             states[-1][2] = now
@@ -150,7 +158,7 @@ def planned_switchover(s: Step) -> None:
     s.hold()
     result = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
     s.facts[Fact.SWITCHOVER] = result
-    s.facts[Fact.BACK_AT] = s.recorder.now()
+    s.note(Fact.BACK_AT)
     s.hold_until("worked-again")
 
 
@@ -160,11 +168,10 @@ def readonly_failover_then_promotion(s: Step) -> None:
     old, new = p.primary(), p.standby()
     s.hold()
     s.do(f"failover: PgBouncers -> {new} (read-only)", lambda: p.failover(new))
-    s.facts[Fact.READ_ONLY_FROM] = s.recorder.now()
-    s.enter(State.READ_ONLY)
+    s.enter(State.READ_ONLY, noted=Fact.READ_ONLY_FROM)
     s.hold_until("met-read-only")
     s.do(f"stop {old}", lambda: p.stop(old, "fast"))
-    s.facts[Fact.PROMOTE_STARTED] = s.recorder.now()
+    s.note(Fact.PROMOTE_STARTED)
     _promote_then_rejoin(s, old, new, promoted=Fact.READ_ONLY_UNTIL, rejoin=f"demote {old} to follow {new}")
 
 
@@ -174,7 +181,7 @@ def _promote_then_rejoin(s: Step, old: str, new: str, *, promoted: str, rejoin: 
     p = s.procedures
     s.enter(None)
     s.do(f"promote {new}", lambda: p.promote(new))
-    s.facts[promoted] = s.facts[Fact.BACK_AT] = s.recorder.now()
+    s.note(promoted, Fact.BACK_AT)
     s.hold_until("worked-again")
     s.do(rejoin, lambda: p.demote(old, new))
     s.hold(0.5)
@@ -186,13 +193,11 @@ def primary_crash(s: Step) -> None:
     old, new = p.primary(), p.standby()
     s.hold()
     s.do(f"kill -9 {old}", lambda: p.kill(old))
-    s.facts[Fact.CRASH_AT] = s.recorder.now()
-    s.enter(State.UNAVAILABLE)
+    s.enter(State.UNAVAILABLE, noted=Fact.CRASH_AT)
     time.sleep(0.5)  # the time it takes a watchdog or an operator to notice
     s.facts[Fact.STANDBY_RECEIVED] = p.receive_lsn(new)
     s.do(f"failover: PgBouncers -> {new}", lambda: p.failover(new))
-    s.facts[Fact.FAILOVER_AT] = s.recorder.now()
-    s.enter(State.READ_ONLY)
+    s.enter(State.READ_ONLY, noted=Fact.FAILOVER_AT)
     s.hold(0.5)
     _promote_then_rejoin(s, old, new, promoted=Fact.PROMOTED_AT, rejoin=f"rejoin {old} (pg_rewind)")
 
@@ -225,7 +230,7 @@ def minor_upgrade(s: Step) -> None:
     s.do(f"{old} caught up", lambda: p.wait_caught_up(old))
     s.hold(0.5)
     s.facts[Fact.BACK] = s.do(f"switchover {new} -> {old}", lambda: p.switchover(old))
-    s.facts[Fact.BACK_AT] = s.recorder.now()
+    s.note(Fact.BACK_AT)
     s.hold_until("worked-again", 0.5)
 
 
