@@ -95,6 +95,13 @@ class Step:
         """Let traffic run in the current state."""
         time.sleep(self.duration * factor)
 
+    def steady(self, factor: float = 1.0) -> tuple[Procedures, str, str]:
+        """The procedures, the primary and its standby (observed now), after holding the steady state."""
+        p = self.procedures
+        old, new = p.primary(), p.standby()
+        self.hold(factor)
+        return p, old, new
+
     def hold_until(self, goal: str, factor: float = 1.0) -> None:
         """Hold ``duration * factor``, then longer until no kind misses ``goal``: at most ``EXTRA_HOLD``
         s more, or twice the slowest operation of a missing kind (at most ``MOST_HOLD``) on a
@@ -153,9 +160,7 @@ class Scenario:
 
 
 def planned_switchover(s: Step) -> None:
-    p = s.procedures
-    old, new = p.primary(), p.standby()
-    s.hold()
+    p, old, new = s.steady()
     result = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
     s.facts[Fact.SWITCHOVER] = result
     s.note(Fact.BACK_AT)
@@ -164,9 +169,7 @@ def planned_switchover(s: Step) -> None:
 
 def readonly_failover_then_promotion(s: Step) -> None:
     """The plan's path: read-only failover, then stop the old primary, promote, demote."""
-    p = s.procedures
-    old, new = p.primary(), p.standby()
-    s.hold()
+    p, old, new = s.steady()
     s.do(f"failover: PgBouncers -> {new} (read-only)", lambda: p.failover(new))
     s.enter(State.READ_ONLY, noted=Fact.READ_ONLY_FROM)
     s.hold_until("met-read-only")
@@ -189,9 +192,7 @@ def _promote_then_rejoin(s: Step, old: str, new: str, *, promoted: str, rejoin: 
 
 def primary_crash(s: Step) -> None:
     """kill -9 the primary; read-only failover; promote; rejoin the old primary with pg_rewind."""
-    p = s.procedures
-    old, new = p.primary(), p.standby()
-    s.hold()
+    p, old, new = s.steady()
     s.do(f"kill -9 {old}", lambda: p.kill(old))
     s.enter(State.UNAVAILABLE, noted=Fact.CRASH_AT)
     time.sleep(0.5)  # the time it takes a watchdog or an operator to notice
@@ -217,9 +218,7 @@ def standby_crash(s: Step) -> None:
 
 def minor_upgrade(s: Step) -> None:
     """The plan's minor upgrade: switch over, restart (upgrade) the old primary, switch back."""
-    p = s.procedures
-    old, new = p.primary(), p.standby()
-    s.hold(0.5)
+    p, old, new = s.steady(0.5)
     s.facts[Fact.THERE] = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
     s.hold(0.5)
     def restart() -> None:  # where an upgrade installs the new minor version's binaries

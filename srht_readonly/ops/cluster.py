@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg2.extensions
 
-from .errors import ToolMissing
+from .errors import Refused, ToolMissing
 from .inventory import BouncerSpec, Inventory, NodeSpec
 from .postgres import PostgresServer, find_bin_dir
 from .remote import Host, LocalHost, SshHost
@@ -48,6 +48,12 @@ class Cluster:
 
     def node(self, name: str) -> NodeSpec:
         return self.inventory.node(name)
+
+    def node_and_upstream(self, node: str, upstream: str, *, itself: str) -> tuple[NodeSpec, NodeSpec]:
+        """Both nodes of a procedure that makes ``node`` follow ``upstream``; ``Refused(itself)`` if they are one."""
+        if node == upstream:
+            raise Refused(itself)
+        return self.node(node), self.node(upstream)
 
     def bouncer(self, name: str) -> BouncerSpec:
         return self.inventory.pgbouncers[name]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import hba, replication, sql
 from .cluster import Cluster
 from .errors import OpsError, Refused
-from .observe import observe_nodes
+from .observe import observe_nodes, require_primary
+from .procedure import FollowPlan
 from .rewind import CLEAN, finish_crash_recovery
 from .rewind import rewind as pg_rewind
 
@@ -27,18 +28,14 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DemotePlan:
+class DemotePlan(FollowPlan):
     """What ``check_demote`` found and what ``run_demote`` will do."""
 
-    node: str
-    primary: str
-    node_role: str
     already_following: bool = False
     stop_first: bool = False
     rewind: bool | None = None
     reason: str = ""
     hba: str = ""
-    warnings: list[str] = field(default_factory=list)
 
     def steps(self) -> list[str]:
         if self.already_following:
@@ -83,14 +80,12 @@ class DemoteResult:
 
 def check_demote(cluster: Cluster, node: str, primary: str, *, force: bool = False) -> DemotePlan:
     """Refuse unless ``node`` can be made to follow ``primary``; returns the plan."""
-    if node == primary:
-        raise Refused(f"{node} cannot follow itself; name the new primary with --primary")
-    spec, pspec = cluster.node(node), cluster.node(primary)
+    spec, pspec = cluster.node_and_upstream(node, primary, itself=f"{node} cannot follow itself; name the new "
+                                                                  "primary with --primary")
     states = observe_nodes(cluster.inventory)
     p, n = states[primary], states[node]
-    if p.role != "primary":
-        hint = f"promote it first: srht-readonly promote {primary}" if p.role == "standby" else "start it first"
-        raise Refused(f"{primary} is not a primary ({p.role}{': ' + p.error if p.error else ''}); {hint}")
+    require_primary(p, f"promote it first: srht-readonly promote {primary}" if p.role == "standby"
+                    else "start it first")
     plan = DemotePlan(node, primary, n.role)
     if n.role == "standby" and n.upstream == primary and n.receiver_status == "streaming":
         plan.already_following = True

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2
 
 from . import sql
-from .errors import OpsError
+from .errors import OpsError, Refused
 from .inventory import Inventory, NodeSpec
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,13 @@ def observe_nodes(inventory: Inventory) -> dict[str, NodeState]:
         states = dict(zip(inventory.nodes, pool.map(observe_node, inventory.nodes.values()), strict=True))
     _fill_lag(inventory, states)
     return states
+
+
+def require_primary(state: NodeState, why: str) -> None:
+    """``Refused`` unless ``state`` is a primary; ``why`` says what needs one, or what to do."""
+    if state.role != "primary":
+        raise Refused(f"{state.name} is not a primary ({state.role}{': ' + state.error if state.error else ''}); "
+                      f"{why}")
 
 
 def primaries(states: dict[str, NodeState]) -> list[str]:

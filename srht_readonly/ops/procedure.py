@@ -11,9 +11,10 @@ programs), or raises ``PartlyDone`` naming each host. The procedures: ``standby.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Plan", "Result"]
+__all__ = ["FollowPlan", "Plan", "Result"]
 
 
 class Plan(Protocol):
@@ -29,3 +30,14 @@ class Result(Protocol):
     """What a ``run_X`` did."""
 
     def text(self) -> str: ...
+
+
+@dataclass
+class FollowPlan:
+    """The start of every plan that makes ``node`` follow ``primary`` (``demote``, ``standby prepare``):
+    the two nodes, what ``node`` is now, and the warnings for the operator."""
+
+    node: str
+    primary: str
+    node_role: str
+    warnings: list[str] = field(default_factory=list)

@@ -22,8 +22,9 @@ from pathlib import Path
 from . import hba, replication, sql
 from .cluster import Cluster
 from .errors import Refused
-from .observe import observe_node
+from .observe import observe_node, require_primary
 from .postgres import PostgresServer
+from .procedure import FollowPlan
 from .replication import Progress
 from .rewind import LOCAL_FILES
 
@@ -31,16 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PreparePlan:
+class PreparePlan(FollowPlan):
     """What ``check_prepare`` found and what ``run_prepare`` will do."""
 
-    node: str
-    primary: str
-    node_role: str
     nothing_to_do: bool = False
     data_in_use: bool = False
     hba_line: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     def steps(self) -> list[str]:
         if self.nothing_to_do:
@@ -85,13 +82,10 @@ class PrepareResult:
 
 def check_prepare(cluster: Cluster, node: str, primary: str, *, force: bool = False) -> PreparePlan:
     """Refuse unless ``node`` can be (re)built from ``primary``; a running primary is never touched."""
-    if node == primary:
-        raise Refused(f"{node} cannot be a standby of itself; name the primary with --from")
-    spec, pspec = cluster.node(node), cluster.node(primary)
+    spec, pspec = cluster.node_and_upstream(node, primary, itself=f"{node} cannot be a standby of itself; name "
+                                                                  "the primary with --from")
     p, n = observe_node(pspec), observe_node(spec)
-    if p.role != "primary":
-        raise Refused(f"{primary} is not a primary ({p.role}{': ' + p.error if p.error else ''}); a base backup "
-                      f"must come from the primary")
+    require_primary(p, "a base backup must come from the primary")
     if n.role == "primary":
         raise Refused(f"{node} is running as a primary; refusing to overwrite it. If it is a former primary, make it "
                       f"follow with: srht-readonly demote {node} --primary {primary}")

@@ -25,7 +25,7 @@ from ..promote import check_promote, run_promote
 from ..standby import PreparePlan, PrepareResult, check_prepare, run_prepare
 from ..status import collect
 from ..switchover import MAX_LAG, check_switchover, run_switchover
-from .options import EXIT_REFUSED, changing, failures, option_json
+from .options import EXIT_REFUSED, changing, failures, following, option_json
 
 
 @contextmanager
@@ -109,10 +109,8 @@ def standby() -> None:
 
 
 @standby.command("prepare")
-@click.argument("node")
-@click.option("--from", "primary", required=True, metavar="PRIMARY", help="The primary to copy.")
-@click.option("--force", is_flag=True, help="Stop NODE and move its data directory aside (kept) if it has one.")
-@changing
+@following("--from", "PRIMARY", "The primary to copy.",
+           force="Stop NODE and move its data directory aside (kept) if it has one.")
 def standby_prepare(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bool, yes: bool,
                     as_json: bool) -> None:
     """Make NODE a streaming hot standby of PRIMARY, steps 1-8 of the plan.
@@ -186,10 +184,9 @@ def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, d
 
 
 @click.command()
-@click.argument("node")
-@click.option("--primary", "primary", required=True, metavar="NEW", help="The node NODE will follow.")
-@click.option("--force", is_flag=True, help="Demote NODE even while it runs as a primary (its newer writes are lost).")
-@changing
+@following("--primary", "NEW", "The node NODE will follow.",
+           force="Demote NODE even while it runs as a primary, or runs and does not answer (its newer writes "
+                 "are lost).")
 def demote(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bool, yes: bool,
            as_json: bool) -> None:
     """Make the former primary NODE a standby of NEW (the plan's "Master demotion procedure").

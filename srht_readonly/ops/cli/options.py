@@ -27,6 +27,19 @@ option_yes = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 option_dry_run = click.option("--dry-run", is_flag=True, help="Check and print the plan; change nothing.")
 
 
+def following(flag: str, metavar: str, help: str, *, force: str) -> Callable[[F], F]:
+    """For commands that make NODE follow another node: the NODE argument, ``flag`` naming the node it
+    will follow (as ``primary``), ``--force`` (``force`` says what it overrides), and ``changing``."""
+
+    def decorate(fn: F) -> F:
+        fn = changing(fn)
+        fn = click.option("--force", is_flag=True, help=force)(fn)
+        fn = click.option(flag, "primary", required=True, metavar=metavar, help=help)(fn)
+        return click.argument("node")(fn)
+
+    return decorate
+
+
 def changing(fn: F) -> F:
     """The options of every changing command (``--dry-run``, ``--yes``, ``--json``) and the click context."""
     return option_dry_run(option_yes(option_json(click.pass_context(fn))))  # type: ignore[return-value]
