@@ -264,36 +264,24 @@ def replicated_table(srht_lab):
     return srht_lab
 
 
-@pytest.mark.lab
-@pytest.mark.parametrize("driver", DRIVERS, ids=repr)
-def test_write_on_hot_standby_is_read_only(replicated_table, driver):
-    conn = driver.connect(replicated_table.standby)
-    try:
-        exc = error_of(lambda: driver.execute(conn, "INSERT INTO classify_rows VALUES (1)"))
-        assert "read-only transaction" in str(exc)
-        assert classify(exc) is Failure.READ_ONLY
-    finally:
-        driver.close(conn)
+#: What a read-only database answers, on real servers: (where, statement, what the message says).
+READ_ONLY_REFUSALS = {
+    "a write on a hot standby": ("standby", "INSERT INTO classify_rows VALUES (1)", "read-only transaction"),
+    "a write with default_transaction_read_only": ("read-only database", "CREATE TABLE refused (v int)",
+                                                   "read-only transaction"),
+    "SET TRANSACTION READ WRITE on a standby": ("standby", "SET TRANSACTION READ WRITE", "during recovery"),
+}
 
 
 @pytest.mark.lab
+@pytest.mark.parametrize("case", list(READ_ONLY_REFUSALS))
 @pytest.mark.parametrize("driver", DRIVERS, ids=repr)
-def test_write_in_default_read_only_database_is_read_only(srht_readonly_db, driver):
-    conn = driver.connect(srht_readonly_db)
+def test_read_only_refusals_are_read_only_with_every_driver(replicated_table, srht_readonly_db, driver, case):
+    where, statement, says = READ_ONLY_REFUSALS[case]
+    conn = driver.connect(replicated_table.standby if where == "standby" else srht_readonly_db)
     try:
-        exc = error_of(lambda: driver.execute(conn, "CREATE TABLE refused (v int)"))
-        assert classify(exc) is Failure.READ_ONLY
-    finally:
-        driver.close(conn)
-
-
-@pytest.mark.lab
-@pytest.mark.parametrize("driver", DRIVERS, ids=repr)
-def test_set_transaction_read_write_on_standby_is_read_only(srht_lab, driver):
-    conn = driver.connect(srht_lab.standby)
-    try:
-        exc = error_of(lambda: driver.execute(conn, "SET TRANSACTION READ WRITE"))
-        assert "during recovery" in str(exc)
+        exc = error_of(lambda: driver.execute(conn, statement))
+        assert says in str(exc)
         assert classify(exc) is Failure.READ_ONLY
     finally:
         driver.close(conn)
