@@ -7,8 +7,6 @@ re-exported here for the tests.
 
 from __future__ import annotations
 
-import time
-
 from integrations.webhooks.harness import (
     CeleryWorker,
     HarnessError,
@@ -17,21 +15,10 @@ from integrations.webhooks.harness import (
     celery_worker,
     redis_server,
 )
+from tests._db import wait_for
 
 __all__ = ["CeleryWorker", "HarnessError", "RedisServer", "WebhookReceiver", "celery_worker", "redis_server",
            "wait_for", "wait_replicated"]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it returns something truthy; that value, or AssertionError."""
-    give_up = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= give_up:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_replicated(lab, query: str, expected: object, timeout: float = 10, dbname: str | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -54,4 +41,4 @@ def wait_replicated(lab, query: str, expected: object, timeout: float = 10, dbna
         finally:
             conn.close()
 
-    wait_for(caught_up, timeout, what="the standby to replay the primary's writes")
+    wait_for(caught_up, timeout=timeout, what="the standby to replay the primary's writes")

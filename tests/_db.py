@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 import pytest
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy; that value, or the test fails naming ``what``."""
+    give_up = time.monotonic() + timeout
+    while True:
+        if value := check():
+            return value
+        if time.monotonic() >= give_up:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def admin(dsn: str, statement: str) -> list[tuple]:

@@ -43,9 +43,9 @@ def test_build_started_read_only_runs_its_steps_and_records_everything_within_2_
     try:
         # The steps run while read-only (their logs appear), then the build blocks on its updates.
         home = tmp_path / str(job_id)
-        wait_for(lambda: all((home / f"{n}.log").exists() for n in ("setup", "build", "test")), 20,
+        wait_for(lambda: all((home / f"{n}.log").exists() for n in ("setup", "build", "test")), timeout=20,
                  what="the build's steps to run")
-        wait_for(lambda: any("database read-only" in r.getMessage() for r in caplog.records), 10,
+        wait_for(lambda: any("database read-only" in r.getMessage() for r in caplog.records), timeout=10,
                  what="the runner to say it waits")
         time.sleep(max(0.0, started + 2.5 - time.monotonic()))  # blocked for a while
         assert thread.is_alive() and "result" not in outcome

@@ -67,7 +67,7 @@ def _final_lines(worker, task_id: str, *, timeout: float = 10) -> list[str]:
         lines = worker.lines_about(task_id)
         return lines if any(" succeeded in " in x or " raised " in x for x in lines) else None
 
-    return wait_for(done, timeout, what=f"the final log line of task {task_id}")
+    return wait_for(done, timeout=timeout, what=f"the final log line of task {task_id}")
 
 
 def _counts(env, task: str, outcome: str) -> int:
@@ -130,7 +130,7 @@ def test_other_errors_keep_celerys_retry_and_traceback(celery_env, srht_lab):
 def test_deferring_task_waits_and_completes_once_writable(celery_env, ro_db, srht_lab):
     marker = uuid.uuid4().hex
     result = celery_env.tasks.deferred_write.delay(ro_db.dsn, marker)
-    wait_for(lambda: len([x for x in celery_env.worker.lines_about(result.id) if " retry: " in x]) >= 2, 15,
+    wait_for(lambda: len([x for x in celery_env.worker.lines_about(result.id) if " retry: " in x]) >= 2, timeout=15,
              what="two deferrals")
     assert not result.ready()
     conn = psycopg2.connect(srht_lab.primary.admin_dsn)

@@ -63,7 +63,7 @@ def test_storm_of_200_tasks_in_a_10_s_read_only_window_finishes_without_retry_lo
                 lab.promote(lab.standby)
                 promoted = time.monotonic()
                 results = {task_id: AsyncResult(task_id, app=client) for task_id in sent}
-                wait_for(lambda: all(r.ready() for r in results.values()), 60, interval=0.2,
+                wait_for(lambda: all(r.ready() for r in results.values()), timeout=60, interval=0.2,
                          what="all 200 tasks to finish")
                 finished = time.monotonic()
                 time.sleep(0.3)  # let the last log lines reach the file

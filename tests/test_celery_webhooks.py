@@ -59,7 +59,8 @@ def test_webhooks_fail_cleanly_while_read_only_and_succeed_or_complete_after_pro
                 with pytest.raises(ReadOnlyError, match="read-only"):
                     failed.get(timeout=20)
                 assert failed.state == "FAILURE"
-                wait_for(lambda: any(" raised " in x for x in worker.lines_about(failed.id)), 10, what="failure line")
+                wait_for(lambda: any(" raised " in x for x in worker.lines_about(failed.id)), timeout=10,
+                         what="failure line")
                 lines = worker.lines_about(failed.id)
                 assert len(lines) == 2, lines  # received + one failure line
                 assert "webhooks.async_request" in lines[-1] and "raised expected: ReadOnlyError(" in lines[-1]
@@ -69,7 +70,7 @@ def test_webhooks_fail_cleanly_while_read_only_and_succeed_or_complete_after_pro
 
                 # 2. the durable task defers, and sends nothing while it cannot record.
                 deferred = async_durable.delay(receiver.url, payload(durable), {}, webhooks.TABLE, durable)
-                wait_for(lambda: len([x for x in worker.lines_about(deferred.id) if " retry: " in x]) >= 2, 15,
+                wait_for(lambda: len([x for x in worker.lines_about(deferred.id) if " retry: " in x]) >= 2, timeout=15,
                          what="two deferrals")
                 assert not deferred.ready()
                 assert payload(durable) not in receiver.bodies()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -27,7 +25,7 @@ from srht_readonly import (
 )
 from srht_readonly.errors import mark_commit
 from srht_readonly.sqlalchemy import instrument
-from tests._db import admin, commit_trigger, error_of
+from tests._db import admin, commit_trigger, error_of, wait_for
 from tests._fakes import Pg2Error
 
 
@@ -244,16 +242,6 @@ class Driver:
 
 
 DRIVERS = [Driver(n) for n in ("psycopg2", "psycopg", "sqlalchemy+psycopg2", "sqlalchemy+psycopg")]
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 10.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from srht_readonly import (
     retry_until_writable,
 )
 from srht_readonly.sqlalchemy import instrument
-from tests._db import admin, commit_trigger
+from tests._db import admin, commit_trigger, wait_for
 from tests._fakes import FakeTime, Pg2Error, RecordingSession, dispose_engines, lost_connection_error, read_only_error
 
 read_only = read_only_error
@@ -293,15 +293,6 @@ def test_retry_log_can_be_sent_elsewhere_or_silenced(caplog):
 
 
 # --- real servers ----------------------------------------------------------------------------
-
-
-def wait_for(check: Any, what: str, timeout: float = 10.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := check():
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
