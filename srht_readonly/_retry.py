@@ -24,7 +24,7 @@ import backoff
 
 from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, classify, mark_commit
 
-logger = logging.getLogger("srht_readonly.policies")
+logger = logging.getLogger("srht_readonly.policies.retry")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -184,7 +184,7 @@ class RetryPolicy:
     errors pass unchanged. With ``session`` (a Session, Connection or DBAPI connection) every
     try starts with a rollback and, if ``commit``, ends with a commit that is part of the try.
     ``on_wait(event)`` is called before each wait. Waits are logged to ``log`` (default: the
-    ``srht_readonly.policies`` logger) at INFO once per change of state (the first wait, the
+    ``srht_readonly.policies.retry`` logger) at INFO once per change of state (the first wait, the
     failure changing, the database writable again), shared by every policy logging there, and
     at DEBUG otherwise; pass another logger or adapter to send it there instead, or None
     to silence it (an ``on_wait`` of your own then says what you want). ``wait_gen``,

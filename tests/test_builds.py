@@ -186,7 +186,7 @@ def test_build_on_a_standby_runs_its_steps_then_aborts_at_its_deadline(builds_db
     ours = [r for r in caplog.records if r.name.startswith("integrations.buildsrht") and "database" in r.getMessage()
             and r.levelno >= logging.INFO]
     core = [r for r in caplog.records if r.name.startswith("srht_readonly") and r.levelno >= logging.INFO]
-    tries = [r for r in caplog.records if r.name == "srht_readonly.policies"]
+    tries = [r for r in caplog.records if r.name == "srht_readonly.policies.retry"]
     print(f"{len(tries)} tries logged at DEBUG or above; INFO+ lines: {len(ours)} from the runner, "
           f"{len(core)} from srht_readonly")
     assert len(tries) > 5  # it did retry with backoff...

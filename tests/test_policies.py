@@ -246,7 +246,7 @@ def test_retry_as_loop_of_attempts_decorator_and_on_wait_events():
 
 def test_retry_logs_once_per_state_change_not_once_per_try(caplog):
     fake = FakeTime()
-    caplog.set_level(logging.DEBUG, logger="srht_readonly.policies")
+    caplog.set_level(logging.DEBUG, logger="srht_readonly.policies.retry")
     policy = retry_until_writable(Deadline(60, clock=fake.clock), sleep=fake.sleep)
     policy.call(failing(read_only()))  # whatever an earlier test left: the process saw a success
     caplog.clear()
@@ -259,7 +259,7 @@ def test_retry_logs_once_per_state_change_not_once_per_try(caplog):
     assert info[0].startswith("database read_only; retrying the write")
     assert info[1].startswith("database unavailable; retrying the write")
     assert info[2].startswith("database writable again: the write went through (attempt 11")
-    assert all(r.name == "srht_readonly.policies" for r in caplog.records)
+    assert all(r.name == "srht_readonly.policies.retry" for r in caplog.records)
 
     # Eight writes blocked on the same read-only database (threads of one worker, say) say
     # so once between them, not once each.
