@@ -193,8 +193,9 @@ def _promote_then_rejoin(s: Step, old: str, new: str, *, promoted: str, rejoin: 
 def primary_crash(s: Step) -> None:
     """kill -9 the primary; read-only failover; promote; rejoin the old primary with pg_rewind."""
     p, old, new = s.steady()
-    s.do(f"kill -9 {old}", lambda: p.kill(old))
+    # The crash is when the kill is sent: connections die before kill() has made sure the postmaster is gone.
     s.enter(State.UNAVAILABLE, noted=Fact.CRASH_AT)
+    s.do(f"kill -9 {old}", lambda: p.kill(old))
     time.sleep(0.5)  # the time it takes a watchdog or an operator to notice
     s.facts[Fact.STANDBY_RECEIVED] = p.receive_lsn(new)
     s.do(f"failover: PgBouncers -> {new}", lambda: p.failover(new))
