@@ -23,6 +23,7 @@ from srht_readonly.sqlalchemy import (
     pgbouncer_safe_url,
 )
 from tests._db import admin, commit_trigger, error_of
+from tests._fakes import dispose_engines
 
 # The server raises these itself while the connection stays open: only our table calls them a
 # failover failure, so they show what the hook adds to SQLAlchemy's own disconnect detection.
@@ -31,19 +32,7 @@ FAKE_SHUTDOWN = "DO $$ BEGIN RAISE EXCEPTION 'fake' USING ERRCODE = 'admin_shutd
 
 @pytest.fixture(autouse=True)
 def _dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Dispose every engine a test made, even when it fails: a connection left to the garbage
-    collector is a ResourceWarning, and warnings are errors."""
-    made: list[sa.Engine] = []
-    real = sa.create_engine
-
-    def create_engine(*args: Any, **kwargs: Any) -> sa.Engine:
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(sa, "create_engine", create_engine)
-    yield
-    for engine in made:
-        engine.dispose()
+    yield from dispose_engines(monkeypatch)
 
 
 def pids(engine: sa.Engine, n: int) -> set[int]:
