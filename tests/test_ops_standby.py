@@ -7,6 +7,7 @@ from pathlib import Path
 
 from srht_readonly.testing.deployment import fleet_fixture
 from tests._fleet import out, q, roles
+from tests._secrets import ArgvWatcher
 
 # konpaku is reached over ssh: the base backup streams its progress back through sshd.
 fleet = fleet_fixture("function", extra=(), over_ssh=("konpaku",))
@@ -57,8 +58,10 @@ def test_prepare_rebuilds_a_standby_with_its_own_hba_line_and_a_secret_password(
     assert plan.returncode == 0, out(plan)
     assert "add 'host replication replicator 127.0.0.1/32 scram-sha-256'" in plan.stderr
     assert "move konpaku's data directory aside" in plan.stderr
-    proc = fleet.cli("-vv", "standby", "prepare", "konpaku", "--from", "remilia", "--force", "--yes")
+    with ArgvWatcher(SECRET) as argv:  # ps on this machine, both ends of the ssh connection
+        proc = fleet.cli("-vv", "standby", "prepare", "konpaku", "--from", "remilia", "--force", "--yes")
     assert proc.returncode == 0, out(proc)
+    assert argv.seen == [] and argv.scans > 10, argv.seen
     assert "konpaku is a streaming hot standby of remilia (timeline 1, same databases)" in proc.stdout
     assert "ssh = konpaku.lab-ssh" in fleet.inventory.read_text()
     assert "base backup (kB)" in proc.stderr  # pg_basebackup's progress, streamed back through sshd
@@ -80,3 +83,26 @@ def test_prepare_rebuilds_a_standby_with_its_own_hba_line_and_a_secret_password(
     # It authenticated with the password: pg_hba.conf has no trust line for replication any more.
     assert q(remilia.admin_dsn, "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'konpaku'") \
         == [(1,)]
+
+
+def test_no_password_on_any_command_line_through_a_switchover_there_and_back(fleet):
+    """konpaku (over ssh) and remilia (local) each follow the other, authenticating with the password."""
+    _use_password_file(fleet)
+    _drop_replication_access(fleet.lab.nodes["remilia"].admin_dsn)
+    with ArgvWatcher(SECRET) as argv:
+        prepared = fleet.cli("standby", "prepare", "konpaku", "--from", "remilia", "--force", "--yes")
+        assert prepared.returncode == 0, out(prepared)
+        konpaku = fleet.lab.nodes["konpaku"].admin_dsn  # remilia will follow it: with the password only
+        hba, _ = _drop_replication_access(konpaku)
+        hba.write_text(hba.read_text() + "host replication replicator 127.0.0.1/32 scram-sha-256\n")
+        q(konpaku, "SELECT pg_reload_conf()")
+        for to in ("konpaku", "remilia"):
+            switched = fleet.cli("switchover", "--to", to, "--yes")
+            assert switched.returncode == 0, out(switched)
+    assert argv.seen == [] and argv.scans > 10, argv.seen
+    assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}
+    # Streaming again, and only the password lets it: no pg_hba.conf has a trust line for replication.
+    for node in fleet.lab.nodes.values():
+        hba = Path(q(node.admin_dsn, "SHOW hba_file")[0][0]).read_text().splitlines()
+        assert not [line for line in hba if "replication" in line and "trust" in line and not line.startswith("#")]
+    assert q(fleet.lab.nodes["remilia"].admin_dsn, "SELECT count(*) FROM pg_stat_replication") == [(1,)]

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from . import interrupts
 from .cluster import Cluster
 from .errors import PartlyDone, Refused
 from .fleet import Change, Fleet, seconds_setting
@@ -131,7 +132,14 @@ def run_failover(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, *, verify_t
     drill's sabotage ``slow-login-retry`` shows what that costs after a crash).
     """
     start = time.monotonic()
-    written = fleet.write(plan.changes)
+    try:
+        written = fleet.write(plan.changes)
+    except (interrupts.Interrupted, KeyboardInterrupt) as exc:
+        with interrupts.shielded():
+            left = fleet.restore(plan.changes)
+        raise PartlyDone(f"stopped ({exc or 'SIGINT'}) while the PgBouncer configs were being written; nothing was "
+                         f"reloaded" + ("; these could not be put back:" if left else ", every file was put back"),
+                         left) from exc
     reloaded = fleet.reload(login_retry=login_retry)
     problems = {n: f"RELOAD failed: {o.error}" for n, o in reloaded.items() if not o.ok}
     wrong = fleet.verify(cluster.node(plan.target), timeout=verify_timeout)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import psycopg2.extensions
 
 from . import console as consoles
+from . import deadman
 from .cluster import Cluster
 from .errors import OpsError, PartlyDone, Refused
 from .inventory import BouncerSpec, Inventory, NodeSpec
@@ -48,6 +49,7 @@ class BouncerState:
     entries: dict[str, str] = field(default_factory=dict)
     paused: bool = False
     settings: dict[str, str] = field(default_factory=dict)
+    resumed_by_timer: str | None = None  # what its dead-man timer recorded (``status`` only)
 
 
 @dataclass
@@ -107,6 +109,10 @@ class Fleet:
         for m in self.members.values():
             if m.console is not None:
                 m.console.close()
+
+    def reconnect(self, *, timeout: float = 5) -> None:
+        """Open again every console that is closed (after ``close()``, or a command that failed)."""
+        consoles.connect(_consoles(self.members.values(), unopened=True), timeout=timeout)
 
     # --- reaching ------------------------------------------------------------------------------
 
@@ -294,6 +300,25 @@ class Fleet:
                 self.members[key].config["server_login_retry"] = final[key]
         return results
 
+    def lift_login_backoff(self, *, timeout: float = 2) -> dict[str, consoles.Outcome]:
+        """After a RESUME: let every pool log in to its server now, then put ``server_login_retry`` back.
+
+        A client that arrives at a paused database makes PgBouncer open a server connection and
+        close it at once ("pause mode"); PgBouncer counts that as a failed login, and after the
+        RESUME the pool waits ``server_login_retry`` (15 s by default) before trying again. So:
+        ``server_login_retry = 0`` until no pool has clients waiting without a server (at most
+        ``timeout``), then each console's own value again.
+        """
+        ready = [m for m in self.members.values() if m.error is None and m.console is not None]
+        results = consoles.execute(_consoles(ready), "SET server_login_retry = '0'", timeout=5)
+        lowered = [m for m in ready if results[m.name].ok]
+        self._settle(lowered, timeout=timeout)
+        back = {m.name: f"SET server_login_retry = '{m.config.get('server_login_retry') or '15'}'" for m in lowered}
+        for key, outcome in consoles.execute(_consoles(lowered), back, timeout=5).items():
+            if not outcome.ok:
+                results[key] = outcome
+        return results
+
     def _settle(self, members: list[Member], *, timeout: float) -> None:
         """Wait until no followed pool has clients waiting without a server connection (or ``timeout``)."""
         deadline = time.monotonic() + timeout
@@ -344,17 +369,70 @@ class Fleet:
                 c = consoles.Console(f"{m.name}/{db}", m.console.dsn)
                 extra.append(c)
                 jobs[c.key] = f'PAUSE "{db}"'
-        consoles.connect(extra, timeout=timeout)
-        chosen = _consoles(m for m in self.members.values() if m.name in jobs) + extra
-        results = consoles.execute(chosen, jobs, timeout=timeout)
-        for c in extra:
-            c.close()
+        try:
+            consoles.connect(extra, timeout=timeout)
+            chosen = _consoles(m for m in self.members.values() if m.name in jobs) + extra
+            results = consoles.execute(chosen, jobs, timeout=timeout)
+        finally:  # interrupted too: a PAUSE left pending on an open console would hang after RESUME
+            for c in extra:
+                c.close()
         merged: dict[str, consoles.Outcome] = {}
         for key, outcome in results.items():
             name = key.split("/", 1)[0]
             if name not in merged or not outcome.ok:
                 merged[name] = outcome
         return merged
+
+    def restore(self, changes: dict[str, Change]) -> dict[str, str]:
+        """Put every changed file back as it was (each on its own, no rollback); {name: why} for those left new."""
+        done = _parallel([c for c in changes.values() if c.changed], lambda c: self._write(c.name, c.old))
+        return {name: f"NEW config left on disk (not reloaded): {why}" for name, why in done if why is not None}
+
+    def arm_timers(self, limit: float) -> dict[str, deadman.Timer]:
+        """On every PgBouncer's host, a dead-man timer that RESUMEs it after ``limit`` s (``deadman``).
+
+        Raises ``OpsError`` (after disarming those armed) when any cannot be armed.
+        """
+        def arm(m: Member) -> deadman.Timer | str:
+            # As lift_login_backoff(): a pool that failed a login while paused would wait out
+            # server_login_retry after the RESUME.
+            retry = m.config.get("server_login_retry") or "15"
+            try:
+                return deadman.arm(m.host, m.name, m.spec.admin,
+                                   ["SET server_login_retry = '0'", *_resume_commands(m)], limit,
+                                   then=[f"SET server_login_retry = '{retry}'"])
+            except OpsError as exc:
+                return str(exc)
+
+        armed = dict(_parallel(self.members.values(), arm))
+        failed = [why for why in armed.values() if isinstance(why, str)]
+        timers = {n: t for n, t in armed.items() if isinstance(t, deadman.Timer)}
+        if failed:
+            self.disarm_timers(timers)
+            raise OpsError("; ".join(failed))
+        return timers
+
+    def disarm_timers(self, timers: dict[str, deadman.Timer]) -> dict[str, str]:
+        """Stop the timers; {name: what it recorded} for any that had fired already, or could not be stopped."""
+        def disarm(t: deadman.Timer) -> str | None:
+            try:
+                return deadman.disarm(t)
+            except OpsError as exc:
+                return f"its timer may still fire: {exc}"
+
+        return {n: r for n, r in _parallel(timers.values(), disarm) if r is not None}
+
+    def timer_records(self) -> dict[str, str]:
+        """{name: record} for each PgBouncer whose dead-man timer RESUMEd it since the last procedure finished."""
+        reached = [m for m in self.members.values() if m.error is None]
+
+        def look(m: Member) -> str | None:
+            try:
+                return deadman.record(m.host, m.name)
+            except OpsError:
+                return None
+
+        return {n: r for n, r in _parallel(reached, look) if r is not None}
 
     def resume(self, *, timeout: float = 5) -> dict[str, consoles.Outcome]:
         """``RESUME`` every PgBouncer (each listed database, or all); "not paused" counts as done.
@@ -363,8 +441,7 @@ class Fleet:
         because of an earlier error.
         """
         members = [m for m in self.members.values() if m.console is not None]
-        steps = {m.name: [f'RESUME "{db}"' for db in m.spec.databases] if m.spec.databases else ["RESUME"]
-                 for m in members}
+        steps = {m.name: _resume_commands(m) for m in members}
         results: dict[str, consoles.Outcome] = {}
         for i in range(max((len(s) for s in steps.values()), default=0)):
             batch = {n: s[i] for n, s in steps.items() if i < len(s)}
@@ -381,6 +458,11 @@ class Fleet:
         consoles.connect(_consoles(members, unopened=True),
                          timeout=timeout)
         return results
+
+
+def _resume_commands(m: Member) -> list[str]:
+    """What undoes ``pause()`` on ``m``: RESUME each listed database, or the whole PgBouncer."""
+    return [f'RESUME "{db}"' for db in m.spec.databases] if m.spec.databases else ["RESUME"]
 
 
 def _consoles(members: Iterable[Member], *, unopened: bool = False) -> list[consoles.Console]:

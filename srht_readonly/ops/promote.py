@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import sql
@@ -141,11 +142,13 @@ def run_promote(cluster: Cluster, plan: PromotePlan, *, timeout: float = 60) -> 
     return PromoteResult(plan.node, before, after, seconds, plan.warnings)
 
 
-def fast_promote(dsn: str, *, timeout: float = 60, interval: float = 0.005) -> tuple[int, int, float]:
+def fast_promote(dsn: str, *, timeout: float = 60, interval: float = 0.005,
+                 on_sent: Callable[[], None] | None = None) -> tuple[int, int, float]:
     """``pg_promote(false)`` and poll every ``interval`` until out of recovery; (timeline before, after, seconds).
 
     ``pg_promote(true)`` checks only every 100 ms; polling on one open connection shortens the
-    write pause of a switchover.
+    write pause of a switchover. ``on_sent`` is called just before ``pg_promote`` goes out: from
+    then on, whatever happens, the server may be promoting.
     """
     with sql.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_is_in_recovery()")
@@ -153,6 +156,8 @@ def fast_promote(dsn: str, *, timeout: float = 60, interval: float = 0.005) -> t
             raise OpsError("refusing to promote: the server is not in recovery (already a primary?)")
         before = sql.timeline(dsn)
         start = time.monotonic()
+        if on_sent is not None:
+            on_sent()
         cur.execute("SELECT pg_promote(false)")
         if not cur.fetchone()[0]:
             raise OpsError("pg_promote refused to signal the server; look at its log")

@@ -57,6 +57,8 @@ def collect(cluster: Cluster) -> Status:
     with Fleet(cluster) as fleet:
         fleet.open()
         bouncers = fleet.observe()
+        for name, record in fleet.timer_records().items():
+            bouncers[name].resumed_by_timer = record
     status = Status(cluster.inventory.path, list(nodes.values()), list(bouncers.values()))
     status.problems = problems(status)
     return status
@@ -120,6 +122,11 @@ def _bouncer_problems(b: BouncerState, nodes: dict[str, NodeState], live: list[s
     found = []
     if b.paused:
         found.append(Problem("critical", subject, "is PAUSED: its clients are waiting; RESUME it on its console"))
+    if b.resumed_by_timer:
+        found.append(Problem("warning", subject, f"was resumed by its dead-man timer ({b.resumed_by_timer}); the "
+                                                 "procedure that paused it stopped half-way: check the nodes' roles "
+                                                 "above and where this PgBouncer points (the next procedure that "
+                                                 "finishes clears this)"))
     target = nodes.get(b.target or "")
     if target is None:
         found.append(Problem("critical", subject, f"points at {b.target}, which is not one node of the inventory; "

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .. import render
+from .. import interrupts, render
 from ..cluster import Cluster
 from ..demote import check_demote, run_demote
 from ..failover import check_failover, run_failover
@@ -24,7 +24,7 @@ from ..procedure import Plan, Result
 from ..promote import check_promote, run_promote
 from ..standby import PreparePlan, PrepareResult, check_prepare, run_prepare
 from ..status import collect
-from ..switchover import MAX_LAG, check_switchover, run_switchover
+from ..switchover import MAX_LAG, PAUSE_LIMIT, check_switchover, run_switchover
 from .options import EXIT_REFUSED, changing, failures, following, option_json
 
 
@@ -56,7 +56,9 @@ def confirm(title: str, steps: Sequence[str], warnings: Sequence[str], *, dry_ru
 
 
 def say(message: str) -> None:
-    click.echo(f"... {message}", err=True)
+    """Progress on stderr; a terminal that is gone (the operator's ssh session died) must not stop a recovery."""
+    with contextlib.suppress(OSError):
+        click.echo(f"... {message}", err=True)
 
 
 def carry_out(ctx: click.Context, command: str, *, as_json: bool, dry_run: bool, yes: bool,
@@ -69,7 +71,7 @@ def carry_out(ctx: click.Context, command: str, *, as_json: bool, dry_run: bool,
         with failures(as_json):
             plan = check(cluster, bouncers)
         confirm(plan.title(), plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
-        with failures(as_json, changing=True):
+        with failures(as_json, changing=True), interrupts.raising():
             result = run(cluster, bouncers, plan)
     click.echo(render.to_json(result) if as_json else result.text())
 
@@ -209,16 +211,22 @@ def demote(ctx: click.Context, node: str, primary: str, force: bool, dry_run: bo
 @click.option("--to", "to", required=True, metavar="NODE", help="The standby that becomes the primary.")
 @click.option("--pause-timeout", default=5.0, show_default=True, metavar="SECONDS",
               help="Longest wait for PAUSE (running transactions) before giving up, changing nothing.")
+@click.option("--pause-limit", default=PAUSE_LIMIT, show_default=True, metavar="SECONDS",
+              help="Dead-man limit: each PgBouncer host RESUMEs its PgBouncer this long after the pause began "
+                   "unless this command ends it first (kill -9, lost host). At least --pause-timeout + 6.")
 @click.option("--max-lag", default=MAX_LAG // 2**20, show_default=True, metavar="MB",
               help="Refuse when NODE is further behind than this.")
 @changing
-def switchover(ctx: click.Context, to: str, pause_timeout: float, max_lag: int, dry_run: bool, yes: bool,
-               as_json: bool) -> None:
+def switchover(ctx: click.Context, to: str, pause_timeout: float, pause_limit: float, max_lag: int, dry_run: bool,
+               yes: bool, as_json: bool) -> None:
     """Planned switchover to NODE with no failed client request; prints the write pause.
 
     PAUSE every PgBouncer, fast-stop the primary, prove NODE replayed its shutdown checkpoint,
     promote NODE, RELOAD every PgBouncer pointing at it, RESUME (always), then make the old
     primary follow NODE. Any failure before the promotion switches back and changes nothing.
+    Ctrl-C, SIGTERM and SIGHUP run the same recovery first, then exit 3; once pg_promote may
+    have gone out the old primary is never started again. If this process dies without a word
+    (kill -9), a timer on each PgBouncer host RESUMEs it after --pause-limit seconds.
 
     \b
     Example:
@@ -227,7 +235,7 @@ def switchover(ctx: click.Context, to: str, pause_timeout: float, max_lag: int, 
     """
     carry_out(ctx, f"switchover --to {to}", as_json=as_json, dry_run=dry_run, yes=yes, fleet=True,
               check=lambda cluster, fleet: check_switchover(cluster, _the(fleet), to, max_lag=max_lag * 2**20,
-                                                            pause_timeout=pause_timeout),
+                                                            pause_timeout=pause_timeout, pause_limit=pause_limit),
               run=lambda cluster, fleet, plan: run_switchover(cluster, _the(fleet), plan, say=say))
 
 

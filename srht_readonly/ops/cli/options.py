@@ -7,6 +7,7 @@ error; 3 partly done (the output names each host).
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import OpsError, PartlyDone, Refused
+from ..interrupts import Interrupted
 from ..inventory import InventoryError
 
 EXIT_REFUSED = 1
@@ -67,8 +69,9 @@ class Failure(click.ClickException):
 def failures(as_json: bool = False, *, changing: bool = False) -> Iterator[None]:
     """Turn package errors into exit statuses: refused 1, configuration 2, partly done 3.
 
-    Inside ``changing=True`` (after the plan was accepted) an unexpected error means the
-    procedure stopped half-way: exit 3.
+    Inside ``changing=True`` (after the plan was accepted) an unexpected error, a signal
+    (``interrupts.Interrupted``, Ctrl-C) or a command's timeout means the procedure stopped
+    half-way: exit 3. Procedures that can put things back do so before the error reaches here.
     """
     try:
         yield
@@ -78,6 +81,11 @@ def failures(as_json: bool = False, *, changing: bool = False) -> Iterator[None]
         raise Failure(str(exc), EXIT_USAGE, "configuration error", as_json) from exc
     except PartlyDone as exc:
         raise Failure(str(exc), EXIT_PARTIAL, "partly done", as_json, exc.hosts) from exc
+    except (Interrupted, KeyboardInterrupt, subprocess.TimeoutExpired) as exc:
+        if not changing:
+            raise Failure(f"{_stopped(exc)} before anything was changed", EXIT_REFUSED, "refused", as_json) from exc
+        raise Failure(f"{_stopped(exc)} half-way; `srht-readonly status` shows where things are",
+                      EXIT_PARTIAL, "partly done", as_json) from exc
     except OpsError as exc:
         if changing:
             raise Failure(f"{exc}\nstopped half-way; `srht-readonly status` shows where things are, and running "
@@ -85,3 +93,11 @@ def failures(as_json: bool = False, *, changing: bool = False) -> Iterator[None]
         raise Failure(str(exc), EXIT_REFUSED, "refused", as_json) from exc
 
 
+
+
+def _stopped(exc: BaseException) -> str:
+    if isinstance(exc, Interrupted):
+        return f"stopped by {exc.signal}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "stopped by SIGINT"
+    return f"stopped: {exc}"
