@@ -56,3 +56,16 @@ def roles(fleet: LabFleet) -> dict[str, str]:
 def out(proc: Any) -> str:
     """stdout and stderr of a CLI run, for assertions and failure messages."""
     return f"{proc.stdout}\n{proc.stderr}"
+
+
+def unchanged(fleet: LabFleet) -> None:
+    """Nothing moved: roles, running targets, config files, no PgBouncer paused, no stray slot."""
+    assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}
+    port = str(fleet.lab.nodes["remilia"].port)
+    assert set(running_ports(fleet).values()) == {int(port)}
+    assert all(port in ports for ports in file_ports(fleet).values())
+    for b in fleet.lab.bouncers:
+        assert not any(int(r["paused"]) for r in Admin(b.admin_dsn).show("DATABASES"))
+        assert q(b.dsn, "SELECT 1") == [(1,)]  # not left paused: a query goes through at once
+    slots = q(fleet.lab.nodes["konpaku"].admin_dsn, "SELECT slot_name FROM pg_replication_slots")
+    assert slots == []

@@ -8,25 +8,12 @@ import time
 import psycopg2
 import pytest
 
-from srht_readonly.ops.console import Admin
 from srht_readonly.testing.deployment import fleet_fixture
 from srht_readonly.testing.load import WriteLoad
-from tests._fleet import file_ports, out, q, roles, running_ports, status
+from tests._fleet import out, q, roles, status
+from tests._fleet import unchanged as _unchanged
 
 fleet = fleet_fixture("module", databases={"meta.sr.ht": ["srht"]})
-
-
-def _unchanged(fleet):
-    """Nothing moved: roles, running targets, config files, no PgBouncer paused, no stray slot."""
-    assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}
-    port = str(fleet.lab.nodes["remilia"].port)
-    assert set(running_ports(fleet).values()) == {int(port)}
-    assert all(port in ports for ports in file_ports(fleet).values())
-    for b in fleet.lab.bouncers:
-        assert not any(int(r["paused"]) for r in Admin(b.admin_dsn).show("DATABASES"))
-        assert q(b.dsn, "SELECT 1") == [(1,)]  # not left paused: a query goes through at once
-    slots = q(fleet.lab.nodes["konpaku"].admin_dsn, "SELECT slot_name FROM pg_replication_slots")
-    assert slots == []
 
 
 def test_refuses_when_the_target_is_already_the_primary(fleet):
