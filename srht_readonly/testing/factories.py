@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -20,6 +20,17 @@ logger = logging.getLogger(__name__)
 
 # Every lab started in this pytest process, with how long it took to come up (for the summary).
 STARTED: list[float] = []
+
+
+class LabWatcher(Protocol):
+    """Told when a fixture's lab has started and when it is about to close (``--srht-audit``'s recorder)."""
+
+    def lab_started(self, lab: Lab) -> None: ...
+    def lab_closing(self, lab: Lab) -> None: ...
+
+
+# Watchers of every lab the fixtures start; the plugin adds one for ``--srht-audit``.
+WATCHERS: list[LabWatcher] = []
 
 
 def lab(scope: str = "session", *, standby: bool = True, pgbouncer: bool = True) -> Any:
@@ -40,9 +51,14 @@ def lab(scope: str = "session", *, standby: bool = True, pgbouncer: bool = True)
             the_lab.close()
             raise
         STARTED.append(the_lab.timings["total"])
+        watchers = list(WATCHERS)
+        for watcher in watchers:
+            _quietly(watcher.lab_started, the_lab)
         try:
             yield the_lab
         finally:
+            for watcher in watchers:
+                _quietly(watcher.lab_closing, the_lab)
             the_lab.close()
 
     return _lab
@@ -102,6 +118,13 @@ OPTIONS = {
               "/usr/lib/postgresql/*/bin)",
     "os_user": "OS user that runs the lab's servers (default: postgres when root, else yourself)",
 }
+
+
+def _quietly(call: Any, the_lab: Lab) -> None:
+    try:
+        call(the_lab)
+    except Exception as exc:  # a watcher never fails a test nor stops a teardown
+        logger.warning("lab watcher %r failed: %s", call, exc)
 
 
 def _option(config: pytest.Config, name: str) -> str | None:
