@@ -158,7 +158,8 @@ def test_a_signal_while_the_pause_is_pending_switches_back_and_exits_3(fleet, si
     unchanged(fleet)
 
 
-def test_sigint_after_the_old_primary_stopped_starts_it_again_and_puts_everything_back(fleet):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_old_primary_stopped_starts_it_again_and_puts_everything_back(fleet, sig):
     konpaku = fleet.lab.nodes["konpaku"].admin_dsn
     cli = _switchover(fleet)
     cli.confirm()  # checked first (replay running); paused now, so the wait below holds
@@ -166,12 +167,12 @@ def test_sigint_after_the_old_primary_stopped_starts_it_again_and_puts_everythin
     try:
         cli.wait_for("waiting for konpaku to replay")
         assert not fleet.lab.nodes["remilia"].server.is_running()  # stopped, and the fleet is paused
-        cli.proc.send_signal(signal.SIGINT)
+        cli.proc.send_signal(sig)
         proc = cli.finish()
     finally:
         q(konpaku, "SELECT pg_wal_replay_resume()")
     assert proc.returncode == 3, out(proc)
-    assert "interrupted by SIGINT during the replay stage" in proc.stderr, out(proc)
+    assert f"interrupted by {sig.name} during the replay stage" in proc.stderr, out(proc)
     assert "remilia is the primary again" in proc.stderr
     unchanged(fleet)
 
@@ -202,14 +203,15 @@ def test_sighup_while_the_promotion_is_pending_never_starts_the_old_primary_agai
     _back_to_remilia(fleet)
 
 
-def test_sigterm_after_the_promotion_points_every_pgbouncer_at_the_new_primary(fleet):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_promotion_points_every_pgbouncer_at_the_new_primary(fleet, sig):
     cli = _switchover(fleet, patched="held")
     cli.confirm()
     cli.wait_for("test: promoted, holding")
-    cli.proc.send_signal(signal.SIGTERM)
+    cli.proc.send_signal(sig)
     proc = cli.finish()
     assert proc.returncode == 3, out(proc)
-    assert "interrupted by SIGTERM during the promote stage" in proc.stderr, out(proc)
+    assert f"interrupted by {sig.name} during the promote stage" in proc.stderr, out(proc)
     assert "demote remilia --primary konpaku" in proc.stderr
     _one_primary_every_pgbouncer_on_it(fleet, "konpaku")
     _back_to_remilia(fleet)
@@ -313,3 +315,102 @@ def test_a_failed_preparation_whose_restore_fails_is_partly_done_and_drops_the_s
     fixed = fleet.cli("failover", "--to", "remilia", "--yes")
     assert fixed.returncode == 0, out(fixed)
     unchanged(fleet)
+
+
+def _api_switchover(fleet, monkeypatch, **kwargs):
+    """``check_switchover`` and ``run_switchover`` in this process (for faults only a patch can make)."""
+    from srht_readonly.ops import switchover
+    from srht_readonly.ops.cluster import Cluster
+    from srht_readonly.ops.fleet import Fleet
+    from srht_readonly.ops.inventory import load
+
+    monkeypatch.setenv("SRHT_READONLY_SSH_CONFIG", str(fleet.ssh_config))
+    with Cluster(load(fleet.inventory)) as cluster, Fleet(cluster) as pgbouncers:
+        plan = switchover.check_switchover(cluster, pgbouncers, "konpaku")
+        return switchover.run_switchover(cluster, pgbouncers, plan, **kwargs)
+
+
+def test_a_replay_check_that_fails_switches_back_and_changes_nothing(fleet, monkeypatch):
+    from srht_readonly.ops.errors import Refused
+
+    konpaku = fleet.lab.nodes["konpaku"].admin_dsn
+    from srht_readonly.ops import replication
+
+    real_ensure = replication.ensure_slot
+
+    def ensure_then_pause(dsn, name, **kwargs):  # after the check, before the pause: replay stops
+        created = real_ensure(dsn, name, **kwargs)
+        q(konpaku, "SELECT pg_wal_replay_pause()")
+        return created
+
+    monkeypatch.setattr(replication, "ensure_slot", ensure_then_pause)
+    try:
+        with pytest.raises(Refused) as info:
+            _api_switchover(fleet, monkeypatch, catchup_timeout=1)
+    finally:
+        q(konpaku, "SELECT pg_wal_replay_resume()")
+    monkeypatch.undo()
+    assert "replay failed" in str(info.value) and "did not replay" in str(info.value), str(info.value)
+    assert "remilia is the primary again" in str(info.value)
+    unchanged(fleet)
+
+
+@pytest.mark.parametrize("fault", ["stop fails", "stop times out"])
+def test_a_stop_that_fails_or_times_out_switches_back_and_changes_nothing(fleet, monkeypatch, fault):
+    """``subprocess.TimeoutExpired`` (a host that hangs) gets the same recovery as a failed step."""
+    from srht_readonly.ops import switchover
+    from srht_readonly.ops.errors import OpsError, Refused
+
+    real_stop, calls = switchover.stop_primary, []
+
+    def stop(server, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:  # the switchover's own stop; the recovery's goes through
+            if fault == "stop fails":
+                raise OpsError("pg_ctl stop failed on local: could not send stop signal")
+            raise subprocess.TimeoutExpired(["pg_ctl", "stop"], 5)
+        return real_stop(server, **kwargs)
+
+    monkeypatch.setattr(switchover, "stop_primary", stop)
+    with pytest.raises(Refused) as info:
+        _api_switchover(fleet, monkeypatch)
+    monkeypatch.undo()
+    assert "stop failed" in str(info.value) and "remilia is the primary again" in str(info.value), str(info.value)
+    unchanged(fleet)
+
+
+@pytest.mark.parametrize("step", ["RELOAD", "RESUME"])
+def test_a_reload_or_resume_that_fails_after_the_promotion_is_partly_done_naming_the_pgbouncer(
+        fleet, monkeypatch, step):
+    from srht_readonly.ops import console
+    from srht_readonly.ops.errors import PartlyDone
+
+    real_execute = console.execute
+
+    def execute(consoles, command, **kwargs):  # git.sr.ht's console never gets the command; it fails
+        consoles = list(consoles)
+        text = command if isinstance(command, str) else command.get("git.sr.ht", "")
+        refused = [c for c in consoles if c.key == "git.sr.ht" and text.startswith(step)]
+        results = real_execute([c for c in consoles if c not in refused], command, **kwargs)
+        results.update({c.key: console.Outcome(False, error=f"{step} refused (test)") for c in refused})
+        return results
+
+    monkeypatch.setattr(console, "execute", execute)
+    with pytest.raises(PartlyDone) as info:
+        _api_switchover(fleet, monkeypatch)
+    monkeypatch.undo()
+    assert "git.sr.ht" in info.value.hosts, str(info.value)
+    assert f"{step} refused (test)" in info.value.hosts["git.sr.ht"]
+    if step == "RESUME":
+        assert "still PAUSED" in str(info.value) and "timers stay armed" in str(info.value)
+        git = next(b for b in fleet.lab.bouncers if b.name == "git.sr.ht")
+        with pytest.raises(psycopg2.OperationalError):  # a global PAUSE: a client does not even log in
+            psycopg2.connect(git.dsn, connect_timeout=2).close()
+        Admin(next(b for b in fleet.lab.bouncers if b.name == "git.sr.ht").admin_dsn).resume()
+    else:
+        assert "failover --to konpaku" in str(info.value)
+    assert roles(fleet)["konpaku"] == "primary" and fleet.lab.nodes["remilia"].server.is_running() is False
+    fixed = fleet.cli("failover", "--to", "konpaku", "--yes")  # what the message says to run
+    assert fixed.returncode == 0, out(fixed)
+    _one_primary_every_pgbouncer_on_it(fleet, "konpaku")
+    _back_to_remilia(fleet)

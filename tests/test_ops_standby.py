@@ -85,8 +85,9 @@ def test_prepare_rebuilds_a_standby_with_its_own_hba_line_and_a_secret_password(
         == [(1,)]
 
 
-def test_no_password_on_any_command_line_through_a_switchover_there_and_back(fleet):
-    """konpaku (over ssh) and remilia (local) each follow the other, authenticating with the password."""
+def test_no_password_on_any_command_line_through_every_procedure(fleet):
+    """prepare, failover, promote, demote, switchover: konpaku (over ssh) and remilia (local) each follow
+    the other, authenticating with the password, and no process on this machine shows it in its argv."""
     _use_password_file(fleet)
     _drop_replication_access(fleet.lab.nodes["remilia"].admin_dsn)
     with ArgvWatcher(SECRET) as argv:
@@ -96,9 +97,14 @@ def test_no_password_on_any_command_line_through_a_switchover_there_and_back(fle
         hba, _ = _drop_replication_access(konpaku)
         hba.write_text(hba.read_text() + "host replication replicator 127.0.0.1/32 scram-sha-256\n")
         q(konpaku, "SELECT pg_reload_conf()")
-        for to in ("konpaku", "remilia"):
-            switched = fleet.cli("switchover", "--to", to, "--yes")
-            assert switched.returncode == 0, out(switched)
+        # The unplanned path (failover, promote, demote), then the planned one back (switchover).
+        failover = fleet.cli("failover", "--to", "konpaku", "--yes")
+        assert failover.returncode == 0, out(failover)
+        fleet.lab.nodes["remilia"].stop()
+        for step in (("promote", "konpaku"), ("demote", "remilia", "--primary", "konpaku"),
+                     ("switchover", "--to", "remilia")):
+            done = fleet.cli(*step, "--yes")
+            assert done.returncode == 0, out(done)
     assert argv.seen == [] and argv.scans > 10, argv.seen
     assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}
     # Streaming again, and only the password lets it: no pg_hba.conf has a trust line for replication.

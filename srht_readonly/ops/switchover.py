@@ -381,12 +381,16 @@ class _Switchover:
         resumed = self.fleet.resume()
         self.phases["resumed"] = time.monotonic() - self.t0
         self.fleet.lift_login_backoff()
-        fired = self.fleet.disarm_timers(self.timers)
+        stuck = {n: f"RESUME failed, clients are still waiting: {o.error}" for n, o in resumed.items() if not o.ok}
+        # A PgBouncer that did not take the RESUME keeps its timer: it RESUMEs it if nobody does first.
+        fired = self.fleet.disarm_timers({n: t for n, t in self.timers.items() if n not in stuck})
         for name, record in fired.items():
             self.say(f"PgBouncer {name}: {record}")
-        stuck = {n: f"RESUME failed, clients are still waiting: {o.error}" for n, o in resumed.items() if not o.ok}
         if stuck:
-            return PartlyDone("these PgBouncers are still PAUSED; RESUME them on their console now:",
+            armed = [n for n in stuck if n in self.timers]
+            backstop = (f" (their dead-man timers stay armed and RESUME {', '.join(armed)} "
+                        f"{self.plan.pause_limit:g} s after the pause began)" if armed else "")
+            return PartlyDone(f"these PgBouncers are still PAUSED; RESUME them on their console now{backstop}:",
                               {**stuck, **(failure.hosts if isinstance(failure, PartlyDone) else {})})
         return failure
 
