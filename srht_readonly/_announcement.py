@@ -15,6 +15,7 @@ beside it, then rename it), as :meth:`Announcement.write` does.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -76,17 +77,39 @@ class Announcement:
         return json.dumps(data)
 
     def write(self, path: str | os.PathLike[str]) -> None:
-        """Publish this announcement at ``path`` atomically (every process sees all or nothing)."""
+        """Publish this announcement at ``path`` atomically (every process sees all or nothing).
+
+        The file and then its directory are flushed to disk, so a crash loses neither the
+        announcement nor the rename that published it.
+        """
         directory = os.path.dirname(os.fspath(path)) or "."
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".announce-")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(self.to_json() + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
             raise
+        try:
+            _fsync_directory(directory)
+        except OSError as exc:  # published all the same: every process sees it
+            logger.warning("announcement %s published, but flushing %s to disk failed: %s", path, directory, exc)
+
+
+def _fsync_directory(path: str) -> None:
+    # As srht_readonly.ops.remote.fsync_directory (the application side does not import ops).
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):  # a file system that cannot
+            raise
+    finally:
+        os.close(fd)
 
 
 class AnnouncementFile:

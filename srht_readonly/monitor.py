@@ -9,8 +9,12 @@ Promises:
   connection only makes the next ``read_only`` read probe the database once.
 * While read-only, ``read_only`` re-probes (``pg_is_in_recovery()``, ``transaction_read_only``)
   at most once per interval drawn from ``[(1 - jitter) * recheck, recheck]``: one thread probes,
-  the others get the cached answer at once. The monitor turns writable by itself when a probe
-  says so, so a promotion is noticed at most ``recheck`` seconds (plus one probe) later.
+  the others get the cached answer at once. A probe through the engine waits at most
+  ``probe_timeout`` seconds in all (pool checkout included); one that gets no answer, for
+  whatever reason, means unavailable (``failure`` is ``Failure.UNAVAILABLE``: users hear that
+  the database cannot be reached), never "the database refuses writes". The monitor turns
+  writable by itself when a probe says so, so a promotion is noticed at most ``recheck`` seconds
+  (plus one probe) later.
 * An operator announcement in effect (see :class:`Announcement`) makes the monitor read-only
   until it ends or the file is removed; no probe overrides it.
 * Every change (and every new or withdrawn announcement) is logged once and handed to the
@@ -89,8 +93,10 @@ class ReadOnlyMonitor:
     ``engine`` (a SQLAlchemy engine, or set later by ``srht_readonly.sqlalchemy.instrument``)
     is used for probes; ``probe`` replaces it with any callable returning True when the
     database is read-only (and raising when it is unreachable). Without either, a read-only
-    state simply expires after ``recheck`` seconds. ``announce_file`` defaults to
-    ``$SRHT_READONLY_ANNOUNCE_FILE``; pass None to ignore announcements.
+    state simply expires after ``recheck`` seconds. A probe through ``engine`` takes at most
+    ``probe_timeout`` seconds, waiting for a pooled connection included (past that, the
+    database counts as unavailable); a ``probe`` callable must bound itself. ``announce_file``
+    defaults to ``$SRHT_READONLY_ANNOUNCE_FILE``; pass None to ignore announcements.
     """
 
     def __init__(
@@ -109,6 +115,8 @@ class ReadOnlyMonitor:
             raise ValueError("recheck must be a positive number of seconds")
         if not 0 <= jitter < 1:
             raise ValueError("jitter must be a fraction in [0, 1)")
+        if probe_timeout <= 0:
+            raise ValueError("probe_timeout must be a positive number of seconds")
         self.recheck = recheck
         self.jitter = jitter
         self.probe_timeout = probe_timeout
@@ -253,11 +261,11 @@ class ReadOnlyMonitor:
         except Exception as exc:
             logger.debug("read-only probe failed: %s", exc)
             if not state.read_only:
-                # Whatever kept the probe from an answer (a pool timeout, a bug) says nothing of
-                # read-only: users are told the database cannot be reached.
+                # Whatever kept the probe from an answer (the database gone, a pool timeout, the
+                # probe's own time limit, a bug) says nothing of read-only: users are told the
+                # database cannot be reached, whatever the exception would classify as.
                 detail = f"database unreachable: {first_line(exc)}"
-                self._transition(True, Reason.PROBE, detail, classify(exc) or Failure.UNAVAILABLE,
-                                 generation=generation)
+                self._transition(True, Reason.PROBE, detail, Failure.UNAVAILABLE, generation=generation)
             return
         # Also when it was unreachable and now answers as a standby: users must hear "read-only"
         # (refresh later), not "unavailable", for as long as the read-only failover lasts.

@@ -6,7 +6,10 @@ one (the SQLSTATE table, backoff timing, the monitor's state machine, Flask's re
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,3 +131,30 @@ class UnboundSession:
 
     def get_bind(self) -> None:
         return None
+
+
+class FsyncRecorder:
+    """Wraps the real ``os.fsync`` (it still flushes) and records each call: ``"dir"`` or
+    ``"file"``, the (st_dev, st_ino) of what was flushed, and what ``watch`` held at that moment
+    (None while it did not exist), so a test can tell a directory flushed after a rename."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, watch: Path) -> None:
+        self.calls: list[tuple[str, tuple[int, int], str | None]] = []
+        real = os.fsync
+
+        def fsync(fd: Any) -> None:
+            st = os.fstat(fd)
+            try:
+                content: str | None = watch.read_text()
+            except FileNotFoundError:
+                content = None
+            self.calls.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", (st.st_dev, st.st_ino), content))
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def identity(path: Path) -> tuple[int, int]:
+    """(st_dev, st_ino) of ``path``, to compare with ``FsyncRecorder.calls``."""
+    st = path.stat()
+    return st.st_dev, st.st_ino

@@ -12,7 +12,7 @@ import pytest
 
 from srht_readonly import ReadOnlyMonitor
 from srht_readonly.monitor import ANNOUNCE_ENV, Announcement
-from tests._fakes import Clock, Probe
+from tests._fakes import Clock, FsyncRecorder, Probe, identity
 from tests._fakes import monitor_on as make
 
 
@@ -111,3 +111,18 @@ def test_announcement_round_trips_through_json():
         Announcement.parse('{"starts": "2024-06-08T10:00:00"}')
 
 
+
+
+def test_write_flushes_the_file_then_after_the_rename_its_directory(tmp_path, monkeypatch):
+    # Atomic for readers is not enough: without a flush of the directory, a crash can lose the
+    # rename, and the maintenance announcement with it.
+    path = tmp_path / "announce"
+    path.write_text("Old maintenance\n")
+    fsyncs = FsyncRecorder(monkeypatch, watch=path)
+    Announcement("Read-only maintenance in progress").write(path)
+    assert [kind for kind, _, _ in fsyncs.calls] == ["file", "dir"]
+    (_, file_id, before), (_, dir_id, after) = fsyncs.calls
+    assert file_id == identity(path) and before == "Old maintenance\n"  # flushed before the rename
+    assert dir_id == identity(tmp_path) and after == path.read_text()  # the directory, after it
+    assert Announcement.parse(after).message == "Read-only maintenance in progress"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["announce"]

@@ -117,6 +117,28 @@ def test_a_probe_that_fails_for_a_reason_other_than_the_database_means_unavailab
     assert monitor.state.detail == "database unreachable: QueuePool limit of size 5 overflow 10 reached"
 
 
+def test_a_probe_failure_is_unavailable_whatever_its_chain_would_classify_as(clock):
+    # A bug in a probe while it handled a refused write: no answer came, so nothing is known.
+    try:
+        try:
+            raise READ_ONLY
+        except Pg2Error:
+            raise RuntimeError("probe bug") from None
+    except RuntimeError as exc:
+        broken = exc
+    assert classify(broken) is Failure.READ_ONLY  # the chain still holds the 25006
+    monitor = make(clock, Probe(clock, answer=broken))
+    monitor.observe(LOST)
+    assert monitor.read_only is True
+    assert monitor.state.failure is Failure.UNAVAILABLE
+    assert monitor.state.detail == "database unreachable: probe bug"
+
+
+def test_probe_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="probe_timeout"):
+        ReadOnlyMonitor(announce_file=None, probe_timeout=0)
+
+
 def test_unreachable_then_a_standby_is_read_only_not_unavailable(clock, caplog):
     # kill -9 of the primary, then PgBouncer repointed at the hot standby: the first probe finds
     # nothing, the next one a standby. Users must be told "read-only", not "unavailable".
@@ -445,6 +467,37 @@ def test_probe_keeps_its_timeout_on_an_autocommit_engine(srht_lab):
         assert monitor.check() is True
     with engine.connect() as conn:  # the connection went back to the pool clean
         assert conn.exec_driver_sql("SHOW statement_timeout").scalar_one() == "0"
+        assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+
+
+def probe_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "srht-readonly-probe"]
+
+
+@pytest.mark.lab
+def test_probe_with_the_pool_exhausted_answers_unavailable_within_probe_timeout(srht_lab):
+    # The pool's only connection is held by the application: the checkout alone would block for
+    # the pool's pool_timeout (30 s), holding the request thread that asked `read_only`.
+    engine = sa.create_engine(srht_lab.primary.url, pool_size=1, max_overflow=0)
+    monitor = ReadOnlyMonitor(engine, announce_file=None, probe_timeout=0.5)
+    held = engine.connect()
+    try:
+        for attempt in range(2):  # the second while the first probe still waits for the pool
+            started = time.monotonic()
+            monitor.check()
+            elapsed = time.monotonic() - started
+            assert elapsed < 0.5 + 1.5, f"probe {attempt + 1} took {elapsed:.1f} s"
+            state = monitor.state
+            assert state.failure is Failure.UNAVAILABLE, state  # unavailable, not "refuses writes"
+            assert state.reason == "probe" and state.detail.startswith("database unreachable: no answer within 0.5 s")
+            assert len(probe_threads()) == 1  # the probe left behind; no second one piled up
+    finally:
+        held.close()
+    # The connection is back: the probe left behind ends and gives it back, the next one answers.
+    assert monitor.check() is False
+    assert monitor.state.failure is None and monitor.state.detail == "the database takes writes"
+    assert probe_threads() == []
+    with engine.connect() as conn:  # nobody kept the pool's only connection
         assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
 
 

@@ -7,7 +7,9 @@ to its OS user, so every operation takes the OS user to act as; when we are root
 
 from __future__ import annotations
 
+import errno
 import grp
+import logging
 import os
 import pwd
 import shlex
@@ -19,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import CommandFailed, OpsError, ToolMissing, Unreachable
-from .ports import free_port
+
+logger = logging.getLogger(__name__)
 
 
 class Host:
@@ -74,7 +77,8 @@ class Host:
         raise NotImplementedError
 
     def tunnel(self, host: str, port: int | str) -> tuple[str, int]:
-        """Where this machine reaches ``host:port`` as seen from that host."""
+        """Where this machine reaches ``host:port`` as seen from that host, as libpq's ``(host, port)``:
+        ``host`` may be a Unix socket directory (the socket ``.s.PGSQL.<port>`` in it), on either side."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -129,10 +133,12 @@ class LocalHost(Host):
 
     def write_text_atomic(self, path: str | os.PathLike[str], text: str, *, owner: str | None = None,
                           mode: int | None = None) -> None:
-        """Replace ``path`` atomically (temp file in the same directory, fsync, rename).
+        """Replace ``path`` atomically (temp file in the same directory, fsync, rename, fsync the directory).
 
         The new file keeps the old one's mode and ownership unless ``owner``/``mode`` are given,
-        so a reader never sees half a file and a service never loses access to its config.
+        so a reader never sees half a file and a service never loses access to its config; once
+        it returns, the new file survives a crash (the rename is on disk too; if the directory
+        cannot be flushed, that is logged as a warning, not raised: the file is replaced).
         """
         path = Path(path)
         try:
@@ -159,6 +165,7 @@ class LocalHost(Host):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _flush_after_rename(path.parent, f"{path} was replaced")
 
     def make_dir(self, path: str | os.PathLike[str], *, owner: str | None = None, mode: int = 0o755) -> None:
         """Create ``path`` (and parents) owned by ``owner``."""
@@ -176,7 +183,10 @@ class LocalHost(Host):
         Path(path).unlink(missing_ok=True)
 
     def rename(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        """Rename ``src`` to ``dst``, flushing the directories involved (the rename survives a crash)."""
         os.rename(src, dst)
+        for directory in dict.fromkeys((Path(dst).parent, Path(src).parent)):
+            _flush_after_rename(directory, f"{src} was renamed {dst}")
 
     def tunnel(self, host: str, port: int | str) -> tuple[str, int]:
         """Where to connect to reach ``host:port`` as this host sees it: here, the same place."""
@@ -210,8 +220,9 @@ class SshHost(Host):
         self.connect_timeout = connect_timeout
         self._control: str | None = None
         self._login_user: str | None = None
-        self._forwards: dict[tuple[str, int], int] = {}
+        self._forwards: dict[tuple[str, int], tuple[str, int]] = {}
         self._lock = threading.Lock()
+        self._forward_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SshHost({self.destination!r})"
@@ -249,7 +260,7 @@ class SshHost(Host):
             self._control = control
 
     def close(self) -> None:
-        """End the master connection and every port forward through it."""
+        """End the master connection and every forward through it (their sockets and directories removed)."""
         with self._lock:
             control, self._control = self._control, None
             self._forwards.clear()
@@ -340,7 +351,8 @@ class SshHost(Host):
         self.run(["rm", "-f", "--", str(path)])
 
     def rename(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        self.run(["mv", "--", str(src), str(dst)])
+        """Rename ``src`` to ``dst`` on the other host, then flush the directories involved (as ``LocalHost``)."""
+        self.run(["sh", "-c", _RENAME, "sh", str(src), str(dst)])
 
     def write_text_atomic(self, path: str | os.PathLike[str], text: str, *, owner: str | None = None,
                           mode: int | None = None) -> None:
@@ -354,33 +366,58 @@ class SshHost(Host):
                   "sh", str(path), f"{mode:o}", owner or ""])
 
     def tunnel(self, host: str, port: int | str) -> tuple[str, int]:
-        """A local address that reaches ``host:port`` as the other host sees it (an ssh port forward).
+        """Where this machine reaches ``host:port`` as the other host sees it: an ssh forward to a Unix socket.
 
-        ``host`` may be a Unix socket directory (libpq style): the socket ``.s.PGSQL.<port>`` in it
-        is forwarded. Forwards live until ``close()``.
+        Returned the way libpq takes a socket, as ``(directory, port)``: the socket is
+        ``<directory>/.s.PGSQL.<port>``, so ``host=<directory> port=<port>`` reaches it. The
+        directory is ours alone (mode 0700, inside the master connection's own 0700 directory),
+        so no other user of this machine can reach, say, a PgBouncer admin console through it, as
+        they could a TCP port on loopback. ``host`` may be a Unix socket directory (libpq style)
+        on the other host: the socket ``.s.PGSQL.<port>`` in it is forwarded. Forwards live until
+        ``close()``, which removes their sockets and directories.
         """
-        key = (host, int(port))
-        if key in self._forwards:
-            return "127.0.0.1", self._forwards[key]
-        self.connect()
-        remote = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
-        last = ""
-        for _ in range(3):
-            local = free_port()
+        port = int(port)
+        key = (host, port)
+        with self._forward_lock:
+            if key in self._forwards:
+                return self._forwards[key]
+            self.connect()
+            assert self._control is not None
+            if host.startswith("/"):
+                remote = f"{host}/.s.PGSQL.{port}"
+            else:
+                remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            directory = tempfile.mkdtemp(prefix="fwd-", dir=os.path.dirname(self._control))  # mode 0700
+            local = os.path.join(directory, f".s.PGSQL.{port}")
+            if ":" in local or len(local.encode()) > _MAX_SOCKET_PATH:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise OpsError(f"cannot forward {remote} through {self.name} to {local}: a Unix socket path must "
+                               f"hold no ':' and at most {_MAX_SOCKET_PATH} bytes (set TMPDIR to a shorter directory)")
             proc = subprocess.run(
                 self._ssh("-o", f"ControlPath={self._control}", "-O", "forward",
-                          "-L", f"127.0.0.1:{local}:{remote}", self.destination),
+                          "-L", f"{local}:{remote}", self.destination),
                 capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
-            if proc.returncode == 0:
-                self._forwards[key] = local
-                return "127.0.0.1", local
-            last = proc.stderr.strip()
-        raise Unreachable(f"cannot forward a port to {remote} through {self.name}: {last}")
+            if proc.returncode != 0:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise Unreachable(f"cannot forward {remote} through {self.name}: {proc.stderr.strip()}")
+            self._forwards[key] = (directory, port)
+            return directory, port
 
+
+#: Room in ``sockaddr_un.sun_path`` (108 bytes on Linux, 104 on the BSDs), with its final NUL.
+_MAX_SOCKET_PATH = 103
+
+
+# mv, then flush both directories (tolerant where sync cannot take a directory, as below).
+_RENAME = r"""mv -- "$1" "$2" || exit
+sync -- "$(dirname -- "$2")" "$(dirname -- "$1")" 2>/dev/null || true
+"""
 
 # Write to a temporary file next to the target, copy the old file's mode and owner (or apply
 # the ones given), flush, then rename over it: readers see the old file or the new one, never
-# half of one. Works with GNU coreutils and BusyBox.
+# half of one; then flush the directory, so the rename survives a crash too (GNU coreutils'
+# `sync FILE` fsyncs a directory as well; where sync is missing or takes no operand, the rename is
+# done all the same, only not flushed at once). Works with GNU coreutils and BusyBox.
 _ATOMIC_WRITE = r"""set -e
 p=$1; mode=$2; owner=$3
 t=$(mktemp "$(dirname -- "$p")/.$(basename -- "$p").XXXXXX")
@@ -391,12 +428,38 @@ elif [ -e "$p" ]; then chmod "$(stat -c %a -- "$p")" "$t"
 else chmod 644 "$t"; fi
 if [ -n "$owner" ]; then chown "$owner:" "$t"
 elif [ -e "$p" ] && [ "$(id -u)" = 0 ]; then chown "$(stat -c %u:%g -- "$p")" "$t"; fi
-sync "$t" 2>/dev/null || true
+sync -- "$t" 2>/dev/null || true
 mv -f -- "$t" "$p"
 trap - EXIT
+sync -- "$(dirname -- "$p")" 2>/dev/null || true
 """
 
 
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Flush directory ``path`` to disk, so a rename or a new file in it survives a crash.
+
+    Where the file system cannot fsync a directory (``EINVAL``, ``EBADF``, as PostgreSQL's
+    ``fsync_fname`` also tolerates) nothing more can be done; any other error is raised.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _flush_after_rename(directory: str | os.PathLike[str], done: str) -> None:
+    # The rename is made and visible: raising now would tell the caller it was not (and a config
+    # written in phase one would not be put back), so a failed flush is a warning, as over ssh.
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        logger.warning("%s, but flushing %s to disk failed (a crash now could undo it): %s", done, directory, exc)
 
 
 def chown(path: str | os.PathLike[str], user: str) -> None:
