@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from typing import IO, Any
 
 import click
 
+from ..ops import interrupts
 from ..ops.errors import OpsError
 from .analyse import Statement, analyse, combine
 from .findings import Finding
@@ -77,7 +77,7 @@ def audit(directory: Path | None, keep_lab: bool, no_python_hook: bool, as_json:
     """
     say: Say = lambda message: click.echo(f"audit: {message}", err=True)  # noqa: E731
     try:
-        with _terminated_cleanly():
+        with interrupts.exit_on_sigterm():
             findings, statements, status = run_audit(list(command), directory=directory, keep_lab=keep_lab,
                                                      python_hook=not no_python_hook, say=say)
     except UsageError as exc:
@@ -169,13 +169,3 @@ def _stdout(stdout: IO[Any] | int | None) -> IO[Any] | int | None:
         return sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor (click's test runner)
         return None
-
-
-@contextlib.contextmanager
-def _terminated_cleanly() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the lab started and the logging turned on are undone."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

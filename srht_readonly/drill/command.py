@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import click
 
+from ..ops import interrupts
 from ..ops.cli.options import EXIT_REFUSED, EXIT_USAGE, Failure, failures
 from ..ops.errors import Refused
 from ..ops.inventory import InventoryError
@@ -84,7 +84,7 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     verbose = ctx.find_root().params.get("verbose", 0)
     started = time.monotonic()
     log = None if verbose else report_dir / "drill.log"
-    with _terminated_cleanly(), _logs_to(log) as log_file, failures(as_json):
+    with interrupts.exit_on_sigterm(), _logs_to(log) as log_file, failures(as_json):
         where = (deployment(config, ssh_config=ctx.obj["ssh_config"], sabotage=sabotage) if config is not None
                  else local(load_name=load_name, duration=duration, services=not no_services, sabotage=sabotage,
                             say=live.say))
@@ -152,16 +152,6 @@ def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *
         live.say(f"drill on {setting.environment}")
         return run(setting.fleet, names, duration=duration, load=load_name, sources=setting.sources,
                    progress=live, environment=setting.environment)
-
-
-@contextlib.contextmanager
-def _terminated_cleanly() -> Iterator[None]:
-    """SIGTERM (a CI timeout, systemd) unwinds like Ctrl-C, so every server started is stopped."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

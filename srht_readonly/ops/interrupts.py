@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["Interrupted", "SIGNALS", "raising", "shielded"]
+__all__ = ["Interrupted", "SIGNALS", "exit_on_sigterm", "raising", "shielded"]
 
 #: The signals that end a procedure (with its recovery) rather than the process at once.
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -90,3 +90,14 @@ def shielded() -> Iterator[list[str]]:
         seen.extend(_remembered[start:])
         if not _shield_depth:
             _remembered.clear()
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """For long commands with nothing to recover but servers to stop (``drill``, ``audit``): SIGTERM (a CI
+    timeout, systemd) unwinds like Ctrl-C, through every ``finally``, and exits 143."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
