@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from ._outcomes import report
 from ._root_error import SrhtReadOnlyError
 from .errors import DatabaseUnavailable, Failure, ReadOnlyError, classify
 
@@ -32,7 +33,9 @@ class AbortPolicy:
     def __enter__(self) -> AbortPolicy:
         if self.monitor is not None and self.monitor.read_only:
             # Refused before doing anything, so there is no database error to chain.
-            if self.monitor.state.failure in (Failure.UNAVAILABLE, Failure.COMMIT_UNKNOWN):
+            failure = self.monitor.state.failure or Failure.READ_ONLY
+            report("abort", "refused", failure=failure, before=True)
+            if failure in (Failure.UNAVAILABLE, Failure.COMMIT_UNKNOWN):
                 raise DatabaseUnavailable(self.message)
             raise ReadOnlyError(self.message)
         return self
@@ -41,6 +44,8 @@ class AbortPolicy:
         if not isinstance(exc, Exception) or isinstance(exc, SrhtReadOnlyError):
             return False
         failure = _observe(self.monitor, exc)
+        if failure is not None:
+            report("abort", "refused", failure=failure, before=False)
         if failure is Failure.READ_ONLY:
             raise ReadOnlyError(self.message) from exc
         if failure is not None:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, ParamSpec, TypeVar
 
+from ._outcomes import report
 from .errors import Failure, classify
 
 __all__ = ["DropPolicy", "drop_on_read_only"]
@@ -74,6 +75,7 @@ class DropPolicy:
             return False
         savepoint.rollback()  # ROLLBACK TO SAVEPOINT: the outer transaction is usable again
         self.dropped = True
+        report("drop", "dropped", failure=failure)
         logger.debug("dropped a write refused by the read-only database: %s", exc)
         if self.warn:
             with _warned_lock:

@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeAlias, TypedDict, TypeVar
 
 import backoff
 
+from ._outcomes import report
 from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, classify, mark_commit
 
 logger = logging.getLogger("srht_readonly.policies.retry")
@@ -161,6 +162,7 @@ class Attempt:
         if self.deadline.expired:
             waited = self.deadline.clock() - self.started
             state = "read-only" if failure is Failure.READ_ONLY else "unreachable"
+            report("retry", "gave_up", failure=failure, attempts=self.number, waited=waited)
             raise DeadlineExceeded(
                 f"the database stayed {state} until the deadline ({waited:.1f} s, "
                 f"{self.number} attempts), so the write was not saved; try again once it is "
@@ -252,6 +254,7 @@ class RetryPolicy:
             if self.jitter is not None:
                 value = self.jitter(value)
             wait = max(0.0, min(value, deadline.remaining()))
+            report("retry", "retried", failure=attempt.failure, wait=wait, attempt=number)
             if self.log is not None:
                 level = logging.INFO if _tell(self.log, attempt.failure) else logging.DEBUG
                 self.log.log(

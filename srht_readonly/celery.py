@@ -50,6 +50,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import TaskPredicate
 
+from ._outcomes import report
 from ._root_error import SrhtReadOnlyError
 from .errors import DatabaseUnavailable, DeadlineExceeded, Failure, ReadOnlyError, classify, first_line
 
@@ -133,6 +134,7 @@ class ReadOnlyTasks:
     def _record(self, task: str, outcome: str, failure: Failure) -> None:
         with self._lock:
             self._counts[(task, outcome, failure.value)] += 1
+        report("celery", outcome, failure=failure, task=task)
 
     # -- patching --------------------------------------------------------------------------
 

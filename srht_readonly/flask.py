@@ -53,6 +53,7 @@ __all__ = [
     "ReadOnlyState",
     "Settings",
     "exempt",
+    "metrics_endpoint",
     "respond",
 ]
 
@@ -102,6 +103,21 @@ def exempt(view: V) -> V:
     """
     setattr(view, _EXEMPT, True)
     return view
+
+
+def metrics_endpoint(app: flask.Flask, path: str = "/metrics", *, registry: Any = None) -> None:
+    """Serve the process's Prometheus metrics (``srht_readonly.metrics``, the ``metrics`` extra) at ``path``.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn with several workers) every worker's
+    metrics are added up, whichever worker answers. A GET view, so it answers while read-only.
+    """
+    from . import metrics
+
+    def srht_readonly_metrics() -> flask.Response:
+        body, content_type = metrics.exposition(metrics.REGISTRY if registry is None else registry)
+        return flask.Response(body, content_type=content_type)
+
+    app.add_url_rule(path, endpoint="srht_readonly_metrics", view_func=srht_readonly_metrics, methods=["GET"])
 
 
 def _strings(value: str | Iterable[str], key: str) -> tuple[str, ...]:

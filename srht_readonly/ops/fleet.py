@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-WATCHED = ("server_login_retry", "auth_type", "pool_mode", "query_wait_timeout")
+WATCHED = ("server_login_retry", "auth_type", "pool_mode", "query_wait_timeout", "listen_addr")
 
 
 @dataclass

@@ -21,9 +21,16 @@ time a command runs. The format (docs/cli.md)::
     user = replicator
     password-file = /etc/sr.ht/replication.password
 
+    [service git.sr.ht]              ; a host running services (for ``announce``)
+    ssh = git.sr.ht.example.org      ; absent: this machine
+    announcement = /run/sr.ht/announcement   ; the file its processes read ($SRHT_READONLY_ANNOUNCE_FILE)
+
+    [hooks]
+    command = /usr/local/bin/srht-event   ; run at each procedure step, a JSON event on stdin
+
 Lines starting with ``;`` or ``#`` are comments; so is `` ;...`` or `` #...`` after a value, except
-in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``), whose values
-are shell commands and regular expressions kept whole (``command = cd /srv/x ; git push``).
+in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``) and in ``[hooks]``,
+whose values are shell commands and regular expressions kept whole (``command = cd /srv/x ; git push``).
 
 A malformed file raises ``InventoryError`` naming the file, the line and what is wrong.
 """
@@ -48,6 +55,8 @@ NODE_NAME = re.compile(r"[a-z0-9_]{1,63}")
 NODE_KEYS = {"dsn": True, "data": True, "ssh": False, "bin": False, "os-user": False, "target": False}
 BOUNCER_KEYS = {"config": True, "admin": True, "ssh": False, "databases": False}
 REPLICATION_KEYS = {"user": False, "password-file": False}
+SERVICE_KEYS = {"announcement": True, "ssh": False}
+HOOKS_KEYS = {"command": True}
 # Sections the procedures ignore and the drill reads (srht_readonly/drill/config.py): kind -> takes a name.
 OTHER_SECTIONS = {"drill": False, "probe": True}
 
@@ -123,6 +132,23 @@ class ReplicationSpec:
 
 
 @dataclass(frozen=True)
+class ServiceSpec:
+    """A host running SourceHut services: where their processes read the announcement file."""
+
+    name: str
+    announcement: str
+    ssh: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class HooksSpec:
+    """``[hooks]``: a shell command run at each procedure step with a JSON event on stdin."""
+
+    command: str | None = None
+
+
+@dataclass(frozen=True)
 class Inventory:
     """The parsed file: nodes and PgBouncers in file order, and the replication settings."""
 
@@ -132,6 +158,8 @@ class Inventory:
     replication: ReplicationSpec = field(default_factory=ReplicationSpec)
     # Sections other tools read (the drill's [drill] and [probe NAME]): {(kind, name): {key: (value, line)}}.
     others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = field(default_factory=dict)
+    services: dict[str, ServiceSpec] = field(default_factory=dict)
+    hooks: HooksSpec = field(default_factory=HooksSpec)
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; ``InventoryError`` listing the known ones otherwise."""
@@ -189,7 +217,8 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             sections.append((kind, name, number, current))
             continue
         # The drill's values are shell commands and regexes, where " ;" and " #" mean something.
-        e = _ENTRY.match(line if current_kind in OTHER_SECTIONS else _INLINE_COMMENT.sub("", line))
+        whole = current_kind in OTHER_SECTIONS or current_kind == "hooks"
+        e = _ENTRY.match(line if whole else _INLINE_COMMENT.sub("", line))
         if not e:
             raise InventoryError(path, number, f"expected 'key = value' or a [section], got {line!r}")
         if current is None:
@@ -204,6 +233,8 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
     nodes: dict[str, NodeSpec] = {}
     bouncers: dict[str, BouncerSpec] = {}
     replication = ReplicationSpec()
+    services: dict[str, ServiceSpec] = {}
+    hooks = HooksSpec()
     others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = {}
     for kind, name, number, entries in sections:
         if kind in OTHER_SECTIONS:
@@ -214,6 +245,12 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
         elif kind == "pgbouncer":
             assert name is not None
             bouncers[name] = _bouncer(name, number, entries, path)
+        elif kind == "service":
+            assert name is not None
+            services[name] = _service(name, number, entries, path)
+        elif kind == "hooks":
+            _check_keys(entries, HOOKS_KEYS, "[hooks]", number, path)
+            hooks = HooksSpec(command=entries["command"][0])
         else:
             _check_keys(entries, REPLICATION_KEYS, "[replication]", number, path)
             replication = ReplicationSpec(
@@ -229,21 +266,22 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             raise InventoryError(path, node.line, f"nodes {targets[key]} and {node.name} have the same target "
                                                   f"{node.address}:{node.port}; set target = to tell them apart")
         targets[key] = node.name
-    return Inventory(path, nodes, bouncers, replication, others)
+    return Inventory(path, nodes, bouncers, replication, others, services, hooks)
 
 
 def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]:
     parts = header.split()
-    if parts == ["replication"]:
-        return "replication", None
+    if parts in (["replication"], ["hooks"]):
+        return parts[0], None
     if parts and parts[0] in OTHER_SECTIONS and len(parts) == (2 if OTHER_SECTIONS[parts[0]] else 1):
         return parts[0], (parts[1] if len(parts) == 2 else None)
-    if len(parts) == 2 and parts[0] in ("node", "pgbouncer"):
+    if len(parts) == 2 and parts[0] in ("node", "pgbouncer", "service"):
         return parts[0], parts[1]
-    if len(parts) == 1 and parts[0] in ("node", "pgbouncer"):
+    if len(parts) == 1 and parts[0] in ("node", "pgbouncer", "service"):
         raise InventoryError(path, number, f"[{header}] needs a name, e.g. [{parts[0]} remilia]")
-    raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME] "
-                                       f"or [replication] (the drill also reads [drill] and [probe NAME])")
+    raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME], "
+                                       f"[service NAME], [replication] or [hooks] (the drill also reads [drill] "
+                                       f"and [probe NAME])")
 
 
 def _check_keys(entries: dict[str, tuple[str, int]], allowed: dict[str, bool], section: str, number: int,
@@ -333,6 +371,14 @@ def _bouncer(name: str, number: int, entries: dict[str, tuple[str, int]], path: 
             raise InventoryError(path, line, "databases lists no database; remove the line to mean all of them")
     return BouncerSpec(name=name, config=config, admin=admin, ssh=_ssh(entries, path), databases=databases,
                        line=number)
+
+
+def _service(name: str, number: int, entries: dict[str, tuple[str, int]], path: str) -> ServiceSpec:
+    _check_keys(entries, SERVICE_KEYS, f"[service {name}]", number, path)
+    announcement, line = entries["announcement"]
+    if not announcement.startswith("/"):
+        raise InventoryError(path, line, f"announcement must be an absolute path, not {announcement!r}")
+    return ServiceSpec(name=name, announcement=announcement, ssh=_ssh(entries, path), line=number)
 
 
 def _opt(entries: dict[str, tuple[str, int]], key: str) -> str | None:

@@ -69,11 +69,21 @@ def status_text(status: Status) -> str:
                          b.file_target if b.file_target != b.target else "same"])
         lines += table(rows)
     lines.append("")
-    if not status.problems:
+    if status.announcement:
+        a = status.announcement
+        window = " ".join(f"{k} {a[k]}" for k in ("starts", "ends") if a[k])
+        lines += [f"announcement ({'IN EFFECT' if a['in_effect'] else 'not in effect'}{', ' + window if window else ''}"
+                  f"): {a['message']}", ""]
+    serious = [p for p in status.problems if p.severity != "info"]
+    expected = [p for p in status.problems if p.severity == "info"]
+    if not serious:
         lines.append("no problems")
     else:
-        lines.append(f"{len(status.problems)} problem(s):")
-        lines += [f"  {p.severity:<8}  {p.subject}: {p.message}" for p in status.problems]
+        lines.append(f"{len(serious)} problem(s):")
+        lines += [f"  {p.severity:<8}  {p.subject}: {p.message}" for p in serious]
+    if expected:
+        lines.append(f"{len(expected)} expected (pages nobody):")
+        lines += [f"  {p.severity:<8}  {p.subject}: {p.message}" for p in expected]
     return "\n".join(lines)
 
 

@@ -5,15 +5,23 @@ reported (and is itself a problem). ``problems()`` flags what would hurt a failo
 that does not stream or lags, an inactive slot holding WAL, PgBouncers split between nodes or
 paused, ``server_login_retry`` above a few seconds, ``auth_type = trust``, and nodes that
 ``pg_rewind`` could not bring back.
+
+Severities: ``critical``, ``warning`` and ``info``. Expected states are ``info`` (shown, never
+paging anyone): PgBouncers pointing at the standby while an announced maintenance window is in
+effect on the service hosts (``[service NAME]``), and ``auth_type = trust`` on a PgBouncer that
+listens only on loopback or its Unix socket (the plan's own layout). ``check_exit`` turns them
+into ``status --check``'s Nagios-style exit status.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import announce
 from .cluster import Cluster
 from .fleet import BouncerState, Fleet, seconds_setting
 from .observe import NodeState, observe_nodes, primaries
@@ -22,11 +30,15 @@ logger = logging.getLogger(__name__)
 
 LAG_WARN_BYTES = 16 * 1024 * 1024
 LOGIN_RETRY_WARN = 3.0
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+#: ``status --check`` exit statuses (Nagios plugin convention).
+CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
 
 
 @dataclass
 class Problem:
-    """Something that needs attention; ``severity`` is ``critical`` or ``warning``."""
+    """Something to know; ``severity`` is ``critical``, ``warning`` or ``info`` (expected: pages nobody)."""
 
     severity: str
     subject: str
@@ -41,6 +53,13 @@ class Status:
     nodes: list[NodeState]
     pgbouncers: list[BouncerState]
     problems: list[Problem] = field(default_factory=list)
+    #: The maintenance announcement of the service hosts (``[service NAME]``): ``message``, ``starts``,
+    #: ``ends`` (ISO 8601 or None), ``in_effect``; None when none is published (or no service host listed).
+    announcement: dict[str, Any] | None = None
+    #: Service hosts whose announcement file could not be read: {service: error}.
+    announcement_errors: dict[str, str] = field(default_factory=dict)
+    #: Whether the service hosts' announcement files differ (a partly done ``announce``).
+    announcements_differ: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The ``status --json`` document (``nodes[].role``, ``pgbouncers[].target``... see docs/cli.md)."""
@@ -60,12 +79,33 @@ def collect(cluster: Cluster) -> Status:
         for name, record in fleet.timer_records().items():
             bouncers[name].resumed_by_timer = record
     status = Status(cluster.inventory.path, list(nodes.values()), list(bouncers.values()))
+    seen = announce.read_all(cluster)
+    status.announcement = _announcement(seen, time.time())
+    status.announcement_errors = {h.service: h.error for h in seen if h.error}
+    status.announcements_differ = len({h.announcement for h in seen if not h.error}) > 1
     status.problems = problems(status)
     return status
 
 
+def check_exit(status: Status) -> int:
+    """``status --check``: 2 if any problem is critical, 1 if any is a warning, else 0 (``info`` pages nobody)."""
+    severities = {p.severity for p in status.problems}
+    if "critical" in severities:
+        return CHECK_CRITICAL
+    return CHECK_WARNING if "warning" in severities else CHECK_OK
+
+
+def _announcement(seen: list[announce.HostAnnouncement], now: float) -> dict[str, Any] | None:
+    current = announce.in_effect(seen, now) or next((h.announcement for h in seen if h.announcement), None)
+    if current is None:
+        return None
+    return {"message": current.message, "starts": current.starts.isoformat() if current.starts else None,
+            "ends": current.ends.isoformat() if current.ends else None, "in_effect": current.in_effect(now),
+            "hosts": sorted(h.service for h in seen if h.announcement == current)}
+
+
 def problems(status: Status) -> list[Problem]:
-    """What in ``status`` needs an operator, worst first."""
+    """What in ``status`` needs an operator, worst first (then ``info``: expected, shown only)."""
     found: list[Problem] = []
     nodes = {n.name: n for n in status.nodes}
     live = primaries(nodes)
@@ -77,9 +117,16 @@ def problems(status: Status) -> list[Problem]:
                                                     "all but one and demote them"))
     for node in status.nodes:
         found += _node_problems(node, live[0] if len(live) == 1 else None)
+    announced = bool(status.announcement and status.announcement["in_effect"])
+    for service, error in status.announcement_errors.items():
+        found.append(Problem("warning", f"service {service}", f"its announcement file cannot be read: {error}"))
+    if status.announcements_differ:
+        found.append(Problem("warning", "announcement", "the service hosts' announcement files differ (a partly "
+                                                        "done announce?); srht-readonly announce --list shows each, "
+                                                        "announce again or --clear"))
     for bouncer in status.pgbouncers:
-        found += _bouncer_problems(bouncer, nodes, live)
-    found.sort(key=lambda p: p.severity != "critical")
+        found += _bouncer_problems(bouncer, nodes, live, announced)
+    found.sort(key=lambda p: ("critical", "warning", "info").index(p.severity))
     return found
 
 
@@ -115,7 +162,8 @@ def _node_problems(node: NodeState, primary: str | None) -> list[Problem]:
     return found
 
 
-def _bouncer_problems(b: BouncerState, nodes: dict[str, NodeState], live: list[str]) -> list[Problem]:
+def _bouncer_problems(b: BouncerState, nodes: dict[str, NodeState], live: list[str],
+                      announced: bool = False) -> list[Problem]:
     subject = f"pgbouncer {b.name}"
     if not b.reachable:
         return [Problem("critical", subject, f"cannot be reached: {b.error}")]
@@ -134,6 +182,9 @@ def _bouncer_problems(b: BouncerState, nodes: dict[str, NodeState], live: list[s
     elif target.role == "down":
         found.append(Problem("critical", subject, f"points at {b.target}, which is down; "
                                                   f"srht-readonly failover --to {live[0] if live else 'STANDBY'}"))
+    elif target.role == "standby" and announced:
+        found.append(Problem("info", subject, f"points at the standby {b.target}: its services are read-only, as "
+                                              f"the maintenance announcement in effect says"))
     elif target.role == "standby":
         found.append(Problem("warning", subject, f"points at the standby {b.target}: its services are read-only"
                                                  + (f"; srht-readonly promote {b.target}, or failover --to {live[0]}"
@@ -148,6 +199,19 @@ def _bouncer_problems(b: BouncerState, nodes: dict[str, NodeState], live: list[s
                                                  f"a crash its pool stays blocked that long; set it to 1 in its "
                                                  f"config (failover also lowers it at once)"))
     if b.settings.get("auth_type") == "trust":
-        found.append(Problem("warning", subject, "auth_type = trust: anyone who reaches its port is any user; use "
-                                                 "scram-sha-256 or md5 with an auth_file"))
+        if _loopback_only(b.settings.get("listen_addr", "")):
+            found.append(Problem("info", subject, "auth_type = trust, listening on loopback only "
+                                                  f"(listen_addr = {b.settings.get('listen_addr') or 'unset'}): "
+                                                  "only local users reach it, as the plan lays it out"))
+        else:
+            found.append(Problem("warning", subject, f"auth_type = trust on listen_addr = "
+                                                     f"{b.settings.get('listen_addr')}: anyone who reaches its port "
+                                                     "is any user; use scram-sha-256 or md5 with an auth_file, or "
+                                                     "listen on 127.0.0.1 only"))
     return found
+
+
+def _loopback_only(listen_addr: str) -> bool:
+    """Whether PgBouncer's ``listen_addr`` reaches only this machine (unset: the Unix socket only)."""
+    addresses = {a.strip() for a in listen_addr.split(",") if a.strip()}
+    return addresses <= LOOPBACK

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import commands
+from . import commands, monitoring
 from .options import EXIT_PARTIAL, EXIT_REFUSED, EXIT_USAGE, Failure, failures
 
 __all__ = ["EXIT_PARTIAL", "EXIT_REFUSED", "EXIT_USAGE", "Failure", "failures", "main"]
@@ -33,7 +33,7 @@ def main(ctx: click.Context, config: Path | None, ssh_config: Path | None, verbo
 
     Roles are observed, never declared: every command looks at pg_is_in_recovery() first.
     Exit status: 0 done, 1 refused (nothing changed), 2 usage or inventory error,
-    3 partly done (the output names each host).
+    3 partly done (the output names each host); status --check: Nagios' 0-3.
 
     \b
     Example:
@@ -55,6 +55,8 @@ for _name, _command in (
     ("promote", commands.promote),
     ("demote", commands.demote),
     ("switchover", commands.switchover),
+    ("announce", monitoring.announce),
+    ("exporter", monitoring.exporter),
 ):
     main.add_command(_command, _name)
 

@@ -18,12 +18,13 @@ from ..cluster import Cluster
 from ..demote import check_demote, run_demote
 from ..failover import check_failover, run_failover
 from ..fleet import Fleet
+from ..hooks import Hooks
 from ..inventory import load, resolve_path
 from ..lock import OperatorLock, lock_path
 from ..procedure import Plan, Result
 from ..promote import check_promote, run_promote
 from ..standby import PreparePlan, PrepareResult, check_prepare, run_prepare
-from ..status import collect
+from ..status import CHECK_UNKNOWN, check_exit, collect
 from ..switchover import MAX_LAG, PAUSE_LIMIT, check_switchover, run_switchover
 from .options import EXIT_REFUSED, changing, failures, following, option_json
 
@@ -55,10 +56,17 @@ def confirm(title: str, steps: Sequence[str], warnings: Sequence[str], *, dry_ru
         raise click.exceptions.Exit(EXIT_REFUSED)
 
 
+#: The event hook of the procedure running in this process (``carry_out`` sets it), for ``say``.
+_hooks: Hooks | None = None
+
+
 def say(message: str) -> None:
-    """Progress on stderr; a terminal that is gone (the operator's ssh session died) must not stop a recovery."""
+    """Progress on stderr; a terminal that is gone (the operator's ssh session died) must not stop a recovery.
+    Each line is also a ``step`` event for the inventory's ``[hooks] command``."""
     with contextlib.suppress(OSError):
         click.echo(f"... {message}", err=True)
+    if _hooks is not None:
+        _hooks.emit("step", message=message)
 
 
 def carry_out(ctx: click.Context, command: str, *, as_json: bool, dry_run: bool, yes: bool,
@@ -66,26 +74,50 @@ def carry_out(ctx: click.Context, command: str, *, as_json: bool, dry_run: bool,
               fleet: bool = False) -> None:
     """Every changing command: inventory and operator lock, ``check``, show the plan and confirm,
     ``run``, print the result (text or JSON). ``fleet``: the procedure drives the PgBouncers too."""
+    global _hooks
     with session(ctx, None if dry_run else command, as_json) as cluster, \
             (Fleet(cluster) if fleet else contextlib.nullcontext()) as bouncers:
         with failures(as_json):
             plan = check(cluster, bouncers)
         confirm(plan.title(), plan.steps(), plan.warnings, dry_run=dry_run, yes=yes)
-        with failures(as_json, changing=True), interrupts.raising():
-            result = run(cluster, bouncers, plan)
+        hooks = _hooks = Hooks(cluster.inventory.hooks.command, command_name=command,
+                               inventory=cluster.inventory.path)
+        hooks.emit("start", title=plan.title(), steps=list(plan.steps()), warnings=list(plan.warnings))
+        try:
+            with failures(as_json, changing=True), interrupts.raising():
+                result = run(cluster, bouncers, plan)
+        except click.ClickException as exc:
+            hooks.emit("failed", exit=exc.exit_code, error=exc.format_message())
+            raise
+        except BaseException as exc:
+            hooks.emit("failed", exit=None, error=str(exc) or type(exc).__name__)
+            raise
+        else:
+            hooks.emit("done", result=result.text())
+        finally:
+            _hooks = None
+            hooks.close()
     click.echo(render.to_json(result) if as_json else result.text())
 
 
 @click.command()
 @option_json
-@click.option("--check", is_flag=True, help="Exit 1 when anything needs attention (for cron and alerting).")
+@click.option("--check", is_flag=True,
+              help="Nagios-style exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (status could not run).")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, check: bool) -> None:
     """Each node's observed role, timeline, position, lag and slots; each PgBouncer's target.
 
     Unreachable nodes and PgBouncers are reported, not fatal. Problems flagged include a
     standby that does not stream, inactive slots holding WAL, PgBouncers split between nodes
-    or paused, server_login_retry above 3 s and auth_type = trust.
+    or paused, server_login_retry above 3 s and auth_type = trust. Expected states page
+    nobody (severity info): PgBouncers on the standby during an announced maintenance window,
+    auth_type = trust on a PgBouncer listening on loopback only.
+
+    \b
+    With --check, the exit status is Nagios' (for cron, Nagios/Icinga and alerting):
+      0 OK (nothing, or only info), 1 WARNING, 2 CRITICAL,
+      3 UNKNOWN: status itself could not run (an inventory error too, which is 2 elsewhere).
 
     \b
     Example:
@@ -93,11 +125,23 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
       srht-readonly status --json | jq '.nodes[] | {name, role, lag_bytes}'
       srht-readonly status --check || mail -s 'database needs attention' ops@example.org
     """
-    with session(ctx, None, as_json) as cluster, failures(as_json):
-        result = collect(cluster)
+    try:
+        with session(ctx, None, as_json) as cluster, failures(as_json):
+            result = collect(cluster)
+    except click.ClickException as exc:
+        if not check:
+            raise
+        exc.show()
+        click.echo(f"UNKNOWN: status could not run (exit {CHECK_UNKNOWN} under --check)", err=True)
+        ctx.exit(CHECK_UNKNOWN)
+    except Exception as exc:  # noqa: BLE001 - a monitoring check must say UNKNOWN, not crash with 1
+        if not check:
+            raise
+        click.echo(f"UNKNOWN: status could not run: {type(exc).__name__}: {exc}", err=True)
+        ctx.exit(CHECK_UNKNOWN)
     click.echo(render.to_json(result) if as_json else render.status_text(result))
-    if check and result.problems:
-        ctx.exit(EXIT_REFUSED)
+    if check:
+        ctx.exit(check_exit(result))
 
 
 @click.group()
