@@ -93,7 +93,10 @@ def test_local_drill_holds_under_excessive_load(tmp_path):
 @pytest.mark.parametrize("name", list(SABOTAGES))
 def test_each_sabotage_fails_its_drill_naming_the_expectation_that_caught_it(tmp_path, name):
     sabotage = SABOTAGES[name]
-    proc = drill("--sabotage", name, "--duration", "2", "--json", cwd=tmp_path)
+    # A sabotage of the fleet (not of a stand-in) is caught on the ledger's own traffic: played without
+    # the stand-ins, its scenario holds only as long as database operations need, not pushes.
+    narrow = [] if sabotage.services else ["--no-services"]
+    proc = drill("--sabotage", name, "--duration", "2", "--json", *narrow, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert [s["name"] for s in report["scenarios"]] == [sabotage.scenario]

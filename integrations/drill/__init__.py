@@ -32,30 +32,45 @@ __all__ = ["BuildTraffic", "CeleryTraffic", "LocalServices", "SshTraffic", "WebT
 
 logger = logging.getLogger(__name__)
 
+SERVICES = ("web", "ssh", "builds", "celery")
+
 
 class LocalServices:
-    """The drill's ``ServiceSet`` for the stand-ins, all running on this machine."""
+    """The drill's ``ServiceSet`` for the stand-ins, all running on this machine (``env.only``: some of them)."""
 
     def __init__(self, env: DrillEnvironment) -> None:
         self.env = env
         self._stack = contextlib.ExitStack()
         started = time.monotonic()
         try:
+            chosen = env.only if env.only is not None else frozenset(SERVICES)
+            unknown = sorted(chosen - set(SERVICES))
+            if unknown:
+                raise ValueError(f"no stand-in service called {', '.join(unknown)} (there are {', '.join(SERVICES)})")
             receiver = self._stack.enter_context(WebhookReceiver())
             engine = connect(env.database_url)
+            sources: list[TrafficSource] = []
             try:
-                self.web = WebTraffic(env, self._stack, engine)
-                self.ssh = SshTraffic(env, self._stack, engine, receiver.url)
-                self.builds = BuildTraffic(env, self._stack, engine)
-                self.celery = CeleryTraffic(env, self._stack, engine, receiver.url)
+                if "web" in chosen:
+                    self.web = WebTraffic(env, self._stack, engine)
+                    sources.append(self.web)
+                if "ssh" in chosen:
+                    self.ssh = SshTraffic(env, self._stack, engine, receiver.url)
+                    sources.append(self.ssh)
+                if "builds" in chosen:
+                    self.builds = BuildTraffic(env, self._stack, engine)
+                    sources.append(self.builds)
+                if "celery" in chosen:
+                    self.celery = CeleryTraffic(env, self._stack, engine, receiver.url)
+                    sources.append(self.celery)
             finally:
                 engine.dispose()
         except BaseException:
             self._stack.close()
             raise
-        self.sources: Sequence[TrafficSource] = [self.web, self.ssh, self.builds, self.celery]
-        logger.info("local services up in %.1f s (web %s, sshd port %d)", time.monotonic() - started,
-                    self.web.url, self.ssh.sshd.port)
+        self.sources: Sequence[TrafficSource] = sources
+        logger.info("local services up in %.1f s: %s", time.monotonic() - started,
+                    ", ".join(s.name for s in self.sources))
 
     def close(self) -> None:
         """Stop the traffic, then every server and process; safe to call twice."""

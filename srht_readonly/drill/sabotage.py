@@ -32,6 +32,11 @@ class Sabotage:
     caught_by: str  # the start of the expectation that must fail
     services: bool = False  # broken in the stand-in services (embedded lab only)
 
+    @property
+    def service(self) -> str | None:
+        """The one stand-in service it breaks (the drill plays only that one), from ``caught_by``."""
+        return self.caught_by.split(":", 1)[0] if self.services else None
+
 
 SABOTAGES = {s.name: s for s in (
     Sabotage("no-resume", "switchover", "the switchover leaves one PgBouncer paused",

@@ -39,6 +39,7 @@ class DrillEnvironment:
     load: str  # "typical" or "excessive"
     duration: float  # seconds each scenario holds a state (traffic should be steady well below it)
     sabotage: str | None = None  # `drill --sabotage NAME`: the part to break on purpose (see drill.sabotage)
+    only: frozenset[str] | None = None  # the services to run (a sabotage of one plays that one); None: all
 
 
 class ServiceSet(Protocol):

@@ -22,6 +22,7 @@ from .config import drill_config
 from .probes import ProbeSource
 from .procedures import InventoryProcedures
 from .runner import Fleet, TrafficSource
+from .sabotage import SABOTAGES
 from .services import DrillEnvironment, registered
 
 Say = Callable[[str], None]
@@ -58,7 +59,9 @@ def local(*, load_name: str, duration: float, services: bool = True, sabotage: s
             fleet = Fleet(procedures, [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
             sources: list[TrafficSource] = []
             if services:
-                env = DrillEnvironment(lab.pgbouncer.url, scratch / "services", load_name, duration, sabotage)
+                broken = SABOTAGES[sabotage].service if sabotage else None
+                env = DrillEnvironment(lab.pgbouncer.url, scratch / "services", load_name, duration, sabotage,
+                                       only=frozenset({broken}) if broken else None)
                 env.directory.mkdir()
                 for name, factory in registered().items():
                     say(f"starting services: {name}")
