@@ -240,3 +240,23 @@ def test_coverage_reads_what_is_new_and_knows_how_slow_each_kind_is():
     assert 3.0 <= coverage.slowest(["builds build"]) < 4.0
     facts = {"states": [["read-only", -10.0, 0.5]], "back_at": 0.5}  # the window closed: counted anew
     assert coverage.missing("worked-again", facts) == ["ssh push", "builds build"]
+
+
+def test_the_web_judge_counts_a_saved_write_as_writable_even_after_a_dropped_last_seen_update():
+    """A request straddling the promotion: its last-seen update dropped (header), its own write saved (302)."""
+    import requests
+
+    from integrations.drill.web import HEADER, judge
+    from srht_readonly.drill.recorder import Outcome, State
+
+    def response(status: int, read_only: bool) -> requests.Response:
+        r = requests.Response()
+        r.status_code = status
+        if read_only:
+            r.headers[HEADER] = "true"
+        return r
+
+    assert judge(response(302, True), write=True)[::2] == (Outcome.OK, State.WRITABLE)
+    assert judge(response(201, False), write=True)[::2] == (Outcome.OK, State.WRITABLE)
+    assert judge(response(200, True))[::2] == (Outcome.DROPPED, State.READ_ONLY)  # a page read while read-only
+    assert judge(response(200, False))[::2] == (Outcome.OK, State.WRITABLE)
