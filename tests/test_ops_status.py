@@ -95,3 +95,20 @@ def test_paused_and_not_reloaded_pgbouncers_are_flagged(fleet):
     assert g["paused"] is True and g["target"] == "remilia" and g["file_target"] == "konpaku"
     messages = [p["message"] for p in doc["problems"] if p["subject"] == "pgbouncer git.sr.ht"]
     assert any("PAUSED" in m for m in messages) and any("not reloaded" in m for m in messages)
+
+
+def test_the_slot_query_of_each_major_runs_on_the_lab_and_wal_status_only_from_13(fleet):
+    """Before PostgreSQL 13, pg_replication_slots has no wal_status: selecting it made every node observe
+    as down. The query for a server below 13 (no such server here) runs on the lab's and gives NULL."""
+    from srht_readonly.ops.observe import slots_query
+
+    remilia = fleet.lab.nodes["remilia"].admin_dsn
+    (version,) = q(remilia, "SELECT current_setting('server_version_num')::int")[0]
+    assert version >= 130000
+    assert "wal_status" not in slots_query("pg_current_wal_lsn()", 120000)
+    old = q(remilia, slots_query("pg_current_wal_lsn()", 120000))
+    new = q(remilia, slots_query("pg_current_wal_lsn()", version))
+    assert [r[0] for r in old] == [r[0] for r in new] == ["konpaku"]
+    assert old[0][4] is None and new[0][4] == "reserved"
+    assert {s["name"]: s["wal_status"] for s in
+            {n["name"]: n for n in status(fleet)["nodes"]}["remilia"]["slots"]} == {"konpaku": "reserved"}

@@ -19,8 +19,8 @@ from .inventory import Inventory, NodeSpec
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("server_version", "wal_log_hints", "data_checksums", "full_page_writes", "hot_standby",
-            "wal_level", "max_wal_senders", "primary_slot_name")
+SETTINGS = ("server_version", "server_version_num", "wal_log_hints", "data_checksums", "full_page_writes",
+            "hot_standby", "wal_level", "max_wal_senders", "primary_slot_name")
 
 
 @dataclass
@@ -123,14 +123,19 @@ def _read(spec: NodeSpec, cur: Any) -> NodeState:
         cols = ("application_name", "client_addr", "state", "sent_lsn", "replay_lsn", "replay_lag", "lag_bytes")
         state.replicas = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
         here = "pg_current_wal_lsn()"
-    cur.execute(
-        "SELECT slot_name, active, restart_lsn::text, "
-        f"CASE WHEN restart_lsn IS NULL OR {here} IS NULL THEN NULL"
-        f" ELSE pg_wal_lsn_diff({here}, restart_lsn)::bigint END, wal_status"
-        " FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY slot_name"
-    )
+    cur.execute(slots_query(here, int(state.settings.get("server_version_num") or 0)))
     state.slots = [Slot(*row) for row in cur.fetchall()]
     return state
+
+
+def slots_query(here: str, version_num: int) -> str:
+    """The physical slots with the WAL each retains up to ``here``; ``wal_status`` exists from PostgreSQL 13
+    (``server_version_num`` 130000), NULL before."""
+    wal_status = "wal_status" if version_num >= 130000 else "NULL::text"
+    return ("SELECT slot_name, active, restart_lsn::text, "
+            f"CASE WHEN restart_lsn IS NULL OR {here} IS NULL THEN NULL"
+            f" ELSE pg_wal_lsn_diff({here}, restart_lsn)::bigint END, {wal_status}"
+            " FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY slot_name")
 
 
 def _fill_lag(inventory: Inventory, states: dict[str, NodeState]) -> None:
