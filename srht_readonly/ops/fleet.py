@@ -281,23 +281,11 @@ class Fleet:
             return results
         reloaded = [m for m in self.members.values() if m.console is not None and results.get(m.name)
                     and results[m.name].ok]
-        for key, outcome in consoles.execute(_consoles(reloaded),
-                                             "SET server_login_retry = '0'", timeout=timeout).items():
-            if not outcome.ok:
-                results[key] = outcome
-        reloaded = [m for m in reloaded if results[m.name].ok]
-        self._settle(reloaded, timeout=2)
         final = {}
         for m in reloaded:
             current = m.config.get("server_login_retry", "")
             final[m.name] = current if seconds_setting(current) <= login_retry else f"{login_retry:g}"
-        for key, outcome in consoles.execute(_consoles(reloaded),
-                                             {n: f"SET server_login_retry = '{v}'" for n, v in final.items()},
-                                             timeout=timeout).items():
-            if not outcome.ok:
-                results[key] = outcome
-            else:
-                self.members[key].config["server_login_retry"] = final[key]
+        results.update(self._logins_now_then(reloaded, final, settle=2, timeout=timeout))
         return results
 
     def lift_login_backoff(self, *, timeout: float = 2) -> dict[str, consoles.Outcome]:
@@ -310,14 +298,24 @@ class Fleet:
         ``timeout``), then each console's own value again.
         """
         ready = [m for m in self.members.values() if m.error is None and m.console is not None]
-        results = consoles.execute(_consoles(ready), "SET server_login_retry = '0'", timeout=5)
-        lowered = [m for m in ready if results[m.name].ok]
-        self._settle(lowered, timeout=timeout)
-        back = {m.name: f"SET server_login_retry = '{m.config.get('server_login_retry') or '15'}'" for m in lowered}
-        for key, outcome in consoles.execute(_consoles(lowered), back, timeout=5).items():
-            if not outcome.ok:
-                results[key] = outcome
-        return results
+        return self._logins_now_then(ready, {m.name: m.config.get("server_login_retry") or "15" for m in ready},
+                                     settle=timeout)
+
+    def _logins_now_then(self, members: list[Member], final: dict[str, str], *, settle: float,
+                         timeout: float = 5) -> dict[str, consoles.Outcome]:
+        """``server_login_retry = 0`` on ``members`` until their pools reached a server (at most ``settle``
+        s), then ``final[name]``; the outcomes that failed."""
+        failed = {k: o for k, o in consoles.execute(_consoles(members), "SET server_login_retry = '0'",
+                                                    timeout=timeout).items() if not o.ok}
+        lowered = [m for m in members if m.name not in failed]
+        self._settle(lowered, timeout=settle)
+        back = {m.name: f"SET server_login_retry = '{final[m.name]}'" for m in lowered}
+        for key, outcome in consoles.execute(_consoles(lowered), back, timeout=timeout).items():
+            if outcome.ok:
+                self.members[key].config["server_login_retry"] = final[key]
+            else:
+                failed[key] = outcome
+        return failed
 
     def _settle(self, members: list[Member], *, timeout: float) -> None:
         """Wait until no followed pool has clients waiting without a server connection (or ``timeout``)."""
