@@ -6,6 +6,7 @@ and closes them all together (``with Cluster(inventory) as cluster:``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -73,6 +74,13 @@ class Cluster:
                 os_user=spec.os_user, log=data.with_name(f"{data.name}.log"),
             )
         return self._servers[name]
+
+    def use_bin(self, name: str, bin_dir: str | os.PathLike[str]) -> None:
+        """From now on drive ``name`` with the PostgreSQL in ``bin_dir`` (after a major upgrade), for this command."""
+        nodes = dict(self.inventory.nodes)
+        nodes[name] = dataclasses.replace(nodes[name], bin=str(bin_dir))
+        self.inventory = dataclasses.replace(self.inventory, nodes=nodes)
+        self._servers.pop(name, None)
 
     def _bin_dir(self, spec: NodeSpec, host: Host) -> Path:
         if isinstance(host, LocalHost):

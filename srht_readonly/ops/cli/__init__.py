@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import commands, monitoring
+from . import commands, monitoring, upgrade
 from .options import EXIT_PARTIAL, EXIT_REFUSED, EXIT_USAGE, Failure, failures
 
 __all__ = ["EXIT_PARTIAL", "EXIT_REFUSED", "EXIT_USAGE", "Failure", "failures", "main"]
@@ -55,6 +55,7 @@ for _name, _command in (
     ("promote", commands.promote),
     ("demote", commands.demote),
     ("switchover", commands.switchover),
+    ("upgrade", upgrade.upgrade),
     ("announce", monitoring.announce),
     ("exporter", monitoring.exporter),
 ):
