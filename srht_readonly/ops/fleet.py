@@ -114,6 +114,36 @@ class Fleet:
         """Open again every console that is closed (after ``close()``, or a command that failed)."""
         consoles.connect(_consoles(self.members.values(), unopened=True), timeout=timeout)
 
+    # --- stopping and starting one (a host OS upgrade: ``rolling``) ----------------------------
+
+    def shutdown(self, name: str, *, timeout: float = 30) -> None:
+        """``SHUTDOWN`` one PgBouncer (its clients are disconnected) and wait until its console is gone."""
+        m = self.members[name]
+        if m.console is None:
+            raise OpsError(f"PgBouncer {name} was not opened")
+        consoles.execute([m.console], "SHUTDOWN", timeout=10)  # the connection drops: that is the answer
+        m.console.close()
+        probe = consoles.Console(name, m.console.dsn)
+        deadline = time.monotonic() + timeout
+        while consoles.connect([probe], timeout=2)[name].ok:
+            probe.close()
+            if time.monotonic() > deadline:
+                raise OpsError(f"PgBouncer {name} still answers {timeout:.0f} s after SHUTDOWN")
+            time.sleep(0.1)
+
+    def start(self, name: str, *, timeout: float = 30) -> None:
+        """Start one PgBouncer again (``pgbouncer -d CONFIG`` as the config file's owner) and reopen its console."""
+        m = self.members[name]
+        owner = m.host.owner(m.spec.config)  # type: ignore[attr-defined]
+        m.host.run(["sh", "-c", 'exec "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" -d "$1"', "sh",
+                    m.spec.config], user=owner, timeout=timeout)
+        assert m.console is not None
+        deadline = time.monotonic() + timeout
+        while not consoles.connect([m.console], timeout=2)[name].ok:
+            if time.monotonic() > deadline:
+                raise OpsError(f"PgBouncer {name} started but its console does not answer after {timeout:.0f} s")
+            time.sleep(0.1)
+
     # --- reaching ------------------------------------------------------------------------------
 
     def open(self, *, timeout: float = 10) -> dict[str, str]:
