@@ -260,3 +260,22 @@ def test_the_web_judge_counts_a_saved_write_as_writable_even_after_a_dropped_las
     assert judge(response(201, False), write=True)[::2] == (Outcome.OK, State.WRITABLE)
     assert judge(response(200, True))[::2] == (Outcome.DROPPED, State.READ_ONLY)  # a page read while read-only
     assert judge(response(200, False))[::2] == (Outcome.OK, State.WRITABLE)
+
+
+UPGRADED = {"remilia": {"version": "18.6", "role": "primary", "streaming": False},
+            "konpaku": {"version": "18.6", "role": "standby", "streaming": True}}
+
+
+@pytest.mark.parametrize("versions, passed", [
+    (UPGRADED, True),
+    ({**UPGRADED, "konpaku": {"version": "15.20", "role": "standby", "streaming": True}}, False),  # not rebuilt
+    ({**UPGRADED, "konpaku": {"version": "18.6", "role": "standby", "streaming": False}}, False),  # not streaming
+    ({**UPGRADED, "konpaku": {"version": None, "role": "down"}}, False),
+    ({**UPGRADED, "konpaku": {"version": "18.6", "role": "primary", "streaming": False}}, False),  # two primaries
+    ({}, False),  # the scenario stopped before it looked: not reached, not passed
+])
+def test_the_major_upgrade_verdict_wants_both_nodes_on_the_new_major_and_the_standby_streaming(versions, passed):
+    facts = {**FAILOVER, "upgrade": {"from": 15, "to": 18}, "versions": versions}
+    check = verdict(verdicts.database("major-upgrade", Recorder(), facts, LedgerResult(10)),
+                    "the fleet ends on PostgreSQL")
+    assert check.passed is passed, check.observed

@@ -137,7 +137,7 @@ class BuildTraffic(Traffic):
         aborted = [b.event for b in ended if b.result is not None and b.result.status == "aborted" and b.event]
         checks.append(Expectation(f"builds: none aborted (deadline {self.deadline:g} s)", not aborted,
                                   verdicts.sample(aborted, "aborted")))
-        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
+        if scenario in verdicts.READ_ONLY_WINDOW and Fact.READ_ONLY_UNTIL in facts:
             hi = facts[Fact.READ_ONLY_UNTIL]
             waited = [b for b in ended if b.result is not None and b.result.waited > 0 and b.event is not None]
             late = [f"#{b.job_id} {b.event.t - hi:.2f} s" for b in waited

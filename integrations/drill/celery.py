@@ -115,11 +115,11 @@ class CeleryTraffic(Traffic):
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
-        if scenario in ("readonly-failover", "primary-crash"):
+        if scenario in (*verdicts.READ_ONLY_WINDOW, "primary-crash"):
             retried = self._retries["stop"] - self._retries["start"]
             checks.append(Expectation("celery: no delivery was retried (no retry storm)", retried == 0,
                                       f"{retried} retries in the worker's log"))
-        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
+        if scenario in verdicts.READ_ONLY_WINDOW and Fact.READ_ONLY_UNTIL in facts:
             inside = verdicts.judged_read_only(events, facts)
             wrong = [e for e in inside if e.outcome is not Outcome.EXPLAINED or "ReadOnlyError" not in e.detail]
             checks.append(Expectation("celery: deliveries that met the read-only state failed cleanly with "

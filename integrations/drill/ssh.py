@@ -195,7 +195,7 @@ class SshTraffic(Traffic):
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
-        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
+        if scenario in verdicts.READ_ONLY_WINDOW and Fact.READ_ONLY_UNTIL in facts:
             checks += window_checks(events, facts)
         return checks
 

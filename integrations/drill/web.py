@@ -106,7 +106,7 @@ class WebTraffic(Traffic):
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
-        if scenario == "readonly-failover" and Fact.READ_ONLY_UNTIL in facts:
+        if scenario in verdicts.READ_ONLY_WINDOW and Fact.READ_ONLY_UNTIL in facts:
             hi = facts[Fact.READ_ONLY_UNTIL]
             inside = verdicts.judged_read_only(events, facts)
             checks.append(verdicts.all_are("web: every form and API write that met the read-only state got the "

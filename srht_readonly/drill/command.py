@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,11 +26,19 @@ from .scenarios import SCENARIOS
 from .session import Setting, deployment, local
 
 NAMES = [s.name for s in SCENARIOS]
+#: Where scripts/bootstrap installs PostgreSQL 18 (the local drill's major-upgrade goes there).
+DEFAULT_MAJOR_BIN = Path(os.environ.get("SRHT_READONLY_PG18", "/opt/srht-readonly/postgresql-18")) / "bin"
+
+
+def default_scenarios(major_bin: str | None) -> list[str]:
+    """The scenarios played without --scenario: every default one, major-upgrade only with a new major."""
+    return [s.name for s in SCENARIOS if s.default and (s.name != "major-upgrade" or major_bin)]
 
 
 @click.command()
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(NAMES), metavar="NAME",
-              help=f"Play only this scenario (repeatable): {', '.join(NAMES)}. [default: all, in this order]")
+              help=f"Play only this scenario (repeatable): {', '.join(NAMES)}. [default: all but rolling-restart, "
+                   "in this order; major-upgrade only where a new major is known]")
 @click.option("--duration", default=8.0, show_default=True, metavar="SECONDS",
               help="How long each scenario holds a state (before, during and after each step).")
 @click.option("--load", "load_name", type=click.Choice(list(LOADS)), default="typical", show_default=True,
@@ -42,10 +51,13 @@ NAMES = [s.name for s in SCENARIOS]
 @click.option("--sabotage", type=click.Choice(list(SABOTAGES)), metavar="NAME",
               help="Test the drill itself: break one part on purpose and play only the scenario that exercises "
                    f"it; the drill must fail (exit 1) naming the expectation that caught it. {', '.join(SABOTAGES)}.")
+@click.option("--major-bin", metavar="DIR", default=None,
+              help="Local drill: the new major's bindir for major-upgrade [default: PostgreSQL 18 where "
+                   "scripts/bootstrap installs it, $SRHT_READONLY_PG18/bin]. With --config: [drill] major-to-bin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
 def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_name: str, report_dir: Path,
-          no_services: bool, sabotage: str | None, as_json: bool) -> None:
+          no_services: bool, sabotage: str | None, major_bin: str | None, as_json: bool) -> None:
     """Play failover scenarios under traffic and record what every service did.
 
     Without --config: on a fresh embedded lab (primary, hot standby, PgBouncer on loopback)
@@ -57,8 +69,10 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
 
     Scenarios: planned switchover; read-only failover then promotion (the plan's path);
     primary killed (kill -9), failover, promotion, pg_rewind rejoin; standby killed and caught
-    up; minor upgrade (switch over, restart, switch back). Each starts from, and ends with, a
-    primary with a streaming standby and every PgBouncer on the primary.
+    up; host OS upgrade of each node in turn (upgrade --host --all); major upgrade with
+    pg_upgrade, 15 to 18 on the lab (upgrade --major; last, the lab ends on the new major);
+    rolling-restart (upgrade --minor, same binaries) only when named. Each starts from, and
+    ends with, a primary with a streaming standby and every PgBouncer on the primary.
 
     Writes a report (index.html with a timeline per scenario, report.json, drill.log) and
     prints a summary. Exit 0 when every expectation held, 1 when some did not, 2 when the
@@ -77,7 +91,7 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
       srht-readonly --config /etc/sr.ht/drill.ini drill --scenario readonly-failover
     """
     config = ctx.obj["config"]
-    names = list(scenarios) or NAMES
+    names = list(scenarios)
     if sabotage is not None:
         names = _sabotaged(sabotage, scenarios, local=config is None and not no_services)
     live = LiveDisplay()
@@ -87,7 +101,7 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     with interrupts.exit_on_sigterm(), _logs_to(log) as log_file, failures(as_json):
         where = (deployment(config, ssh_config=ctx.obj["ssh_config"], sabotage=sabotage) if config is not None
                  else local(load_name=load_name, duration=duration, services=not no_services, sabotage=sabotage,
-                            say=live.say))
+                            major_bin=major_bin or str(DEFAULT_MAJOR_BIN), say=live.say))
         try:
             result = _play(where, names, duration=duration, load_name=load_name, live=live, as_json=as_json)
         finally:
@@ -150,6 +164,10 @@ def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *
             raise Failure(f"the drill could not start: {type(exc).__name__}: {exc}", EXIT_USAGE,
                           "drill not started", as_json) from exc
         live.say(f"drill on {setting.environment}")
+        if not names:
+            names = default_scenarios(setting.major_bin)
+            if "major-upgrade" not in names:
+                live.say("major-upgrade left out: no new major to upgrade to ([drill] major-to-bin)")
         return run(setting.fleet, names, duration=duration, load=load_name, sources=setting.sources,
                    progress=live, environment=setting.environment)
 

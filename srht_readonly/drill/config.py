@@ -6,6 +6,10 @@ also needs to know where to send its own writes and which service probes to play
     [drill]
     ; the ledger's writes, one URL per PgBouncer (comma-separated); a database the drill may write to
     traffic = postgresql://drill@git.sr.ht.example.org:6432/drill, postgresql://drill@meta.example.org:6432/drill
+    ; the major-upgrade scenario (left out without it): the new major's bindir on both nodes' hosts,
+    ; and the non-stock column options upgrade --major may remove (comma-separated; see docs/upgrade.md)
+    major-to-bin = /usr/lib/postgresql/18/bin
+    drop-column-options =
 
     [probe git-web]
     url = https://git.sr.ht.example.org/~drill/probe
@@ -32,7 +36,7 @@ import psycopg2.extensions
 
 from ..ops.inventory import Inventory, InventoryError
 
-DRILL_KEYS = {"traffic"}
+DRILL_KEYS = {"traffic", "major-to-bin", "drop-column-options"}
 PROBE_KEYS = {"url", "method", "data", "command", "write", "explained", "dropped", "every", "timeout"}
 DEFAULT_EXPLAINED = r"read[- ]only"
 
@@ -57,6 +61,8 @@ class ProbeSpec:
 class DrillConfig:
     traffic: list[str]
     probes: list[ProbeSpec] = field(default_factory=list)
+    major_bin: str | None = None  # the major-upgrade scenario's new bindir; without it, it is not played
+    drop_column_options: tuple[str, ...] = ()
 
     @property
     def database(self) -> str:
@@ -82,7 +88,8 @@ def drill_config(inventory: Inventory) -> DrillConfig:
                                                         "ledger there on each node to count what survived")
     probes = [_probe(name or "", entries, path) for (kind, name), entries in inventory.others.items()
               if kind == "probe"]
-    return DrillConfig(traffic, probes)
+    drop = tuple(o.strip() for o in drill.get("drop-column-options", ("", 0))[0].split(",") if o.strip())
+    return DrillConfig(traffic, probes, drill.get("major-to-bin", (None, 0))[0] or None, drop)
 
 
 def _probe(name: str, entries: dict[str, tuple[str, int]], path: str) -> ProbeSpec:

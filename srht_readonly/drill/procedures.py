@@ -7,6 +7,7 @@ exactly what ``srht-readonly switchover``/``failover``/``promote``/``demote`` ru
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..ops import replication, sql
@@ -16,8 +17,11 @@ from ..ops.errors import OpsError
 from ..ops.failover import LOGIN_RETRY, check_failover, run_failover
 from ..ops.fleet import Change, Fleet
 from ..ops.observe import observe_nodes, primaries
+from ..ops.pgupgrade import foreign_column_options
 from ..ops.promote import check_promote, run_promote
+from ..ops.rolling import check_rolling, run_rolling
 from ..ops.switchover import check_switchover, run_switchover
+from ..ops.upgrade import check_major_upgrade, run_major_upgrade
 from .sabotage import with_setting
 
 
@@ -25,12 +29,17 @@ class InventoryProcedures:
     """``scenarios.Procedures`` over a ``Cluster``; roles are observed each time they are asked for.
 
     ``sabotage`` (``no-resume``, ``slow-login-retry``; see ``drill.sabotage``) breaks the
-    switchover or the failover on purpose, to prove the drill catches it.
+    switchover or the failover on purpose, to prove the drill catches it. ``major_bin`` is the
+    new major's bindir for ``major_upgrade``; ``drop_column_options`` the non-stock column
+    options it may remove (``True``: whatever it finds, for the throwaway lab only).
     """
 
-    def __init__(self, cluster: Cluster, *, sabotage: str | None = None) -> None:
+    def __init__(self, cluster: Cluster, *, sabotage: str | None = None, major_bin: str | None = None,
+                 drop_column_options: tuple[str, ...] | bool = ()) -> None:
         self.cluster = cluster
         self.sabotage = sabotage
+        self.major_bin = major_bin
+        self.drop_column_options = drop_column_options
         self._left_paused: Fleet | None = None
 
     def close(self) -> None:
@@ -121,3 +130,39 @@ class InventoryProcedures:
         replication.wait_streaming(dsn, timeout=timeout)
         replication.wait_caught_up(self.cluster.node(self.primary()).dsn, dsn, timeout=timeout)
         return time.monotonic() - started
+
+    def rolling(self, kind: str, node: str, *, every: bool) -> dict[str, Any]:
+        """``upgrade --minor NODE`` (same binaries) or ``upgrade --host NODE --run 'sleep 1'``."""
+        with Fleet(self.cluster) as fleet:
+            plan = check_rolling(self.cluster, fleet, node, kind=kind, every=every,
+                                 command="sleep 1" if kind == "host" else None)
+            result = run_rolling(self.cluster, fleet, plan)
+        return {"switchovers": result.switchovers, "per_node_seconds": result.per_node_seconds}
+
+    def major_upgrade(self, window: Callable[[str], None]) -> dict[str, Any]:
+        """``upgrade --major --to-bin major_bin``; ``window`` is told when the fleet turns read-only and back."""
+        if not self.major_bin:
+            raise OpsError("no new major's bindir for the major-upgrade scenario ([drill] major-to-bin)")
+        drop = self.drop_column_options
+        if drop is True:
+            drop = tuple(foreign_column_options(self.cluster.node(self.primary()).dsn))
+        with Fleet(self.cluster) as fleet:
+            plan = check_major_upgrade(self.cluster, fleet, self.major_bin, drop_column_options=tuple(drop or ()))
+            result = run_major_upgrade(self.cluster, fleet, plan, window=window)
+        return {"from": result.old_major, "to": result.new_major, "read_only_seconds": result.read_only_seconds,
+                "phases": result.phases, "dropped_column_options": sorted(plan.drop_column_options)}
+
+    def versions(self) -> dict[str, dict[str, Any]]:
+        """Each node's server version and role, and whether a standby streams."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.cluster.inventory.nodes:
+            try:
+                version, in_recovery = sql.query_one(self.cluster.node(name).dsn,
+                                                     "SELECT current_setting('server_version'), pg_is_in_recovery()")
+                streaming = bool(in_recovery) and bool(sql.query(
+                    self.cluster.node(name).dsn, "SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'"))
+                out[name] = {"version": str(version), "role": "standby" if in_recovery else "primary",
+                             "streaming": streaming}
+            except OpsError as exc:
+                out[name] = {"version": None, "role": "down", "error": str(exc)}
+        return out

@@ -43,6 +43,8 @@ class Fact(StrEnum):
     THERE = "there"
     BACK = "back"
     CATCH_UP_SECONDS = "catch_up_seconds"
+    UPGRADE = "upgrade"
+    VERSIONS = "versions"
 
 
 #: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
@@ -66,6 +68,9 @@ class Procedures(Protocol):
     def kill(self, node: str) -> None: ...
     def receive_lsn(self, node: str) -> str | None: ...
     def wait_caught_up(self, node: str, timeout: float = 60) -> float: ...
+    def rolling(self, kind: str, node: str, *, every: bool) -> dict[str, Any]: ...
+    def major_upgrade(self, window: Callable[[str], None]) -> dict[str, Any]: ...
+    def versions(self) -> dict[str, dict[str, Any]]: ...
 
 
 class Progress(Protocol):
@@ -157,6 +162,7 @@ class Scenario:
     description: str
     planned: bool
     run: Callable[[Step], None]
+    default: bool = True  # played when no --scenario is given
 
 
 def planned_switchover(s: Step) -> None:
@@ -217,21 +223,40 @@ def standby_crash(s: Step) -> None:
     s.hold_until("worked-again", 0.5)
 
 
-def minor_upgrade(s: Step) -> None:
-    """The plan's minor upgrade: switch over, restart (upgrade) the old primary, switch back."""
-    p, old, new = s.steady(0.5)
-    s.facts[Fact.THERE] = s.do(f"switchover {old} -> {new}", lambda: p.switchover(new))
-    s.hold(0.5)
-    def restart() -> None:  # where an upgrade installs the new minor version's binaries
-        p.stop(old, "fast")
-        p.start(old)
-
-    s.do(f"upgrade {old}: restart", restart)
-    s.do(f"{old} caught up", lambda: p.wait_caught_up(old))
-    s.hold(0.5)
-    s.facts[Fact.BACK] = s.do(f"switchover {new} -> {old}", lambda: p.switchover(old))
+def rolling_restart(s: Step) -> None:
+    """``upgrade --minor`` on the same binaries: switch over, restart the old primary, switch back."""
+    p, old, _ = s.steady(0.5)
+    s.facts[Fact.UPGRADE] = s.do(f"upgrade --minor {old} (restart, same binaries)",
+                                 lambda: p.rolling("minor", old, every=False))
     s.note(Fact.BACK_AT)
     s.hold_until("worked-again", 0.5)
+
+
+def host_os_upgrade(s: Step) -> None:
+    """``upgrade --host --all``: each node's PostgreSQL stopped while its host is "upgraded", as the standby."""
+    p, old, _ = s.steady(0.5)
+    s.facts[Fact.UPGRADE] = s.do(f"upgrade --host {old} --all", lambda: p.rolling("host", old, every=True))
+    s.note(Fact.BACK_AT)
+    s.hold_until("worked-again", 0.5)
+
+
+def major_upgrade(s: Step) -> None:
+    """``upgrade --major``: read-only on the standby (held until every kind met it), pg_upgrade, writable on the
+    new major, the standby rebuilt on it."""
+    p, old, _ = s.steady(0.5)
+
+    def window(state: str) -> None:
+        if state == "read-only":
+            s.enter(State.READ_ONLY, noted=Fact.READ_ONLY_FROM)
+            s.hold_until("met-read-only")
+            s.recorder.mark("pg_upgrade")
+        else:
+            s.enter(None)
+            s.note(Fact.READ_ONLY_UNTIL, Fact.BACK_AT)
+
+    s.facts[Fact.UPGRADE] = s.do(f"upgrade --major {old}", lambda: p.major_upgrade(window))
+    s.facts[Fact.VERSIONS] = p.versions()
+    s.hold_until("worked-again")
 
 
 SCENARIOS = [
@@ -246,8 +271,15 @@ SCENARIOS = [
              False, primary_crash),
     Scenario("standby-crash", "Standby killed, brought back up to date",
              "kill -9 the standby; it restarts and catches up while the primary serves.", False, standby_crash),
-    Scenario("minor-upgrade", "Minor upgrade",
-             "Switch over, restart the old primary as an upgrade would, switch back.", True, minor_upgrade),
+    Scenario("host-os-upgrade", "Host OS upgrade, one node after the other (the plan's Alpine upgrade)",
+             "upgrade --host --all: the primary's host after a switchover, then the other's after a switchover "
+             "back; each node's PostgreSQL stopped while its host is upgraded.", True, host_os_upgrade),
+    Scenario("major-upgrade", "Major upgrade (pg_upgrade, read-only window)",
+             "upgrade --major: every PgBouncer to the standby (read-only), pg_upgrade of the primary to the new "
+             "major, every PgBouncer back (writable), the standby rebuilt on the new major.", True, major_upgrade),
+    Scenario("rolling-restart", "Rolling restart (upgrade --minor on the same binaries)",
+             "Switch over, restart the old primary, switch back: what a minor upgrade does, without a new "
+             "version (only one 15.x is installed here).", True, rolling_restart, default=False),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}

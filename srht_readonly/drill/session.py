@@ -35,14 +35,16 @@ class Setting:
     fleet: Fleet
     sources: Sequence[TrafficSource]
     environment: str
+    major_bin: str | None = None  # where the major-upgrade scenario can be played: the new major's bindir
 
 
 @contextlib.contextmanager
 def local(*, load_name: str, duration: float, services: bool = True, sabotage: str | None = None,
-          say: Say = lambda _m: None) -> Iterator[Setting]:
+          major_bin: str | None = None, say: Say = lambda _m: None) -> Iterator[Setting]:
     """A fresh lab (primary, hot standby, PgBouncer) and the stand-in services, all removed afterwards.
 
-    ``sabotage``: the part to break on purpose (``drill.sabotage``).
+    ``sabotage``: the part to break on purpose (``drill.sabotage``); ``major_bin``: the new major
+    for the major-upgrade scenario (the lab may drop whatever non-stock column options it has).
     """
     from ..testing.lab import Lab
 
@@ -55,7 +57,8 @@ def local(*, load_name: str, duration: float, services: bool = True, sabotage: s
             lab.start(progress=lambda m: say(f"  {m}"))
             cluster = stack.enter_context(Cluster(load(lab.write_inventory(scratch / "inventory.ini"))))
             assert lab.pgbouncer is not None
-            procedures = InventoryProcedures(cluster, sabotage=sabotage)
+            procedures = InventoryProcedures(cluster, sabotage=sabotage, major_bin=major_bin,
+                                             drop_column_options=True)
             fleet = Fleet(procedures, [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
             sources: list[TrafficSource] = []
             if services:
@@ -71,7 +74,7 @@ def local(*, load_name: str, duration: float, services: bool = True, sabotage: s
             stack.callback(procedures.close)  # first: a PgBouncer left paused holds the services' clients
             names = ", ".join(s.name for s in sources) or "none (database traffic only)"
             pg = lab.primary.server.run("postgres", "--version").stdout.strip()
-            yield Setting(fleet, sources, f"embedded lab in {lab.directory}: {pg}; services: {names}")
+            yield Setting(fleet, sources, f"embedded lab in {lab.directory}: {pg}; services: {names}", major_bin)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -92,12 +95,14 @@ def deployment(path: str | Path, *, ssh_config: str | Path | None = None,
             def ledger_dsn(node: str) -> str:
                 return psycopg2.extensions.make_dsn(cluster.node(node).dsn, dbname=config.database)
 
-            procedures = InventoryProcedures(cluster, sabotage=sabotage)
+            procedures = InventoryProcedures(cluster, sabotage=sabotage, major_bin=config.major_bin,
+                                             drop_column_options=config.drop_column_options)
             fleet = Fleet(procedures, config.traffic, ledger_dsn)
             sources = [ProbeSource(p) for p in config.probes]
             try:
                 yield Setting(fleet, sources, f"inventory {inventory.path}: nodes {', '.join(inventory.nodes)}; "
-                                              f"probes: {', '.join(p.name for p in config.probes) or 'none'}")
+                                              f"probes: {', '.join(p.name for p in config.probes) or 'none'}",
+                              config.major_bin)
             finally:
                 procedures.close()
     finally:

@@ -16,11 +16,13 @@ fetch that worked), the state at its start. Two sets follow from that:
 
 ``common(service, scenario, events, facts, kinds=...)`` holds what every service owes:
 
-* undisturbed scenarios (``switchover``, ``minor-upgrade``, ``standby-crash``): every operation
-  simply works: no error, nothing refused, nothing dropped, and every kind worked;
-* ``readonly-failover``: no error at any time; what is judged as read-only was refused with the
-  explanation or dropped; every kind met the read-only state; from ``GRACE`` after the
-  promotion everything works again, every kind at least once, with no restart;
+* undisturbed scenarios (``switchover``, ``standby-crash``, ``host-os-upgrade``,
+  ``rolling-restart``): every operation simply works: no error, nothing refused, nothing
+  dropped, and every kind worked;
+* read-only windows (``readonly-failover``, ``major-upgrade``): no error at any time; what is
+  judged as read-only was refused with the explanation or dropped; every kind met the
+  read-only state; from ``GRACE`` after the promotion (or the fleet's return to the upgraded
+  primary) everything works again, every kind at least once, with no restart;
 * ``primary-crash``: errors only from operations under way while the primary was dead and
   PgBouncer still pointed at it (``crash_at`` to ``failover_at`` + ``GRACE``); from
   ``promoted_at`` + ``GRACE`` on, everything works again, every kind at least once.
@@ -44,14 +46,19 @@ from .ledger import LedgerResult
 from .recorder import Event, Outcome, Recorder, State
 from .scenarios import BY_NAME, Expectation, Fact
 
-__all__ = ["GRACE", "after", "all_are", "common", "database", "each_kind", "first", "judged_read_only",
+__all__ = ["GRACE", "PLANNED_SWITCHES", "READ_ONLY_WINDOW", "UNDISTURBED",
+           "after", "all_are", "common", "database", "each_kind", "first", "judged_read_only",
            "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample", "state_at"]
 
 #: Seconds after a step (failover, promotion) the services are given to notice it.
 GRACE = 2.0
 
 #: Scenarios in which the services' database never refuses a write.
-UNDISTURBED = ("switchover", "minor-upgrade", "standby-crash")
+UNDISTURBED = ("switchover", "standby-crash", "host-os-upgrade", "rolling-restart")
+#: Scenarios that switch the primary with the writes paused, not refused: judged on the write gap.
+PLANNED_SWITCHES = ("switchover", "host-os-upgrade", "rolling-restart")
+#: Scenarios with a planned read-only window (the fleet on the standby), then writable again.
+READ_ONLY_WINDOW = ("readonly-failover", "major-upgrade")
 
 #: Outcomes the plan allows for a write that met the read-only state.
 DEGRADED = (Outcome.EXPLAINED, Outcome.DROPPED)
@@ -206,7 +213,7 @@ def common(service: str, scenario: str, events: list[Event], facts: dict[str, An
                                   not degraded, sample(degraded, "refused or dropped"), degraded))
         checks.append(each_kind(f"{service}: every kind of operation worked", events, kinds,
                                 lambda e: e.outcome is Outcome.OK))
-    elif scenario == "readonly-failover":
+    elif scenario in READ_ONLY_WINDOW:
         checks.append(no_errors(f"{service}: traffic ran and no user saw an unexplained error", events))
         if missing := _missing(facts, Fact.READ_ONLY_FROM, Fact.READ_ONLY_UNTIL):
             return [*checks, _not_reached(service, missing)]
@@ -239,13 +246,15 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
     if BY_NAME[scenario].planned or scenario == "standby-crash":
         checks.append(Expectation("no acknowledged write lost", not ledger.lost, len(ledger.lost)))
         checks.append(Expectation("database: no client saw an unexplained error", not errors, sample(errors), errors))
-    if scenario in ("switchover", "minor-upgrade"):
+    if scenario in PLANNED_SWITCHES:
         gap = recorder.longest_write_gap("database")
         checks.append(Expectation("longest write gap under 1 s (from the traffic's start to its end)", gap < 1.0,
                                   f"{gap:.2f} s"))
         failed = [e for e in events if e.write and e.outcome is not Outcome.OK]
         checks.append(Expectation("no write failed", not failed, len(failed), failed))
-    if scenario == "readonly-failover":
+    if scenario == "major-upgrade":
+        checks.append(_upgraded(facts))
+    if scenario in READ_ONLY_WINDOW:
         if missing := _missing(facts, Fact.READ_ONLY_FROM, Fact.READ_ONLY_UNTIL):
             return [*checks, _not_reached("database", missing)]
         reads_failed = [e for e in events if not e.write and e.outcome is Outcome.ERROR]
@@ -278,6 +287,20 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
                                   catch_up is not None and catch_up < 30,
                                   f"{catch_up:.2f} s" if catch_up is not None else "not reached"))
     return checks
+
+
+def _upgraded(facts: dict[str, Any]) -> Expectation:
+    """After ``major-upgrade``: every node runs the new major, one primary, the standby streams."""
+    upgrade, versions = facts.get(Fact.UPGRADE) or {}, facts.get(Fact.VERSIONS) or {}
+    to = upgrade.get("to")
+    majors = {n: (v.get("version") or "?").split(".")[0] for n, v in versions.items()}
+    roles = sorted(v.get("role") for v in versions.values())
+    streaming = all(v.get("streaming") for v in versions.values() if v.get("role") == "standby")
+    ok = bool(versions) and to is not None and set(majors.values()) == {str(to)} and \
+        roles == ["primary", "standby"] and streaming
+    return Expectation(f"the fleet ends on PostgreSQL {to or 'the new major'}: primary and streaming standby",
+                       ok, {n: f"{v.get('role')} {v.get('version')}" + (" streaming" if v.get("streaming") else "")
+                            for n, v in versions.items()} or "not reached")
 
 
 def _lost_not_explained(ledger: LedgerResult, received: str | None) -> list[dict[str, Any]]:

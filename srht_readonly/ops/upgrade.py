@@ -238,14 +238,21 @@ def _remove(server: PostgresServer, *paths: Path) -> None:
         server.host.run(["rm", "-rf", str(path)], user=server.os_user, check=False, timeout=600)
 
 
-def run_major_upgrade(cluster: Cluster, fleet: Fleet, plan: MajorPlan, *, say: Say = logger.info) -> MajorResult:
-    """Carry out ``plan`` (see the module docstring); every phase timed."""
-    return _Major(cluster, fleet, plan, say).run()
+def run_major_upgrade(cluster: Cluster, fleet: Fleet, plan: MajorPlan, *, say: Say = logger.info,
+                      window: Callable[[str], None] | None = None) -> MajorResult:
+    """Carry out ``plan`` (see the module docstring); every phase timed.
+
+    ``window("read-only")`` is called once every PgBouncer points at the standby (before the
+    primary is touched), ``window("writable")`` once they point at the upgraded primary: the
+    drill notes the states there, and may hold the first one.
+    """
+    return _Major(cluster, fleet, plan, say, window or (lambda _state: None)).run()
 
 
 class _Major:
-    def __init__(self, cluster: Cluster, fleet: Fleet, plan: MajorPlan, say: Say) -> None:
-        self.cluster, self.fleet, self.plan, self.say = cluster, fleet, plan, say
+    def __init__(self, cluster: Cluster, fleet: Fleet, plan: MajorPlan, say: Say,
+                 window: Callable[[str], None]) -> None:
+        self.cluster, self.fleet, self.plan, self.say, self.window = cluster, fleet, plan, say, window
         self.p, self.s = plan.primary, plan.standby
         self.phases: dict[str, float] = {}
         self.server = cluster.server(self.p)
@@ -272,6 +279,7 @@ class _Major:
             self.say(f"read-only window starts: every PgBouncer to {s}")
             self._timed("failover", lambda: run_failover(self.cluster, self.fleet,
                                                          check_failover(self.cluster, self.fleet, s)))
+            self.window("read-only")
             if plan.drop_column_options:
                 changed = pgupgrade.drop_column_options(self.cluster.node(p).dsn, plan.drop_column_options)
                 self.say(f"removed column options {', '.join(plan.drop_column_options)} from {changed} columns")
@@ -301,6 +309,7 @@ class _Major:
             self.say(f"read-only window ends: every PgBouncer back to {p}")
             self._timed("failback", lambda: run_failover(self.cluster, self.fleet,
                                                          check_failover(self.cluster, self.fleet, p)))
+            self.window("writable")
         except OpsError as exc:
             raise PartlyDone(
                 f"{p} was upgraded (data swapped in, old data kept at {kept}) but the window could not be closed: "
