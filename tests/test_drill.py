@@ -16,6 +16,7 @@ from srht_readonly.drill.config import drill_config
 from srht_readonly.drill.sabotage import SABOTAGES
 from srht_readonly.drill.scenarios import SCENARIOS
 from srht_readonly.ops.inventory import InventoryError, parse
+from tests._majors import new_major_bin
 
 SERVICES = {"database", "web", "ssh", "builds", "celery"}
 CLI = str(Path(sys.executable).with_name("srht-readonly"))
@@ -231,3 +232,16 @@ def test_the_documented_probe_example_reads_as_documented():
     push = probes["git-push"]
     assert push.command.endswith("git push -q") and push.write and push.timeout == 20
     assert push.explained.pattern == "read-only" and push.dropped is not None and push.dropped.pattern == "webhooks"
+
+
+def test_local_drill_on_postgresql_18_holds_for_a_switchover_and_a_crash(tmp_path):
+    """The lab on the second major (--pg-bin): the procedures' version-gated SQL, pg_rewind and the verdicts
+    on 18. Database traffic only: the stand-ins do not depend on the server's major."""
+    proc = drill("--pg-bin", str(new_major_bin()), "--scenario", "switchover", "--scenario", "primary-crash",
+                 "--no-services", "--duration", "2", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert "(PostgreSQL) 18." in report["environment"], report["environment"]
+    assert [s["name"] for s in report["scenarios"]] == ["switchover", "primary-crash"]
+    assert all(s["passed"] for s in report["scenarios"])
+    _nothing_left(report)

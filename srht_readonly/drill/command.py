@@ -51,13 +51,17 @@ def default_scenarios(major_bin: str | None) -> list[str]:
 @click.option("--sabotage", type=click.Choice(list(SABOTAGES)), metavar="NAME",
               help="Test the drill itself: break one part on purpose and play only the scenario that exercises "
                    f"it; the drill must fail (exit 1) naming the expectation that caught it. {', '.join(SABOTAGES)}.")
+@click.option("--pg-bin", metavar="DIR", default=None,
+              help="Local drill: the lab's PostgreSQL binaries [default: Debian's newest, as `lab up`]. With a "
+                   "major other than 15 the major-upgrade scenario is left out unless --major-bin is given.")
 @click.option("--major-bin", metavar="DIR", default=None,
               help="Local drill: the new major's bindir for major-upgrade [default: PostgreSQL 18 where "
                    "scripts/bootstrap installs it, $SRHT_READONLY_PG18/bin]. With --config: [drill] major-to-bin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
 def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_name: str, report_dir: Path,
-          no_services: bool, sabotage: str | None, major_bin: str | None, as_json: bool) -> None:
+          no_services: bool, sabotage: str | None, pg_bin: str | None, major_bin: str | None,
+          as_json: bool) -> None:
     """Play failover scenarios under traffic and record what every service did.
 
     Without --config: on a fresh embedded lab (primary, hot standby, PgBouncer on loopback)
@@ -101,7 +105,8 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     with interrupts.exit_on_sigterm(), _logs_to(log) as log_file, failures(as_json):
         where = (deployment(config, ssh_config=ctx.obj["ssh_config"], sabotage=sabotage) if config is not None
                  else local(load_name=load_name, duration=duration, services=not no_services, sabotage=sabotage,
-                            major_bin=major_bin or str(DEFAULT_MAJOR_BIN), say=live.say))
+                            pg_bin=pg_bin, major_bin=major_bin or (None if pg_bin else str(DEFAULT_MAJOR_BIN)),
+                            say=live.say))
         try:
             result = _play(where, names, duration=duration, load_name=load_name, live=live, as_json=as_json)
         finally:

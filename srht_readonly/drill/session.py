@@ -40,18 +40,19 @@ class Setting:
 
 @contextlib.contextmanager
 def local(*, load_name: str, duration: float, services: bool = True, sabotage: str | None = None,
-          major_bin: str | None = None, say: Say = lambda _m: None) -> Iterator[Setting]:
+          pg_bin: str | None = None, major_bin: str | None = None, say: Say = lambda _m: None) -> Iterator[Setting]:
     """A fresh lab (primary, hot standby, PgBouncer) and the stand-in services, all removed afterwards.
 
-    ``sabotage``: the part to break on purpose (``drill.sabotage``); ``major_bin``: the new major
-    for the major-upgrade scenario (the lab may drop whatever non-stock column options it has).
+    ``sabotage``: the part to break on purpose (``drill.sabotage``); ``pg_bin``: the lab's binaries;
+    ``major_bin``: the new major for the major-upgrade scenario (the lab may drop whatever non-stock
+    column options it has).
     """
     from ..testing.lab import Lab
 
     scratch = Path(tempfile.mkdtemp(prefix="srht-drill-"))
     try:
         with contextlib.ExitStack() as stack:
-            lab = Lab()
+            lab = Lab(pg_bin=pg_bin)
             stack.callback(lab.close)  # before start(): an interrupted base backup leaves nothing behind
             say("starting the lab: primary, hot standby (pg_basebackup), PgBouncer")
             lab.start(progress=lambda m: say(f"  {m}"))
