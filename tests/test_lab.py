@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -9,6 +10,11 @@ import psycopg2
 import pytest
 
 from srht_readonly.ops import sql
+from srht_readonly.ops.errors import ToolMissing
+from srht_readonly.ops.inventory import load
+from srht_readonly.ops.postgres import find_bin_dir
+from srht_readonly.testing import Lab, LabNode
+from tests._majors import new_major_bin
 
 
 def _exec(dsn: str, statement: str, params: tuple = ()) -> list[tuple]:
@@ -150,3 +156,52 @@ def test_a_base_backup_that_stalls_without_a_word_is_killed_at_its_timeout(tmp_p
         with pytest.raises(CommandFailed, match="no progress: killed after 2 s"):
             replication.base_backup(target, f"host=127.0.0.1 port={port} user=x connect_timeout=0", timeout=2)
         assert time.monotonic() - started < 10
+
+
+def test_on_the_new_major_the_lab_replicates_promotes_and_rejoins_a_killed_primary_with_pg_rewind():
+    """The lab on PostgreSQL 18 (scripts/bootstrap installs it): the version-gated settings, checksums off as on
+    the default major, and the lab's own procedures (promote; crash recovery and pg_rewind for the rejoin)."""
+    bin_dir = new_major_bin()
+    with Lab(pg_bin=bin_dir) as lab:
+        old, new = lab.primary, lab.standby
+        assert {n.server.bin for n in lab.nodes.values()} == {bin_dir}
+        for node in (old, new):
+            assert _exec(node.admin_dsn, "SELECT current_setting('server_version_num')::int / 10000, "
+                                         "current_setting('data_checksums'), current_setting('wal_keep_size')") \
+                == [(18, "off", "64MB")]
+        _exec(lab.pgbouncer.dsn, "CREATE TABLE on_18 (v int)")
+        lab.wait_caught_up(timeout=10)
+        assert lab.promote(new).timeline_after == 2
+        _exec(old.dsn, "CREATE TABLE diverge (v int)")  # after the fork: only the old primary has it
+        old.kill()
+        lab.pgbouncer.point_at(new)
+        _exec(lab.pgbouncer.dsn, "INSERT INTO on_18 VALUES (42)")
+        lab.rejoin(old)
+        assert old.role() == "standby"
+        lab.wait_caught_up(timeout=10)
+        assert _exec(old.dsn, "SELECT v FROM on_18") == [(42,)]
+        assert _exec(old.dsn, "SELECT to_regclass('diverge') IS NULL") == [(True,)]  # rewound away
+        attached = Lab.attach(lab.directory)
+        assert {n.server.bin for n in attached.nodes.values()} == {bin_dir}
+
+
+def test_each_node_keeps_its_own_binaries_in_lab_json_and_in_the_inventory(tmp_path):
+    """After one node's major upgrade (``set_bin``), ``Lab.attach`` (``lab down``) and the inventory drive each
+    node with its own binaries; a lab.json from before per-node binaries still attaches."""
+    default, new = find_bin_dir(None), new_major_bin()
+    lab = Lab(tmp_path, pg_bin=default)
+    lab.nodes = {name: LabNode(lab, name, port) for name, port in (("remilia", 5001), ("konpaku", 5002))}
+    lab.set_bin("konpaku", new)
+    state = json.loads((tmp_path / "lab.json").read_text())
+    assert state["nodes"] == {"remilia": {"port": 5001, "bin": str(default)},
+                              "konpaku": {"port": 5002, "bin": str(new)}}
+    attached = Lab.attach(tmp_path)
+    assert {name: n.server.bin for name, n in attached.nodes.items()} == {"remilia": default, "konpaku": new}
+    inventory = load(attached.write_inventory(tmp_path / "readonly.ini"))
+    assert {name: spec.bin for name, spec in inventory.nodes.items()} == {"remilia": str(default), "konpaku": str(new)}
+    with pytest.raises(ToolMissing):
+        lab.set_bin("remilia", tmp_path)  # no pg_ctl there: refused, nothing saved
+    assert json.loads((tmp_path / "lab.json").read_text()) == state
+    state["nodes"] = {"remilia": 5001, "konpaku": 5002}  # the format before
+    (tmp_path / "lab.json").write_text(json.dumps(state))
+    assert {n.server.bin for n in Lab.attach(tmp_path).nodes.values()} == {default}

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import psycopg2
 
+from srht_readonly.ops.inventory import load
+from tests._majors import new_major_bin
+
 CLI = [str(Path(sys.executable).with_name("srht-readonly"))]
 
 
@@ -27,6 +30,7 @@ def test_lab_up_prints_roles_and_urls_and_down_removes_everything():
     roles = {s["name"]: s["role"] for s in desc["servers"]}
     assert roles == {"remilia": "primary", "konpaku": "standby", "pgbouncer": "pgbouncer -> remilia"}
     assert all(s["url"].startswith("postgresql://") for s in desc["servers"])
+    assert set(load(desc["inventory"]).nodes) == {"remilia", "konpaku"}  # an inventory for --config
     try:
         bouncer = next(s for s in desc["servers"] if s["name"] == "pgbouncer")
         with psycopg2.connect(bouncer["url"]) as conn, conn.cursor() as cur:
@@ -35,12 +39,42 @@ def test_lab_up_prints_roles_and_urls_and_down_removes_everything():
         conn.close()
         again = _cli("lab", "up", "--dir", str(directory))
         assert again.returncode == 0 and "already up" in again.stdout
+        assert f"inventory: {desc['inventory']}" in again.stdout
     finally:
         down = _cli("lab", "down", "--dir", str(directory))
     assert down.returncode == 0, down.stderr
     assert not directory.exists()
     leftovers = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True).stdout
     assert leftovers == ""
+
+
+def test_lab_up_with_pg_bin_runs_that_postgresql_and_its_inventory_drives_the_cli():
+    """``--pg-bin``: every node runs PostgreSQL 18; ``--json``'s inventory names that bin for each node, and
+    ``srht-readonly --config INVENTORY status`` sees the lab through it."""
+    bin_dir = new_major_bin()
+    directory = Path(tempfile.mkdtemp(prefix="srht-cli-lab-"))
+    try:
+        up = _cli("lab", "up", "--dir", str(directory), "--pg-bin", str(bin_dir), "--json")
+        assert up.returncode == 0, up.stderr
+        desc = json.loads(up.stdout)
+        assert {s["name"]: s.get("bin") for s in desc["servers"]} == {
+            "remilia": str(bin_dir), "konpaku": str(bin_dir), "pgbouncer": None}
+        assert {spec.bin for spec in load(desc["inventory"]).nodes.values()} == {str(bin_dir)}
+        status = _cli("--config", desc["inventory"], "status", "--json")
+        assert status.returncode == 0, status.stderr
+        nodes = {n["name"]: n for n in json.loads(status.stdout)["nodes"]}
+        assert {n: (s["role"], int(s["settings"]["server_version_num"]) // 10000) for n, s in nodes.items()} == {
+            "remilia": ("primary", 18), "konpaku": ("standby", 18)}
+    finally:
+        down = _cli("lab", "down", "--dir", str(directory))
+    assert down.returncode == 0, down.stderr
+    assert not directory.exists()
+
+
+def test_lab_up_with_a_pg_bin_that_holds_no_postgresql_says_so(tmp_path):
+    up = _cli("lab", "up", "--dir", str(tmp_path / "lab"), "--pg-bin", str(tmp_path))
+    assert up.returncode != 0 and "pg_ctl" in up.stderr and str(tmp_path) in up.stderr
+    assert "Traceback" not in up.stderr and not (tmp_path / "lab").exists()
 
 
 def test_lab_down_without_a_lab_says_so(tmp_path):

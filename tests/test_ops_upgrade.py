@@ -149,6 +149,7 @@ def test_a_signal_during_pg_upgrade_lets_it_finish_then_puts_everything_back(fle
 
 
 def test_major_upgrade_under_8_writers_ends_on_18_everywhere_and_loses_nothing(fleet):
+    q(fleet.lab.nodes["remilia"].dsn, "CREATE TABLE IF NOT EXISTS shapes (id int PRIMARY KEY, name text)")
     WriteLoad.create_table(fleet.lab.nodes["remilia"].dsn)
     load = WriteLoad([b.dsn for b in fleet.lab.bouncers], clients=8, pause=0.01)
     load.start()

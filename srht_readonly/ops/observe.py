@@ -16,6 +16,7 @@ import psycopg2
 from . import sql
 from .errors import OpsError, Refused
 from .inventory import Inventory, NodeSpec
+from .versions import Pg
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def _read(spec: NodeSpec, cur: Any) -> NodeState:
 def slots_query(here: str, version_num: int) -> str:
     """The physical slots with the WAL each retains up to ``here``; ``wal_status`` exists from PostgreSQL 13
     (``server_version_num`` 130000), NULL before."""
-    wal_status = "wal_status" if version_num >= 130000 else "NULL::text"
+    wal_status = Pg.of(version_num).slot_wal_status
     return ("SELECT slot_name, active, restart_lsn::text, "
             f"CASE WHEN restart_lsn IS NULL OR {here} IS NULL THEN NULL"
             f" ELSE pg_wal_lsn_diff({here}, restart_lsn)::bigint END, {wal_status}"

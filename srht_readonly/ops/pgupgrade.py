@@ -31,6 +31,7 @@ from . import sql
 from .errors import CommandFailed, OpsError, Refused
 from .postgres import PostgresServer
 from .rewind import LOCAL_FILES
+from .versions import Pg, parse_major
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,13 @@ def major_of_bin(server: PostgresServer, bin_dir: str | Path) -> int:
     """The major version of the PostgreSQL in ``bin_dir`` on ``server``'s host (``postgres --version``)."""
     proc = server.host.run([str(Path(bin_dir) / "postgres"), "--version"], user=server.os_user, check=False,
                            timeout=30)
-    m = re.search(r"\(PostgreSQL\)\s+(\d+)", proc.stdout)
-    if proc.returncode != 0 or not m:
-        raise Refused(f"no PostgreSQL server in {bin_dir} on {server.host.name}: "
-                      f"{(proc.stderr or proc.stdout).strip()[-200:] or 'postgres --version failed'}")
-    return int(m.group(1))
+    try:
+        if proc.returncode == 0:
+            return parse_major(proc.stdout)
+    except ValueError:
+        pass
+    raise Refused(f"no PostgreSQL server in {bin_dir} on {server.host.name}: "
+                  f"{(proc.stderr or proc.stdout).strip()[-200:] or 'postgres --version failed'}")
 
 
 def major_of_data(server: PostgresServer) -> int:
@@ -72,10 +75,9 @@ class ClusterShape:
     superuser: str
 
     def initdb_options(self, major: int) -> tuple[str, ...]:
-        """initdb's options for ``major`` (from 18 checksums are on unless ``--no-data-checksums``)."""
-        checksums = ("--data-checksums",) if self.checksums else ("--no-data-checksums",) if major >= 18 else ()
-        return ("-E", self.encoding, "--lc-collate", self.collate, "--lc-ctype", self.ctype, *checksums,
-                "-U", self.superuser)
+        """initdb's options for ``major``: the old cluster's checksums, said the way that major's initdb wants."""
+        return ("-E", self.encoding, "--lc-collate", self.collate, "--lc-ctype", self.ctype,
+                *Pg(major).initdb_checksums(self.checksums), "-U", self.superuser)
 
 
 def shape_of(dsn: str, server: PostgresServer) -> ClusterShape:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import CommandFailed, OpsError, ToolMissing
 from .remote import LocalHost
+from .versions import Pg, parse_major
 
 STOP_MODES = ("smart", "fast", "immediate")
 
@@ -53,6 +54,7 @@ class PostgresServer:
     host: LocalHost = field(default_factory=LocalHost)
     os_user: str | None = None
     log: Path | None = None
+    _major: tuple[Path, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -63,6 +65,16 @@ class PostgresServer:
     def tool(self, name: str) -> str:
         return str(self.bin / name)
 
+    def major(self) -> int:
+        """The major version of the binaries in ``bin`` (``postgres --version``, run once per ``bin``)."""
+        if self._major is None or self._major[0] != self.bin:
+            self._major = (self.bin, parse_major(self.run("postgres", "--version", timeout=30).stdout))
+        return self._major[1]
+
+    def pg(self) -> Pg:
+        """What differs on the binaries' major (``versions.Pg``): settings written before a start, initdb."""
+        return Pg(self.major())
+
     def run(self, name: str, *args: object, timeout: float | None = 120, check: bool = True):  # type: ignore[no-untyped-def]
         """Run one of PostgreSQL's programs (``pg_ctl``, ``pg_controldata``...) as the OS user."""
         return self.host.run(
@@ -71,13 +83,18 @@ class PostgresServer:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def initdb(self, *, auth: str = "trust", options: tuple[str, ...] = ()) -> None:
-        """Create the cluster (UTF-8, no fsync during creation: it is synced by the next checkpoint)."""
+    def initdb(self, *, auth: str = "trust", checksums: bool | None = None, options: tuple[str, ...] = ()) -> None:
+        """Create the cluster (UTF-8, no fsync during creation: it is synced by the next checkpoint).
+
+        ``checksums``: data page checksums on or off whatever the major's default (off before 18,
+        on from 18); None keeps that default.
+        """
         if self.host.exists(self.data / "PG_VERSION"):
             raise OpsError(f"{self.data} already holds a cluster; refusing to initdb over it")
+        checksum_options = self.pg().initdb_checksums(checksums) if checksums is not None else ()
         self.host.make_dir(self.data, owner=self.os_user, mode=0o700)
         self.run("initdb", "-D", self.data, "--auth", auth, "-E", "UTF8", "--locale", "C.UTF-8",
-                 "--no-sync", "-U", "postgres", *options)
+                 "--no-sync", "-U", "postgres", *checksum_options, *options)
 
     def is_running(self) -> bool:
         """True while a postmaster serves this data directory.

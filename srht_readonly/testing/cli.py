@@ -16,6 +16,9 @@ from ..ops.cli.options import option_json
 from ..ops.errors import OpsError
 from .lab import STATE_FILE, Lab
 
+#: The inventory ``lab up`` writes in the lab's directory, for ``srht-readonly --config``.
+INVENTORY_FILE = "inventory.ini"
+
 
 def default_lab_dir() -> Path:
     return Path(os.environ.get("SRHT_READONLY_LAB_DIR")
@@ -37,28 +40,36 @@ def lab() -> None:
     Example:
       srht-readonly lab up       # start it in the background, print the URLs
       psql "$(srht-readonly lab up --json | jq -r '.servers[2].url')"
+      srht-readonly --config "$(srht-readonly lab up --json | jq -r .inventory)" status
+      srht-readonly lab up --pg-bin /opt/srht-readonly/postgresql-18/bin   # another PostgreSQL
       srht-readonly lab down     # stop it and remove its directory
     """
 
 
 @lab.command("up")
 @option_lab_dir
+@click.option("--pg-bin", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Directory of the PostgreSQL programs the nodes run (default: pg_ctl on $PATH, else the newest "
+                   "/usr/lib/postgresql/*/bin); ignored when the lab is already up.")
 @option_json
-def lab_up(directory: Path, as_json: bool) -> None:
-    """Start the lab in the background and print each server's role and URL."""
+def lab_up(directory: Path, pg_bin: Path | None, as_json: bool) -> None:
+    """Start the lab in the background and print each server's role and URL, and an inventory describing it."""
     if (directory / STATE_FILE).exists():
         the_lab = Lab.attach(directory)
         if any(n.is_running() for n in the_lab.nodes.values()):
-            _print_lab(the_lab.describe(), as_json, note="already up")
+            _print_lab(_describe(the_lab), as_json, note="already up")
             return
         the_lab.destroy()
-    the_lab = Lab(directory)
+    try:
+        the_lab = Lab(directory, pg_bin=pg_bin)
+    except OpsError as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         the_lab.start(progress=None if as_json else lambda m: click.echo(f"... {m}", err=True))
     except (OpsError, OSError) as exc:
         the_lab.destroy()
         raise click.ClickException(str(exc)) from exc
-    _print_lab(the_lab.describe(), as_json, note=f"up in {the_lab.timings['total']:.1f} s")
+    _print_lab(_describe(the_lab), as_json, note=f"up in {the_lab.timings['total']:.1f} s")
 
 
 @lab.command("down")
@@ -74,6 +85,14 @@ def lab_down(directory: Path) -> None:
     click.echo(f"lab in {directory} stopped and removed")
 
 
+def _describe(the_lab: Lab) -> dict[str, object]:
+    """``Lab.describe()`` and the path of an inventory describing the lab (written again: a node's bin may
+    have changed since)."""
+    desc: dict[str, object] = dict(the_lab.describe())
+    desc["inventory"] = str(the_lab.write_inventory(the_lab.directory / INVENTORY_FILE))
+    return desc
+
+
 def _print_lab(desc: dict[str, object], as_json: bool, note: str) -> None:
     if as_json:
         click.echo(json.dumps(desc, indent=2))
@@ -81,5 +100,6 @@ def _print_lab(desc: dict[str, object], as_json: bool, note: str) -> None:
     click.echo(f"lab in {desc['directory']} ({note}):")
     for s in desc["servers"]:  # type: ignore[attr-defined]
         click.echo(f"  {s['name']:<10} {s['role']:<22} {s['url']}")
+    click.echo(f"inventory: {desc['inventory']}  (srht-readonly --config {desc['inventory']} status)")
 
 

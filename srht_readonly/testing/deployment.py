@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,13 +97,23 @@ def build_fleet(
     return LabFleet(lab, inventory, ssh_config, sshd, made)
 
 
-def fleet_fixture(scope: str = "function", **options: Any) -> Any:
-    """A pytest fixture yielding a ``LabFleet`` on a lab of its own (``build_fleet(**options)``)."""
+PgBin = str | os.PathLike[str] | Callable[[], "str | os.PathLike[str]"] | None
+
+
+def fleet_fixture(scope: str = "function", *, pg_bin: PgBin = None, **options: Any) -> Any:
+    """A pytest fixture yielding a ``LabFleet`` on a lab of its own (``build_fleet(**options)``).
+
+    ``pg_bin``: the lab's PostgreSQL (``Lab(pg_bin=)``), or a function returning it, called when the
+    fixture is set up (so a missing installation fails that test, not the collection). Parametrized
+    indirectly (``@pytest.mark.parametrize("fleet", [None, new_major_bin], indirect=True)``), the
+    parameter replaces ``pg_bin``: one lab per major.
+    """
     import pytest
 
     @pytest.fixture(scope=scope)  # type: ignore[call-overload, misc]
-    def _fleet() -> Iterator[LabFleet]:
-        lab = Lab()
+    def _fleet(request: pytest.FixtureRequest) -> Iterator[LabFleet]:
+        chosen = getattr(request, "param", pg_bin)
+        lab = Lab(pg_bin=chosen() if callable(chosen) else chosen)
         try:
             lab.start()
             yield build_fleet(lab, **options)

@@ -37,7 +37,7 @@ def write_inventory(
         out += [f"[node {node.name}]"] + ([f"ssh = {ssh[node.name]}"] if node.name in ssh else []) + [
             f"dsn = {node.admin_dsn}",
             f"data = {node.server.data}",
-            f"bin = {lab.bin}",
+            f"bin = {node.server.bin}",
             f"os-user = {lab.os_user}",
             f"target = host={node.host} port={node.port}",
             "",

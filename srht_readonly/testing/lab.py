@@ -27,7 +27,7 @@ from ..ops.ports import free_port
 from ..ops.postgres import find_bin_dir
 from ..ops.remote import LocalHost
 from .inventory import write_inventory
-from .servers import APP_DB, APP_USER, HOST, NODE_SETTINGS, REPLICATION_USER, LabBouncer, LabNode
+from .servers import APP_DB, APP_USER, HOST, REPLICATION_USER, LabBouncer, LabNode, node_settings
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ class Lab:
     """A primary, a hot standby and a PgBouncer in ``directory`` (a new temporary one if None).
 
     ``with Lab() as lab:`` starts everything and tears it all down on exit, even after an error.
-    ``os_user`` runs the servers (``postgres`` when we are root, else ourselves).
+    ``os_user`` runs the servers (``postgres`` when we are root, else ourselves). ``pg_bin`` is
+    the directory of the PostgreSQL every node starts with (``find_bin_dir``'s default when
+    None); each node keeps its own afterwards (``node.server.bin``, ``set_bin``).
     """
 
     def __init__(
@@ -115,8 +117,10 @@ class Lab:
         first, second = NODE_NAMES
         primary = self._add_node(first)
         say(f"initdb {first}")
-        primary.server.initdb()
-        primary.server.set_settings({**NODE_SETTINGS, "port": primary.port,
+        # Checksums off on every major (18's initdb turns them on): the lab is the same cluster on
+        # each, and pg_upgrade, which needs old and new to agree, can move a node between them.
+        primary.server.initdb(checksums=False)
+        primary.server.set_settings({**node_settings(primary.server.pg()), "port": primary.port,
                                      "unix_socket_directories": str(self.directory / first)})
         primary.server.write_file("pg_hba.conf", _hba(), mode=0o600)
         say(f"start {first}")
@@ -146,7 +150,7 @@ class Lab:
             )
 
     def _add_node(self, name: str) -> LabNode:
-        node = LabNode(self, name, free_port())
+        node = LabNode(self, name, free_port(), bin=self.bin)
         self.nodes[name] = node
         self.hostos.make_dir(self.directory / name, owner=self.os_user, mode=0o755)
         return node
@@ -160,8 +164,12 @@ class Lab:
         return f"host={node.host} port={node.port} user={REPLICATION_USER} application_name=%s"
 
     def add_standby(self, name: str, upstream: LabNode) -> LabNode:
-        """Build ``name`` from a base backup of ``upstream`` and start it streaming."""
+        """Build ``name`` from a base backup of ``upstream`` and start it streaming.
+
+        The copy is of ``upstream``'s major, so ``name`` runs ``upstream``'s binaries from now on.
+        """
         node = self.nodes.get(name) or self._add_node(name)
+        node.server.bin = upstream.server.bin
         replication.ensure_slot(upstream.admin_dsn, name)
         conninfo = self.replication_conninfo(upstream) % name
         replication.base_backup(node.server, conninfo, slot=name, sync=False)  # a throwaway copy
@@ -197,6 +205,13 @@ class Lab:
         self.configure_as_standby(node, up)
         node.start()
         replication.wait_streaming(node.admin_dsn)
+
+    def set_bin(self, node: LabNode | str, bin_dir: str | os.PathLike[str]) -> None:
+        """Run ``node`` with the PostgreSQL in ``bin_dir`` from now on (after a major upgrade of it), and save
+        that in lab.json, so ``Lab.attach`` and ``lab down`` drive it with the right binaries."""
+        node = self.node(node)
+        node.server.bin = find_bin_dir(bin_dir)
+        self.save()
 
     def on_close(self, what: str, closer: Callable[[], object]) -> None:
         """Run ``closer`` first when the lab closes (e.g. an sshd started for it); failures are logged."""
@@ -247,7 +262,8 @@ class Lab:
 
     def describe(self) -> dict[str, Any]:
         """Each server with its observed role and its ``postgresql://`` URL."""
-        servers = [{"name": n.name, "role": n.role(), "url": n.url, "port": n.port} for n in self.nodes.values()]
+        servers = [{"name": n.name, "role": n.role(), "url": n.url, "port": n.port, "bin": str(n.server.bin)}
+                   for n in self.nodes.values()]
         if self.pgbouncer is not None:
             servers.append({"name": "pgbouncer", "role": f"pgbouncer -> {self.pgbouncer.target}",
                             "url": self.pgbouncer.url, "port": self.pgbouncer.port})
@@ -257,7 +273,7 @@ class Lab:
         state = {
             "os_user": self.os_user,
             "bin": str(self.bin),
-            "nodes": {n.name: n.port for n in self.nodes.values()},
+            "nodes": {n.name: {"port": n.port, "bin": str(n.server.bin)} for n in self.nodes.values()},
             "pgbouncer": {"port": self.pgbouncer.port, "target": self.pgbouncer.target} if self.pgbouncer else None,
         }
         self.hostos.write_text_atomic(self.directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
@@ -271,8 +287,10 @@ class Lab:
         except FileNotFoundError:
             raise OpsError(f"no lab in {directory} (no {STATE_FILE}); start one with: srht-readonly lab up") from None
         lab = cls(directory, os_user=state["os_user"], pg_bin=state["bin"])
-        for name, port in state["nodes"].items():
-            lab.nodes[name] = LabNode(lab, name, port)
+        for name, node in state["nodes"].items():
+            if isinstance(node, int):  # lab.json before nodes had binaries of their own
+                node = {"port": node}
+            lab.nodes[name] = LabNode(lab, name, node["port"], bin=node.get("bin") or lab.bin)
         if state.get("pgbouncer"):
             lab.pgbouncer = LabBouncer(lab, state["pgbouncer"]["port"], state["pgbouncer"]["target"])
         return lab

@@ -7,6 +7,8 @@ Each is a thin wrapper over the ``ops`` primitives an operator's commands use
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..ops import sql
@@ -14,11 +16,13 @@ from ..ops.console import Admin
 from ..ops.errors import OpsError
 from ..ops.pgbouncer import PgBouncerProcess, render_config, repoint
 from ..ops.postgres import PostgresServer
+from ..ops.versions import Pg
 
 if TYPE_CHECKING:
     from .lab import Lab
 
-__all__ = ["APP_DB", "APP_USER", "HOST", "NODE_SETTINGS", "REPLICATION_USER", "LabBouncer", "LabNode"]
+__all__ = ["APP_DB", "APP_USER", "HOST", "NODE_SETTINGS", "REPLICATION_USER", "WAL_KEEP_MB", "LabBouncer", "LabNode",
+           "node_settings"]
 
 HOST = "127.0.0.1"
 APP_USER = "srht"
@@ -26,7 +30,8 @@ APP_DB = "srht"
 REPLICATION_USER = "replicator"
 
 # Settings that make a failover drill behave like production, minus durability across an OS
-# crash (nothing here survives a reboot anyway).
+# crash (nothing here survives a reboot anyway). Those named differently on some majors are
+# added by ``node_settings``.
 NODE_SETTINGS: dict[str, object] = {
     "listen_addresses": HOST,
     "wal_level": "replica",
@@ -34,7 +39,6 @@ NODE_SETTINGS: dict[str, object] = {
     "hot_standby": True,
     "max_wal_senders": 10,
     "max_replication_slots": 10,
-    "wal_keep_size": "64MB",
     "max_connections": 200,
     "shared_buffers": "32MB",
     "fsync": False,
@@ -44,19 +48,30 @@ NODE_SETTINGS: dict[str, object] = {
     "wal_receiver_status_interval": "1s",
     "hot_standby_feedback": True,
 }
+#: WAL kept for the standbys beyond what their slots hold (wal_keep_size, or wal_keep_segments on 12).
+WAL_KEEP_MB = 64
+
+
+def node_settings(pg: Pg) -> dict[str, object]:
+    """``NODE_SETTINGS`` plus the settings whose name depends on the major (``versions.Pg``)."""
+    return {**NODE_SETTINGS, **pg.wal_keep(WAL_KEEP_MB)}
 
 
 class LabNode:
-    """One PostgreSQL server of the lab, reachable on ``127.0.0.1:port``."""
+    """One PostgreSQL server of the lab, reachable on ``127.0.0.1:port``.
 
-    def __init__(self, lab: Lab, name: str, port: int) -> None:
+    It runs the PostgreSQL in ``bin`` (default: the lab's), kept in ``server.bin``: after a major
+    upgrade of this node alone it differs from the other's (``Lab.set_bin``).
+    """
+
+    def __init__(self, lab: Lab, name: str, port: int, *, bin: str | os.PathLike[str] | None = None) -> None:
         self.lab = lab
         self.name = name
         self.host = HOST
         self.port = port
         self.server = PostgresServer(
-            lab.directory / name / "data", bin=lab.bin, host=lab.hostos, os_user=lab.os_user,
-            log=lab.directory / name / "postgres.log",
+            lab.directory / name / "data", bin=Path(bin) if bin is not None else lab.bin, host=lab.hostos,
+            os_user=lab.os_user, log=lab.directory / name / "postgres.log",
         )
 
     def __repr__(self) -> str:
