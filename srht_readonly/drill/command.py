@@ -30,9 +30,11 @@ NAMES = [s.name for s in SCENARIOS]
 DEFAULT_MAJOR_BIN = Path(os.environ.get("SRHT_READONLY_PG18", "/opt/srht-readonly/postgresql-18")) / "bin"
 
 
-def default_scenarios(major_bin: str | None) -> list[str]:
-    """The scenarios played without --scenario: every default one, major-upgrade only with a new major."""
-    return [s.name for s in SCENARIOS if s.default and (s.name != "major-upgrade" or major_bin)]
+def default_scenarios(major_bin: str | None, past: bool) -> list[str]:
+    """The scenarios played without --scenario: every default one; major-upgrade only with a new major,
+    past-data only with a backup engine."""
+    return [s.name for s in SCENARIOS if s.default and (s.name != "major-upgrade" or major_bin)
+            and (s.name != "past-data" or past)]
 
 
 @click.command()
@@ -73,7 +75,8 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
 
     Scenarios: planned switchover; read-only failover then promotion (the plan's path);
     primary killed (kill -9), failover, promotion, pg_rewind rejoin; standby killed and caught
-    up; host OS upgrade of each node in turn (upgrade --host --all); major upgrade with
+    up; host OS upgrade of each node in turn (upgrade --host --all); the database opened as it
+    was at a moment between two bursts of writes (past --at, Barman); major upgrade with
     pg_upgrade, 15 to 18 on the lab (upgrade --major; last, the lab ends on the new major);
     rolling-restart (upgrade --minor, same binaries) only when named. Each starts from, and
     ends with, a primary with a streaming standby and every PgBouncer on the primary.
@@ -106,7 +109,7 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
         where = (deployment(config, ssh_config=ctx.obj["ssh_config"], sabotage=sabotage) if config is not None
                  else local(load_name=load_name, duration=duration, services=not no_services, sabotage=sabotage,
                             pg_bin=pg_bin, major_bin=major_bin or (None if pg_bin else str(DEFAULT_MAJOR_BIN)),
-                            say=live.say))
+                            backup=not names or "past-data" in names, say=live.say))
         try:
             result = _play(where, names, duration=duration, load_name=load_name, live=live, as_json=as_json)
         finally:
@@ -170,9 +173,11 @@ def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *
                           "drill not started", as_json) from exc
         live.say(f"drill on {setting.environment}")
         if not names:
-            names = default_scenarios(setting.major_bin)
+            names = default_scenarios(setting.major_bin, setting.past)
             if "major-upgrade" not in names:
                 live.say("major-upgrade left out: no new major to upgrade to ([drill] major-to-bin)")
+            if "past-data" not in names:
+                live.say("past-data left out: no backup engine ([backup] in the inventory)")
         return run(setting.fleet, names, duration=duration, load=load_name, sources=setting.sources,
                    progress=live, environment=setting.environment)
 

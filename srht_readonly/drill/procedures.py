@@ -6,9 +6,12 @@ exactly what ``srht-readonly switchover``/``failover``/``promote``/``demote`` ru
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from typing import Any
+
+import psycopg2.extensions
 
 from ..ops import replication, sql
 from ..ops.cluster import Cluster
@@ -17,6 +20,7 @@ from ..ops.errors import OpsError
 from ..ops.failover import LOGIN_RETRY, check_failover, run_failover
 from ..ops.fleet import Change, Fleet
 from ..ops.observe import observe_nodes, primaries
+from ..ops.past import list_past, open_past, stop_past
 from ..ops.pgupgrade import foreign_column_options
 from ..ops.promote import check_promote, run_promote
 from ..ops.rolling import check_rolling, run_rolling
@@ -35,8 +39,9 @@ class InventoryProcedures:
     """
 
     def __init__(self, cluster: Cluster, *, sabotage: str | None = None, major_bin: str | None = None,
-                 drop_column_options: tuple[str, ...] | bool = ()) -> None:
+                 drop_column_options: tuple[str, ...] | bool = (), app_dsn: str | None = None) -> None:
         self.cluster = cluster
+        self.app_dsn = app_dsn  # where the services' data lives, through a PgBouncer (past-data's writes)
         self.sabotage = sabotage
         self.major_bin = major_bin
         self.drop_column_options = drop_column_options
@@ -166,3 +171,51 @@ class InventoryProcedures:
             except OpsError as exc:
                 out[name] = {"version": None, "role": "down", "error": str(exc)}
         return out
+
+    # --- past data ---------------------------------------------------------------------------
+
+    #: The numbered rows of the past-data scenario: burst 1 inserts 1-100 and deletes 1-10; burst 2
+    #: inserts 101-200 and deletes 11-20. At a time between the two, exactly 11-100 exist.
+    PAST_TABLE = "drill_past"
+
+    def numbered_burst(self, burst: int) -> None:
+        """Through the first PgBouncer, as the services write: one acknowledged statement at a time."""
+        dsn = self._app_dsn()
+        if burst == 1:
+            sql.execute(dsn, f"DROP TABLE IF EXISTS {self.PAST_TABLE}")
+            sql.execute(dsn, f"CREATE TABLE {self.PAST_TABLE} (n int PRIMARY KEY)")
+        base = (burst - 1) * 100
+        with sql.connect(dsn) as conn, conn.cursor() as cur:
+            for n in range(base + 1, base + 101):
+                cur.execute(f"INSERT INTO {self.PAST_TABLE} VALUES (%s)", (n,))
+            for n in range((burst - 1) * 10 + 1, burst * 10 + 1):
+                cur.execute(f"DELETE FROM {self.PAST_TABLE} WHERE n = %s", (n,))
+
+    def clock(self) -> str:
+        (now,) = sql.query_one(self.cluster.node(self.primary()).dsn, "SELECT clock_timestamp()")
+        return str(now.isoformat())
+
+    def open_past(self, at: str) -> dict[str, Any]:
+        """``past --at``; what it holds against what was committed by then; then ``past --stop``."""
+        when = dt.datetime.fromisoformat(at)
+        instance = open_past(self.cluster, at=when)
+        try:
+            dsn = instance.dsn.replace("dbname=postgres", f"dbname={self._app_db()}")
+            rows = {r[0] for r in sql.query(dsn, f"SELECT n FROM {self.PAST_TABLE}")}
+            later = sql.query_one(dsn, "SELECT count(*) FROM drill_ledger WHERE at > %s", (when,))[0] \
+                if sql.query(dsn, "SELECT to_regclass('drill_ledger')")[0][0] else 0
+        finally:
+            stop_past(self.cluster, [instance.id])
+        expected = set(range(11, 101))
+        return {"at": at, "recovered_to": instance.recovered_to, "seconds": instance.seconds,
+                "rows": len(rows), "missing": sorted(expected - rows)[:20], "extra": sorted(rows - expected)[:20],
+                "ledger_rows_begun_after_t": int(later),
+                "gone": all(i.id != instance.id for i in list_past(self.cluster))}
+
+    def _app_db(self) -> str:
+        return str(psycopg2.extensions.parse_dsn(self._app_dsn()).get("dbname", "postgres"))
+
+    def _app_dsn(self) -> str:
+        if self.app_dsn is None:
+            raise OpsError("the past-data scenario needs the services' database (app_dsn)")
+        return self.app_dsn

@@ -44,6 +44,7 @@ class Fact(StrEnum):
     BACK = "back"
     CATCH_UP_SECONDS = "catch_up_seconds"
     UPGRADE = "upgrade"
+    PAST = "past"
     VERSIONS = "versions"
 
 
@@ -71,6 +72,9 @@ class Procedures(Protocol):
     def rolling(self, kind: str, node: str, *, every: bool) -> dict[str, Any]: ...
     def major_upgrade(self, window: Callable[[str], None]) -> dict[str, Any]: ...
     def versions(self) -> dict[str, dict[str, Any]]: ...
+    def numbered_burst(self, burst: int) -> None: ...
+    def clock(self) -> str: ...
+    def open_past(self, at: str) -> dict[str, Any]: ...
 
 
 class Progress(Protocol):
@@ -240,6 +244,18 @@ def host_os_upgrade(s: Step) -> None:
     s.hold_until("worked-again", 0.5)
 
 
+def past_data(s: Step) -> None:
+    """``past --at T`` under traffic: T noted between two bursts of numbered writes and deletes."""
+    p = s.procedures
+    s.hold(0.5)
+    s.do("burst 1: numbered inserts and deletes", lambda: p.numbered_burst(1))
+    at = s.do("note T (the primary's clock)", p.clock)
+    s.do("burst 2: numbered inserts and deletes", lambda: p.numbered_burst(2))
+    s.facts[Fact.PAST] = s.do("past --at T, compared, stopped", lambda: p.open_past(at))
+    s.facts[Fact.BACK_AT] = 0.0  # the services' database never changed: every kind must simply have worked
+    s.hold_until("worked-again", 0.5)
+
+
 def major_upgrade(s: Step) -> None:
     """``upgrade --major``: read-only on the standby (held until every kind met it), pg_upgrade, writable on the
     new major, the standby rebuilt on it."""
@@ -274,6 +290,10 @@ SCENARIOS = [
     Scenario("host-os-upgrade", "Host OS upgrade, one node after the other (the plan's Alpine upgrade)",
              "upgrade --host --all: the primary's host after a switchover, then the other's after a switchover "
              "back; each node's PostgreSQL stopped while its host is upgraded.", True, host_os_upgrade),
+    Scenario("past-data", "The database as it was at a moment in the past",
+             "Under traffic: numbered inserts and deletes, a time T noted, more of them; past --at T opens a "
+             "throwaway read-only instance from Barman's base backup and WAL; it must hold exactly what was "
+             "committed by T; then it is removed.", True, past_data),
     Scenario("major-upgrade", "Major upgrade (pg_upgrade, read-only window)",
              "upgrade --major: every PgBouncer to the standby (read-only), pg_upgrade of the primary to the new "
              "major, every PgBouncer back (writable), the standby rebuilt on the new major.", True, major_upgrade),

@@ -36,30 +36,32 @@ class Setting:
     sources: Sequence[TrafficSource]
     environment: str
     major_bin: str | None = None  # where the major-upgrade scenario can be played: the new major's bindir
+    past: bool = False  # a backup engine runs: the past-data scenario can be played
 
 
 @contextlib.contextmanager
 def local(*, load_name: str, duration: float, services: bool = True, sabotage: str | None = None,
-          pg_bin: str | None = None, major_bin: str | None = None, say: Say = lambda _m: None) -> Iterator[Setting]:
+          pg_bin: str | None = None, major_bin: str | None = None, backup: bool = True,
+          say: Say = lambda _m: None) -> Iterator[Setting]:
     """A fresh lab (primary, hot standby, PgBouncer) and the stand-in services, all removed afterwards.
 
     ``sabotage``: the part to break on purpose (``drill.sabotage``); ``pg_bin``: the lab's binaries;
     ``major_bin``: the new major for the major-upgrade scenario (the lab may drop whatever non-stock
-    column options it has).
+    column options it has); ``backup``: run Barman for the past-data scenario.
     """
     from ..testing.lab import Lab
 
     scratch = Path(tempfile.mkdtemp(prefix="srht-drill-"))
     try:
         with contextlib.ExitStack() as stack:
-            lab = Lab(pg_bin=pg_bin)
+            lab = Lab(pg_bin=pg_bin, backup=backup)
             stack.callback(lab.close)  # before start(): an interrupted base backup leaves nothing behind
             say("starting the lab: primary, hot standby (pg_basebackup), PgBouncer")
             lab.start(progress=lambda m: say(f"  {m}"))
             cluster = stack.enter_context(Cluster(load(lab.write_inventory(scratch / "inventory.ini"))))
             assert lab.pgbouncer is not None
             procedures = InventoryProcedures(cluster, sabotage=sabotage, major_bin=major_bin,
-                                             drop_column_options=True)
+                                             drop_column_options=True, app_dsn=lab.pgbouncer.dsn)
             fleet = Fleet(procedures, [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
             sources: list[TrafficSource] = []
             if services:
@@ -75,7 +77,8 @@ def local(*, load_name: str, duration: float, services: bool = True, sabotage: s
             stack.callback(procedures.close)  # first: a PgBouncer left paused holds the services' clients
             names = ", ".join(s.name for s in sources) or "none (database traffic only)"
             pg = lab.primary.server.run("postgres", "--version").stdout.strip()
-            yield Setting(fleet, sources, f"embedded lab in {lab.directory}: {pg}; services: {names}", major_bin)
+            yield Setting(fleet, sources, f"embedded lab in {lab.directory}: {pg}; services: {names}", major_bin,
+                          backup)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -97,13 +100,14 @@ def deployment(path: str | Path, *, ssh_config: str | Path | None = None,
                 return psycopg2.extensions.make_dsn(cluster.node(node).dsn, dbname=config.database)
 
             procedures = InventoryProcedures(cluster, sabotage=sabotage, major_bin=config.major_bin,
-                                             drop_column_options=config.drop_column_options)
+                                             drop_column_options=config.drop_column_options,
+                                             app_dsn=config.traffic[0])
             fleet = Fleet(procedures, config.traffic, ledger_dsn)
             sources = [ProbeSource(p) for p in config.probes]
             try:
                 yield Setting(fleet, sources, f"inventory {inventory.path}: nodes {', '.join(inventory.nodes)}; "
                                               f"probes: {', '.join(p.name for p in config.probes) or 'none'}",
-                              config.major_bin)
+                              config.major_bin, inventory.backup is not None)
             finally:
                 procedures.close()
     finally:

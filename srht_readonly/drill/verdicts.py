@@ -54,7 +54,7 @@ __all__ = ["GRACE", "PLANNED_SWITCHES", "READ_ONLY_WINDOW", "UNDISTURBED",
 GRACE = 2.0
 
 #: Scenarios in which the services' database never refuses a write.
-UNDISTURBED = ("switchover", "standby-crash", "host-os-upgrade", "rolling-restart")
+UNDISTURBED = ("switchover", "standby-crash", "host-os-upgrade", "rolling-restart", "past-data")
 #: Scenarios that switch the primary with the writes paused, not refused: judged on the write gap.
 PLANNED_SWITCHES = ("switchover", "host-os-upgrade", "rolling-restart")
 #: Scenarios with a planned read-only window (the fleet on the standby), then writable again.
@@ -254,6 +254,8 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
         checks.append(Expectation("no write failed", not failed, len(failed), failed))
     if scenario == "major-upgrade":
         checks.append(_upgraded(facts))
+    if scenario == "past-data":
+        checks += _past(facts)
     if scenario in READ_ONLY_WINDOW:
         if missing := _missing(facts, Fact.READ_ONLY_FROM, Fact.READ_ONLY_UNTIL):
             return [*checks, _not_reached("database", missing)]
@@ -287,6 +289,21 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
                                   catch_up is not None and catch_up < 30,
                                   f"{catch_up:.2f} s" if catch_up is not None else "not reached"))
     return checks
+
+
+def _past(facts: dict[str, Any]) -> list[Expectation]:
+    """After ``past-data``: the instance held exactly what was committed by T, and is gone."""
+    past = facts.get(Fact.PAST)
+    if not past:
+        return [_not_reached("database", [Fact.PAST])]
+    exact = not past["missing"] and not past["extra"] and past["rows"] == 90
+    return [
+        Expectation("past --at T holds exactly the numbered rows committed by T (11-100)", exact,
+                    f"{past['rows']} rows; missing {past['missing'] or 'none'}; extra {past['extra'] or 'none'}"),
+        Expectation("past --at T holds no ledger write begun after T", past["ledger_rows_begun_after_t"] == 0,
+                    past["ledger_rows_begun_after_t"]),
+        Expectation("the instance of the past is gone afterwards", bool(past["gone"]), past["gone"]),
+    ]
 
 
 def _upgraded(facts: dict[str, Any]) -> Expectation:

@@ -28,6 +28,14 @@ time a command runs. The format (docs/cli.md)::
     [hooks]
     command = /usr/local/bin/srht-event   ; run at each procedure step, a JSON event on stdin
 
+    [backup]                         ; the backup engine (Barman) for ``backup`` and ``past``
+    config = /etc/barman.conf        ; barman -c
+    server = srht                    ; the Barman server that backs up the primary
+    barman = /opt/srht-readonly/barman/bin/barman   ; optional (default: barman on $PATH)
+    ssh = backup.example.org         ; optional: where Barman runs (absent: this machine)
+    past-dir = /var/tmp/srht-readonly-past   ; optional: where ``past`` makes its instances
+    bin = /usr/lib/postgresql/15/bin ; optional: the PostgreSQL that runs them (default: a node's)
+
 Lines starting with ``;`` or ``#`` are comments; so is `` ;...`` or `` #...`` after a value, except
 in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``) and in ``[hooks]``,
 whose values are shell commands and regular expressions kept whole (``command = cd /srv/x ; git push``).
@@ -57,6 +65,7 @@ BOUNCER_KEYS = {"config": True, "admin": True, "ssh": False, "databases": False}
 REPLICATION_KEYS = {"user": False, "password-file": False}
 SERVICE_KEYS = {"announcement": True, "ssh": False}
 HOOKS_KEYS = {"command": True}
+BACKUP_KEYS = {"config": True, "server": True, "barman": False, "ssh": False, "past-dir": False, "bin": False}
 # Sections the procedures ignore and the drill reads (srht_readonly/drill/config.py): kind -> takes a name.
 OTHER_SECTIONS = {"drill": False, "probe": True}
 
@@ -142,6 +151,19 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
+class BackupSpec:
+    """``[backup]``: the Barman server that backs up the fleet's primary, and where ``past`` runs instances."""
+
+    config: str
+    server: str
+    barman: str = "barman"
+    ssh: str | None = None
+    past_dir: str = "/var/tmp/srht-readonly-past"
+    bin: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class HooksSpec:
     """``[hooks]``: a shell command run at each procedure step with a JSON event on stdin."""
 
@@ -160,6 +182,7 @@ class Inventory:
     others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = field(default_factory=dict)
     services: dict[str, ServiceSpec] = field(default_factory=dict)
     hooks: HooksSpec = field(default_factory=HooksSpec)
+    backup: BackupSpec | None = None
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; ``InventoryError`` listing the known ones otherwise."""
@@ -235,6 +258,7 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
     replication = ReplicationSpec()
     services: dict[str, ServiceSpec] = {}
     hooks = HooksSpec()
+    backup: BackupSpec | None = None
     others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = {}
     for kind, name, number, entries in sections:
         if kind in OTHER_SECTIONS:
@@ -251,6 +275,8 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
         elif kind == "hooks":
             _check_keys(entries, HOOKS_KEYS, "[hooks]", number, path)
             hooks = HooksSpec(command=entries["command"][0])
+        elif kind == "backup":
+            backup = _backup(number, entries, path)
         else:
             _check_keys(entries, REPLICATION_KEYS, "[replication]", number, path)
             replication = ReplicationSpec(
@@ -266,12 +292,12 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             raise InventoryError(path, node.line, f"nodes {targets[key]} and {node.name} have the same target "
                                                   f"{node.address}:{node.port}; set target = to tell them apart")
         targets[key] = node.name
-    return Inventory(path, nodes, bouncers, replication, others, services, hooks)
+    return Inventory(path, nodes, bouncers, replication, others, services, hooks, backup)
 
 
 def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]:
     parts = header.split()
-    if parts in (["replication"], ["hooks"]):
+    if parts in (["replication"], ["hooks"], ["backup"]):
         return parts[0], None
     if parts and parts[0] in OTHER_SECTIONS and len(parts) == (2 if OTHER_SECTIONS[parts[0]] else 1):
         return parts[0], (parts[1] if len(parts) == 2 else None)
@@ -280,8 +306,8 @@ def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]
     if len(parts) == 1 and parts[0] in ("node", "pgbouncer", "service"):
         raise InventoryError(path, number, f"[{header}] needs a name, e.g. [{parts[0]} remilia]")
     raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME], "
-                                       f"[service NAME], [replication] or [hooks] (the drill also reads [drill] "
-                                       f"and [probe NAME])")
+                                       f"[service NAME], [replication], [hooks] or [backup] (the drill also reads "
+                                       f"[drill] and [probe NAME])")
 
 
 def _check_keys(entries: dict[str, tuple[str, int]], allowed: dict[str, bool], section: str, number: int,
@@ -379,6 +405,20 @@ def _service(name: str, number: int, entries: dict[str, tuple[str, int]], path: 
     if not announcement.startswith("/"):
         raise InventoryError(path, line, f"announcement must be an absolute path, not {announcement!r}")
     return ServiceSpec(name=name, announcement=announcement, ssh=_ssh(entries, path), line=number)
+
+
+def _backup(number: int, entries: dict[str, tuple[str, int]], path: str) -> BackupSpec:
+    _check_keys(entries, BACKUP_KEYS, "[backup]", number, path)
+    for key in ("config", "past-dir", "bin"):
+        if key in entries and not entries[key][0].startswith("/"):
+            raise InventoryError(path, entries[key][1], f"{key!r} must be an absolute path, not {entries[key][0]!r}")
+    server = entries["server"][0]
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", server):
+        raise InventoryError(path, entries["server"][1], f"server {server!r} is not a Barman server name "
+                                                         "(letters, digits, '_', '.', '-')")
+    return BackupSpec(config=entries["config"][0], server=server, barman=_opt(entries, "barman") or "barman",
+                      ssh=_ssh(entries, path), past_dir=_opt(entries, "past-dir") or BackupSpec.past_dir,
+                      bin=_opt(entries, "bin"), line=number)
 
 
 def _opt(entries: dict[str, tuple[str, int]], key: str) -> str | None:

@@ -50,6 +50,8 @@ def write_inventory(
         if bouncer.name in databases:
             out.append(f"databases = {', '.join(databases[bouncer.name])}")
         out.append("")
+    if lab.barman is not None:
+        out += lab.barman.inventory_section()
     out += ["[replication]", f"user = {REPLICATION_USER}"]
     if password_file is not None:
         out.append(f"password-file = {password_file}")

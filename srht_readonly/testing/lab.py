@@ -26,6 +26,7 @@ from ..ops.errors import OpsError
 from ..ops.ports import free_port
 from ..ops.postgres import find_bin_dir
 from ..ops.remote import LocalHost
+from .backup import LabBarman
 from .inventory import write_inventory
 from .servers import APP_DB, APP_USER, HOST, REPLICATION_USER, LabBouncer, LabNode, node_settings
 
@@ -52,6 +53,7 @@ class Lab:
         pg_bin: str | os.PathLike[str] | None = None,
         standby: bool = True,
         pgbouncer: bool = True,
+        backup: bool = False,
     ) -> None:
         self.owns_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="srht-lab-")).resolve()
@@ -60,6 +62,8 @@ class Lab:
         self.hostos = LocalHost()
         self.with_standby = standby
         self.with_pgbouncer = pgbouncer
+        self.with_backup = backup
+        self.barman: LabBarman | None = None
         self.nodes: dict[str, LabNode] = {}
         self.pgbouncer: LabBouncer | None = None
         self.extra_bouncers: dict[str, LabBouncer] = {}
@@ -137,6 +141,10 @@ class Lab:
             self.pgbouncer = LabBouncer(self, free_port(), primary.name)
             self.pgbouncer.write_config()
             self.pgbouncer.start()
+        if self.with_backup:
+            say("start barman: streaming WAL, first base backup")
+            self.start_backup()
+            self.timings["backup"] = time.monotonic() - t0
         self.timings["total"] = time.monotonic() - t0
         self.save()
         logger.info("lab up in %.2f s: %s", self.timings["total"], self.describe())
@@ -232,6 +240,15 @@ class Lab:
         self.extra_bouncers[name] = bouncer
         return bouncer
 
+    def start_backup(self) -> LabBarman:
+        """A real Barman for the primary (``testing.backup.LabBarman``), and a directory for ``past`` instances
+        on another file system than the lab's data (``/dev/shm``), as production should have it."""
+        self.barman = LabBarman(self, past_dir=Path("/dev/shm") / f"srht-readonly-past-{self.directory.name}")
+        self.hostos.make_dir(self.barman.past_dir, owner=self.os_user, mode=0o755)
+        self.barman.start()
+        self.save()
+        return self.barman
+
     def write_inventory(self, path: str | os.PathLike[str], **options: Any) -> Path:
         """Write the CLI's INI inventory describing this lab (see ``testing.inventory.write_inventory``)."""
         return write_inventory(self, path, **options)
@@ -243,6 +260,8 @@ class Lab:
         """
         for what, closer in reversed(self._closers):
             _quietly(closer, what)
+        if self.barman is not None:
+            _quietly(self.barman.stop, "stop barman and the instances of the past")
         for extra in self.extra_bouncers.values():
             _quietly(extra.stop, f"stop pgbouncer {extra.name}")
         if self.pgbouncer is not None:
@@ -275,6 +294,7 @@ class Lab:
             "bin": str(self.bin),
             "nodes": {n.name: {"port": n.port, "bin": str(n.server.bin)} for n in self.nodes.values()},
             "pgbouncer": {"port": self.pgbouncer.port, "target": self.pgbouncer.target} if self.pgbouncer else None,
+            "backup": {"past_dir": str(self.barman.past_dir)} if self.barman else None,
         }
         self.hostos.write_text_atomic(self.directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
@@ -293,6 +313,8 @@ class Lab:
             lab.nodes[name] = LabNode(lab, name, node["port"], bin=node.get("bin") or lab.bin)
         if state.get("pgbouncer"):
             lab.pgbouncer = LabBouncer(lab, state["pgbouncer"]["port"], state["pgbouncer"]["target"])
+        if state.get("backup"):
+            lab.barman = LabBarman(lab, past_dir=Path(state["backup"]["past_dir"]), started=True)
         return lab
 
 

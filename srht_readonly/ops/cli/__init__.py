@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import commands, monitoring, upgrade
+from . import commands, monitoring, past, upgrade
 from .options import EXIT_PARTIAL, EXIT_REFUSED, EXIT_USAGE, Failure, failures
 
 __all__ = ["EXIT_PARTIAL", "EXIT_REFUSED", "EXIT_USAGE", "Failure", "failures", "main"]
@@ -56,6 +56,8 @@ for _name, _command in (
     ("demote", commands.demote),
     ("switchover", commands.switchover),
     ("upgrade", upgrade.upgrade),
+    ("backup", past.backup),
+    ("past", past.past),
     ("announce", monitoring.announce),
     ("exporter", monitoring.exporter),
 ):

@@ -1,0 +1,179 @@
+"""The backup engine, Barman, driven through its own CLI (``barman -c CONFIG -f json ...``) on its host.
+
+Why Barman (docs/past.md): its streaming archiver is ``pg_receivewal`` through a replication slot, so
+the plan's "streaming replication instead of log shipping, ``archive_mode = off``" still holds; its
+``backup_method = postgres`` takes base backups with ``pg_basebackup``; ``barman recover
+--target-time`` restores a base backup and the WAL to replay into any directory.
+
+``window()`` answers the plan's question "how far into the past can we peek?": from the end of
+the oldest base backup to now while WAL streams (the segment being written is used too), else to
+the close of the last archived segment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OpsError, Refused
+from .inventory import BackupSpec
+from .remote import Host
+
+__all__ = ["Backup", "Barman", "BackupWindow", "parse_time"]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_time(text: str) -> dt.datetime:
+    """An ISO 8601 time (``2026-11-30T19:51:40Z``, ``2026-11-30 19:51:40.1+00:00``); without an offset it is
+    this machine's local time, made explicit (Barman would read a naive time in its own time zone)."""
+    value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return value if value.tzinfo is not None else value.astimezone()
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat()
+
+
+@dataclass
+class Backup:
+    id: str
+    begin: str | None
+    end: str | None
+    end_timestamp: float | None
+    status: str
+    size_bytes: int | None
+
+
+@dataclass
+class BackupWindow:
+    """What can be recovered, as Barman says it: ``earliest`` to ``latest`` (ISO 8601, UTC)."""
+
+    engine: str
+    server: str
+    earliest: str | None
+    latest: str | None
+    streaming: bool
+    last_archived_wal: str | None
+    last_archived_at: str | None
+    backups: list[Backup] = field(default_factory=list)
+    wal_files: int = 0
+    retention: str | None = None
+    last_success: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def contains(self, at: dt.datetime) -> bool:
+        if self.earliest is None or self.latest is None:
+            return False
+        return dt.datetime.fromisoformat(self.earliest) <= at <= dt.datetime.fromisoformat(self.latest)
+
+    def text(self) -> str:
+        if self.earliest is None:
+            return f"{self.engine} server {self.server}: no base backup yet: nothing can be recovered"
+        latest = f"now ({self.latest}; WAL streams)" if self.streaming else f"{self.latest} (WAL does NOT stream)"
+        lines = [f"recoverable: {self.earliest} to {latest}",
+                 f"base backups: {len(self.backups)} (last success {self.last_success or 'never'}); "
+                 f"WAL files kept: {self.wal_files}; retention: {self.retention or '?'}"]
+        lines += [f"problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class Barman:
+    """``[backup]``'s Barman, run on its host (``barman -c CONFIG``)."""
+
+    def __init__(self, spec: BackupSpec, host: Host) -> None:
+        self.spec, self.host = spec, host
+
+    def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = self.host.run([self.spec.barman, "-c", self.spec.config, *args], check=False, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise OpsError(f"barman {' '.join(args)} on {self.host.name} exited {proc.returncode}: "
+                           f"{_errors(proc.stdout) or (proc.stderr or proc.stdout).strip()[-600:]}")
+        return proc
+
+    def json(self, *args: str, timeout: float = 600, failing: bool = False) -> Any:
+        """``barman -f json ARGS``; ``failing``: a non-zero exit still returns the JSON (``check`` exits 1 when
+        any check failed)."""
+        proc = self.run("-f", "json", *args, timeout=timeout, check=False)
+        try:
+            doc = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            doc = None
+        if doc is None or (proc.returncode != 0 and not (failing and not _errors(proc.stdout))):
+            raise OpsError(f"barman {' '.join(args)} on {self.host.name} exited {proc.returncode}: "
+                           f"{_errors(proc.stdout) or (proc.stderr or proc.stdout).strip()[-600:]}")
+        return doc
+
+    def backups(self) -> list[Backup]:
+        """Every base backup, oldest first."""
+        rows = self.json("list-backups", self.spec.server).get(self.spec.server, [])
+        out = []
+        for row in rows:
+            show = self.json("show-backup", self.spec.server, row["backup_id"])[self.spec.server]
+            info = show.get("base_backup_information", {})
+            out.append(Backup(row["backup_id"], info.get("begin_time"), info.get("end_time"),
+                              float(row["end_time_timestamp"]) if row.get("end_time_timestamp") else None,
+                              row.get("status", "?"), row.get("size_bytes")))
+        return sorted(out, key=lambda b: b.end_timestamp or 0)
+
+    def window(self) -> BackupWindow:
+        server = self.spec.server
+        status = self.json("status", server).get(server, {})
+        checks = self.json("check", server, timeout=120, failing=True).get(server, {})
+        backups = self.backups()
+        done = [b for b in backups if b.status == "DONE"]
+        diag = json.loads(self.run("diagnose", timeout=120).stdout)["servers"].get(server, {})
+        per_tli = (diag.get("wals") or {}).get("last_archived_wal_per_timeline") or {}
+        last = max(per_tli.values(), key=lambda w: w.get("time", 0), default=None)
+        streaming = checks.get("receive_wal_running", {}).get("status") == "OK" and \
+            checks.get("postgresql_streaming", {}).get("status") == "OK"
+        wal_files = 0
+        if done:
+            oldest = self.json("show-backup", server, done[0].id)[server]
+            wal_files = int(oldest.get("base_backup_information", {}).get("wal_num") or 0) + \
+                int(oldest.get("wal_information", {}).get("no_of_files") or 0)
+        last_at = _iso(last.get("time")) if last else None
+        latest = _iso(time.time()) if streaming else last_at
+        problems = [f"{name}: {c.get('hint') or 'FAILED'}" for name, c in checks.items()
+                    if isinstance(c, dict) and c.get("status") not in ("OK", None)]
+        return BackupWindow(
+            "barman", server, done[0].end if done else None, latest if done else None, streaming,
+            last.get("name") if last else None, last_at, backups, wal_files,
+            (status.get("retention_policies") or {}).get("message"), done[-1].end if done else None, problems)
+
+    def backup_now(self, *, timeout: float = 6 * 3600) -> Backup:
+        """A base backup now (``barman backup --wait``: done once the WAL it needs is archived)."""
+        self.run("backup", "--wait", self.spec.server, timeout=timeout)
+        return self.backups()[-1]
+
+    def base_for(self, at: dt.datetime) -> Backup:
+        """The newest finished base backup that ended before ``at``."""
+        usable = [b for b in self.backups() if b.status == "DONE" and b.end_timestamp is not None
+                  and b.end_timestamp < at.timestamp()]
+        if not usable:
+            raise Refused(f"no base backup ended before {at.isoformat()}")
+        return usable[-1]
+
+    def recover(self, backup: Backup, destination: str, at: dt.datetime | None) -> float:
+        """Restore ``backup`` into ``destination`` (created by Barman), to replay to ``at`` and pause there;
+        the WAL being streamed is included (``--partial-wal``). Seconds taken."""
+        started = time.monotonic()
+        self.run("archive-wal", self.spec.server, timeout=120, check=False)  # nothing complete left behind
+        target = ["--target-time", at.isoformat(), "--target-action", "pause"] if at else ["--target-immediate"]
+        self.run("recover", *target, "--partial-wal", self.spec.server, backup.id, destination, timeout=6 * 3600)
+        return time.monotonic() - started
+
+
+def _errors(stdout: str) -> str:
+    try:
+        doc = json.loads(stdout)
+    except (json.JSONDecodeError, TypeError):
+        return ""
+    if isinstance(doc, dict) and doc.get("_ERROR"):
+        return "; ".join(map(str, doc["_ERROR"]))
+    return ""
