@@ -28,6 +28,9 @@ def test_json_has_the_documented_fields_with_observed_roles(fleet):
     assert {b["target"] for b in bouncers.values()} == {"remilia"}
     assert not any(b["paused"] for b in bouncers.values())
     assert bouncers["meta.sr.ht"]["entries"].keys() == {"srht"}  # databases = srht, over ssh
+    # No [backup]: the plan's "how far into the past can we peek?" answered plainly.
+    assert doc["past"]["engine"] is None and doc["past"]["wal_keep"] == "wal_keep_size = 64 MB"
+    assert "no backup engine ([backup]): nothing in the past can be opened" in doc["past"]["text"]
 
 
 def test_text_report_flags_settings_that_hurt_a_failover_and_check_exits_1(fleet):

@@ -79,6 +79,23 @@ def test_backup_status_gives_the_recoverable_window(lab):
     assert text.startswith("recoverable: ") and "WAL streams" in text
 
 
+def test_status_shows_the_window_and_flags_a_stopped_streaming(lab):
+    proc = cli(lab, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    past = json.loads(proc.stdout)["past"]
+    assert past["engine"] == "barman" and past["streaming"] is True and past["earliest"]
+    assert "past data: recoverable: " in cli(lab, "status").stdout
+    lab.barman.run("receive-wal", "--stop", "lab")
+    try:
+        flagged = cli(lab, "status", "--json")
+    finally:
+        lab.barman.run("cron")
+        lab.barman.switch_wal()  # streaming again, and past the segment the stop left open
+    doc = json.loads(flagged.stdout)
+    assert doc["past"]["streaming"] is False
+    assert any(p["subject"] == "backup" and "WAL does not stream to Barman" in p["message"] for p in doc["problems"])
+
+
 def test_past_at_a_time_between_two_writes_has_exactly_the_rows_committed_by_then(lab):
     insert(lab, range(1, 51))
     q(lab.primary.dsn, "DELETE FROM events WHERE n <= 5")

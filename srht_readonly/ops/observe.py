@@ -21,7 +21,8 @@ from .versions import Pg
 logger = logging.getLogger(__name__)
 
 SETTINGS = ("server_version", "server_version_num", "wal_log_hints", "data_checksums", "full_page_writes",
-            "hot_standby", "wal_level", "max_wal_senders", "primary_slot_name")
+            "hot_standby", "wal_level", "max_wal_senders", "primary_slot_name", "wal_keep_size", "wal_keep_segments",
+            "max_slot_wal_keep_size", "archive_mode")
 
 
 @dataclass

@@ -69,6 +69,8 @@ def status_text(status: Status) -> str:
                          b.file_target if b.file_target != b.target else "same"])
         lines += table(rows)
     lines.append("")
+    if status.past.get("text"):
+        lines += [f"past data: {status.past['text']}", ""]
     if status.announcement:
         a = status.announcement
         window = " ".join(f"{k} {a[k]}" for k in ("starts", "ends") if a[k])

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import announce
+from .backup import Barman
 from .cluster import Cluster
+from .errors import OpsError
 from .fleet import BouncerState, Fleet, seconds_setting
 from .observe import NodeState, observe_nodes, primaries
 
@@ -60,6 +62,8 @@ class Status:
     announcement_errors: dict[str, str] = field(default_factory=dict)
     #: Whether the service hosts' announcement files differ (a partly done ``announce``).
     announcements_differ: bool = False
+    #: How far into the past the database can be opened (``past_window``).
+    past: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The ``status --json`` document (``nodes[].role``, ``pgbouncers[].target``... see docs/cli.md)."""
@@ -84,7 +88,39 @@ def collect(cluster: Cluster) -> Status:
     status.announcement_errors = {h.service: h.error for h in seen if h.error}
     status.announcements_differ = len({h.announcement for h in seen if not h.error}) > 1
     status.problems = problems(status)
+    status.past, found = past_window(cluster, status.nodes)
+    status.problems += found
     return status
+
+
+def past_window(cluster: Cluster, nodes: list[NodeState]) -> tuple[dict[str, Any], list[Problem]]:
+    """The plan's "how far into the past can we peek?": Barman's recoverable window when ``[backup]`` names
+    one; otherwise what the primary keeps, said plainly: WAL for its standbys, no base backup."""
+    spec = cluster.inventory.backup
+    if spec is not None:
+        try:
+            window = Barman(spec, cluster.host(spec.ssh)).window()
+        except OpsError as exc:
+            return {"engine": "barman", "error": str(exc)}, [Problem("warning", "backup", f"cannot read the "
+                                                                     f"recoverable window: {exc}")]
+        found = [Problem("warning", "backup", p) for p in window.problems]
+        if window.earliest is None:
+            found.append(Problem("warning", "backup", "no base backup: nothing in the past can be opened"))
+        elif not window.streaming:
+            found.append(Problem("warning", "backup", f"WAL does not stream to Barman: the past ends at "
+                                                      f"{window.latest}"))
+        return {**dataclasses.asdict(window), "text": window.text()}, found
+    primary = next((n for n in nodes if n.role == "primary"), None)
+    if primary is None:
+        return {"engine": None, "text": "no backup engine, and no primary to ask what WAL it keeps"}, []
+    keep = primary.settings.get("wal_keep_size")
+    keep_text = f"wal_keep_size = {keep} MB" if keep is not None else \
+        f"wal_keep_segments = {primary.settings.get('wal_keep_segments', '?')}"
+    held = max((s.retained_bytes or 0 for s in primary.slots), default=0)
+    text = (f"no backup engine ([backup]): nothing in the past can be opened. {primary.name} keeps WAL only for "
+            f"its standbys: {keep_text}, and its slots hold {held // 2**20} MB; WAL without a base backup "
+            f"cannot be replayed onto anything (docs/past.md)")
+    return {"engine": None, "wal_keep": keep_text, "slots_hold_bytes": held, "text": text}, []
 
 
 def check_exit(status: Status) -> int:

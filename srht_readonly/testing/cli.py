@@ -61,7 +61,7 @@ def lab_up(directory: Path, pg_bin: Path | None, as_json: bool) -> None:
             return
         the_lab.destroy()
     try:
-        the_lab = Lab(directory, pg_bin=pg_bin)
+        the_lab = Lab(directory, pg_bin=pg_bin, backup=True)
     except OpsError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
