@@ -12,6 +12,7 @@ the close of the last archived segment.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import sql
 from .errors import OpsError, Refused
 from .inventory import BackupSpec
 from .remote import Host
@@ -146,6 +148,33 @@ class Barman:
             last.get("name") if last else None, last_at, backups, wal_files,
             (status.get("retention_policies") or {}).get("message"), done[-1].end if done else None, problems)
 
+    def cron(self) -> None:
+        """``barman cron``, as the minute's cron job does: (re)starts WAL streaming, from the node its conninfo
+        reaches now (after a failover: the new primary, where ``create_slot = auto`` makes the slot)."""
+        self.run("cron", timeout=120)
+
+    def switch_wal(self, primary_dsn: str, *, timeout: float = 60) -> float:
+        """Close the primary's current WAL segment and wait until Barman archived it; seconds.
+
+        Streamed WAL reaches Barman's archive only once the next segment has begun, so an empty
+        transaction (``SELECT txid_current()``) is committed on the primary every 0.2 s while waiting:
+        an idle primary would take ~15 s.
+        """
+        started = time.monotonic()
+        proc = self.host.popen([self.spec.barman, "-c", self.spec.config, "switch-wal", "--force", "--archive",
+                                "--archive-timeout", str(int(timeout)), self.spec.server],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                with contextlib.suppress(OpsError):
+                    sql.execute(primary_dsn, "SELECT txid_current()")
+                time.sleep(0.2)
+        finally:
+            out = proc.communicate(timeout=30)[0] or ""
+        if proc.returncode != 0:
+            raise OpsError(f"barman switch-wal on {self.host.name} failed: {out.strip()[-600:]}")
+        return time.monotonic() - started
+
     def backup_now(self, *, timeout: float = 6 * 3600) -> Backup:
         """A base backup now (``barman backup --wait``: done once the WAL it needs is archived)."""
         self.run("backup", "--wait", self.spec.server, timeout=timeout)
@@ -160,12 +189,14 @@ class Barman:
         return usable[-1]
 
     def recover(self, backup: Backup, destination: str, at: dt.datetime | None) -> float:
-        """Restore ``backup`` into ``destination`` (created by Barman), to replay to ``at`` and pause there;
-        the WAL being streamed is included (``--partial-wal``). Seconds taken."""
+        """Restore ``backup`` into ``destination`` (created by Barman), to replay to ``at`` and pause there, on
+        the timeline the fleet is on now (``--target-tli latest``). Seconds taken. Call ``switch_wal`` first so
+        the WAL up to ``at`` is archived."""
         started = time.monotonic()
-        self.run("archive-wal", self.spec.server, timeout=120, check=False)  # nothing complete left behind
-        target = ["--target-time", at.isoformat(), "--target-action", "pause"] if at else ["--target-immediate"]
-        self.run("recover", *target, "--partial-wal", self.spec.server, backup.id, destination, timeout=6 * 3600)
+        # --target-tli latest: follow the promotions since the base backup (their .history files and WAL)
+        target = ["--target-time", at.isoformat(), "--target-action", "pause", "--target-tli", "latest"] \
+            if at else ["--target-immediate"]
+        self.run("recover", *target, self.spec.server, backup.id, destination, timeout=6 * 3600)
         return time.monotonic() - started
 
 

@@ -104,11 +104,16 @@ def open_past(cluster: Cluster, *, at: dt.datetime | None = None, snapshot: str 
         if at.timestamp() > time.time() + FUTURE_SLACK:
             raise Refused(f"{at.isoformat()} is in the future")
         assert barman is not None
+        barman.cron()  # streaming (re)started now rather than at the next minute's cron
+        _nudge(cluster, at, say, barman)
         window = barman.window()
         if window.earliest is None:
             raise Refused(f"nothing can be recovered yet: {window.text()}")
         if at < dt.datetime.fromisoformat(window.earliest):
             raise Refused(f"{at.isoformat()} is before the earliest recoverable point:\n{window.text()}")
+        if window.latest is not None and at > dt.datetime.fromisoformat(window.latest):
+            raise Refused(f"{at.isoformat()} is after the latest recoverable point (WAL does not stream to "
+                          f"Barman):\n{window.text()}")
     if not host.exists(past_dir):
         raise Refused(f"{past_dir} does not exist on {host.name}: create it, owned by the user Barman runs as "
                       f"([backup] past-dir)")
@@ -132,13 +137,10 @@ def open_past(cluster: Cluster, *, at: dt.datetime | None = None, snapshot: str 
     try:
         if snapshot is None:
             assert barman is not None and base is not None and at is not None
-            _nudge(cluster, at, say)
             say(f"restoring base backup {base.id} into {data}, to replay up to {at.isoformat()}")
             barman.recover(base, str(data), at)
             source = f"base backup {base.id}"
         else:
-            if at is not None:
-                _nudge(cluster, at, say)
             say(f"copying {snapshot} to {data} (the snapshot itself is never started)")
             _copy_snapshot(host, Path(snapshot), data, owner, barman, at)
             source = f"snapshot {snapshot}"
@@ -239,20 +241,21 @@ def _wait_recovered(dsn: str, *, paused: bool, log: Callable[[], str], timeout: 
     raise OpsError(f"the instance did not reach its target within {timeout:.0f} s ({last_error}); {log()}")
 
 
-def _nudge(cluster: Cluster, at: dt.datetime, say: Say) -> None:
-    """Make sure a commit after ``at`` exists and has been streamed to Barman, so replay can stop at ``at``
-    (only commit records carry times). A transaction that writes nothing but its own id, on the primary."""
+def _nudge(cluster: Cluster, at: dt.datetime, say: Say, barman: Barman | None = None) -> None:
+    """Make sure a commit after ``at`` exists and is in Barman's archive, so replay can stop at ``at`` (only
+    commit records carry times): a transaction that writes nothing but its own id on the primary, then the
+    segment holding it closed and archived."""
     for node in cluster.inventory.nodes.values():
         try:
             if sql.role(node.dsn) != "primary":
                 continue
             sql.execute(node.dsn, "SELECT txid_current()")  # its own transaction: a commit record
-            (lsn,) = sql.query_one(node.dsn, "SELECT pg_current_wal_lsn()::text")  # past that commit
-            sql.wait_until(lambda n=node, lsn=lsn: sql.query_one(
-                n.dsn, "SELECT coalesce(bool_or(sent_lsn >= %s::pg_lsn), true) FROM pg_stat_replication "
-                       "WHERE application_name = 'barman_receive_wal'", (lsn,))[0],
-                timeout=10, what="Barman to receive the WAL past the target")
-            time.sleep(0.1)  # pg_receivewal writes what it was sent
+            sql.wait_until(lambda n=node: sql.query(
+                n.dsn, "SELECT 1 FROM pg_stat_replication WHERE application_name = 'barman_receive_wal'"),
+                timeout=15, what="Barman's WAL streaming (barman receive-wal) to connect")
+            if barman is not None:
+                seconds = barman.switch_wal(node.dsn)
+                say(f"the WAL past {at.isoformat()} is archived (switch-wal, {seconds:.1f} s)")
             return
         except OpsError as exc:
             say(f"could not make sure the archive reaches past {at.isoformat()}: {exc}")

@@ -58,6 +58,12 @@ class LabBarman:
         if not self.executable.exists():
             raise ToolMissing("barman", "barman (run ./scripts/bootstrap)", str(self.executable))
         primary = self.lab.primary
+        # Every node, read-write wanted: after a failover Barman (its next `barman cron`) streams from the new
+        # primary, creating its slot there (create_slot = auto), as production's conninfo should.
+        nodes = list(self.lab.nodes.values())
+        hosts = ",".join(n.host for n in nodes)
+        ports = ",".join(str(n.port) for n in nodes)
+        every = f"host={hosts} port={ports} target_session_attrs=read-write"
         self.lab.hostos.make_dir(self.home, owner=self.lab.os_user, mode=0o755)
         self.lab.hostos.write_text_atomic(self.config, (
             "[barman]\n"
@@ -67,8 +73,8 @@ class LabBarman:
             "log_level = INFO\n\n"
             f"[{SERVER}]\n"
             "description = srht-readonly lab primary\n"
-            f"conninfo = host={primary.host} port={primary.port} user=postgres dbname=postgres\n"
-            f"streaming_conninfo = host={primary.host} port={primary.port} user={REPLICATION_USER} dbname=postgres\n"
+            f"conninfo = {every} user=postgres dbname=postgres\n"
+            f"streaming_conninfo = {every} user={REPLICATION_USER} dbname=postgres\n"
             "backup_method = postgres\n"
             "streaming_archiver = on\n"
             "archiver = off\n"
