@@ -40,10 +40,10 @@ def _nothing_left(report: dict) -> None:
 
 
 def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
-    # 3 s per state: a state the verdicts judge is held longer (20 s more at most, or twice the
+    # 2 s per state: a state the verdicts judge is held longer (20 s more at most, or twice the
     # slowest operation) until every kind of operation of every service has met it, so even a
     # short drill judges no verdict on nothing.
-    proc = drill("--duration", "3", "--json", cwd=tmp_path)
+    proc = drill("--duration", "2", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report["passed"] is True
@@ -73,6 +73,8 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
     # The report, in the current directory: a page with a picture per scenario, and the JSON.
     page = (tmp_path / "drill-report" / "index.html").read_text()
     assert page.count("<svg") == len([s for s in SCENARIOS if s.default])
+    past = by["past-data"]["facts"]["past"]
+    assert past["rows"] == 90 and past["missing"] == past["extra"] == [] and past["gone"] is True, past
     upgrade = by["major-upgrade"]["facts"]["upgrade"]
     assert (upgrade["from"], upgrade["to"]) == (15, 18) and upgrade["dropped_column_options"] == ["pg_attver"]
     assert json.loads((tmp_path / "drill-report" / "report.json").read_text())["passed"] is True
