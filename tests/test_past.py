@@ -79,6 +79,17 @@ def test_backup_status_gives_the_recoverable_window(lab):
     assert text.startswith("recoverable: ") and "WAL streams" in text
 
 
+def test_backup_now_takes_another_base_backup(lab):
+    before = json.loads(cli(lab, "backup", "status", "--json").stdout)["backups"]
+    proc = cli(lab, "backup", "now", "--json")
+    assert proc.returncode == 0, proc.stderr
+    made = json.loads(proc.stdout)
+    after = json.loads(cli(lab, "backup", "status", "--json").stdout)
+    assert made["status"] == "DONE" and made["id"] not in {b["id"] for b in before}
+    assert [b["id"] for b in after["backups"]] == [b["id"] for b in before] + [made["id"]]
+    assert after["last_success"] == made["end"]
+
+
 def test_status_shows_the_window_and_flags_a_stopped_streaming(lab):
     proc = cli(lab, "status", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -210,3 +221,22 @@ def test_a_crash_consistent_snapshot_taken_under_writes_opens_read_only_with_eve
     rows_at = {r[0] for r in in_past(replayed, "SELECT n FROM events WHERE n >= 1000")}
     assert rows <= rows_at <= by_then and len(rows_at) >= len(rows)
     assert cli(lab, "past", "--stop").returncode == 0 and listed(lab) == []
+
+
+def test_the_exporter_serves_the_recoverable_window(lab):
+    from srht_readonly.ops.cluster import Cluster
+    from srht_readonly.ops.exporter import FleetExporter
+    from srht_readonly.ops.inventory import load
+
+    with Cluster(load(lab.inventory)) as cluster:
+        exporter = FleetExporter(cluster)
+        try:
+            exporter.observe()
+            metrics = {m.name: m.samples[0].value for m in exporter.collect() if m.samples}
+        finally:
+            exporter.close()
+    assert metrics["srht_readonly_backup_streaming"] == 1
+    assert metrics["srht_readonly_backup_window_seconds"] > 0
+    assert metrics["srht_readonly_backup_latest_timestamp_seconds"] >= metrics[
+        "srht_readonly_backup_earliest_timestamp_seconds"]
+    assert time.time() - metrics["srht_readonly_backup_last_success_timestamp_seconds"] < 3600

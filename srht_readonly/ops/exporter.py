@@ -20,6 +20,9 @@ observation (a scrape never waits for the fleet). Metrics (docs/monitoring.md):
   (its ``.history`` file's modification time; absent on timeline 1);
 * ``srht_readonly_announcement_in_effect``, ``srht_readonly_announcement_ends_timestamp_seconds``
   (the service hosts' maintenance announcement, ``[service NAME]``);
+* ``srht_readonly_backup_streaming``, ``srht_readonly_backup_earliest_timestamp_seconds``,
+  ``srht_readonly_backup_latest_timestamp_seconds``, ``srht_readonly_backup_last_success_timestamp_seconds``,
+  ``srht_readonly_backup_window_seconds`` (with a ``[backup]`` engine: the recoverable window, docs/past.md);
 * ``srht_readonly_status_problems{severity}``; ``srht_readonly_observation_timestamp_seconds``,
   ``srht_readonly_observation_duration_seconds``, ``srht_readonly_observation_success``.
 """
@@ -240,10 +243,28 @@ class FleetExporter(Collector):
         if announcement and announcement["ends"]:
             yield _gauge("announcement_ends_timestamp_seconds", "When the announced maintenance window ends",
                          value=datetime.fromisoformat(announcement["ends"]).timestamp())
+        yield from _backup_gauges(status.past)
         problems = _gauge("status_problems", "status's problems by severity", ["severity"])
         for severity in ("critical", "warning", "info"):
             problems.add_metric([severity], sum(p.severity == severity for p in status.problems))
         yield problems
+
+
+def _backup_gauges(past: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """The recoverable window of ``[backup]``'s engine, when there is one (``status``'s ``past``)."""
+    if past.get("engine") is None or "error" in past:
+        return
+    yield _gauge("backup_streaming", "1 while WAL streams to the backup engine", value=bool(past.get("streaming")))
+    for key, name, doc in (("earliest", "backup_earliest_timestamp_seconds", "The earliest recoverable time"),
+                           ("latest", "backup_latest_timestamp_seconds", "The latest recoverable time"),
+                           ("last_success", "backup_last_success_timestamp_seconds",
+                            "When the newest finished base backup ended")):
+        if past.get(key):
+            yield _gauge(name, doc, value=datetime.fromisoformat(past[key]).timestamp())
+    if past.get("earliest") and past.get("latest"):
+        yield _gauge("backup_window_seconds", "How far into the past the database can be opened",
+                     value=datetime.fromisoformat(past["latest"]).timestamp()
+                     - datetime.fromisoformat(past["earliest"]).timestamp())
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None, *,
