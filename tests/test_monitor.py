@@ -416,11 +416,16 @@ def test_after_a_crash_repoint_and_promotion_writable_within_recheck_plus_one_se
             time.sleep(0.005)
 
     def writer() -> None:
-        try:
-            with engine.begin() as conn:
-                conn.exec_driver_sql("INSERT INTO crashed VALUES (1)")
-        except sa.exc.DBAPIError:
-            pass  # refused or lost: either way the monitor has heard of it
+        # A backend of the killed primary may still commit an INSERT on a pooled connection before it
+        # notices its postmaster is gone: write until one fails, as a service's next requests would.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql("INSERT INTO crashed VALUES (1)")
+            except sa.exc.DBAPIError:
+                return  # refused or lost: either way the monitor has heard of it
+            time.sleep(0.05)
 
     readers = [threading.Thread(target=reader) for _ in range(4)]
     for thread in readers:

@@ -7,6 +7,7 @@ past go to ``/dev/shm`` (another file system than the lab's data, as production 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -240,3 +241,14 @@ def test_the_exporter_serves_the_recoverable_window(lab):
     assert metrics["srht_readonly_backup_latest_timestamp_seconds"] >= metrics[
         "srht_readonly_backup_earliest_timestamp_seconds"]
     assert time.time() - metrics["srht_readonly_backup_last_success_timestamp_seconds"] < 3600
+
+
+def test_with_no_primary_to_stream_from_a_time_after_the_archive_is_refused(lab):
+    """Last in the module: it kills the primary. Barman cannot stream any more (no read-write node), so the
+    window ends at the last archived segment, and a moment after it cannot be opened."""
+    lab.nodes["remilia"].kill()
+    proc = cli(lab, "past", "--at", datetime.datetime.now().astimezone().isoformat())
+    assert proc.returncode == 1, proc.stderr
+    assert "after the latest recoverable point (WAL does not stream to Barman)" in proc.stderr, proc.stderr
+    assert "WAL does NOT stream" in proc.stderr  # the window, printed
+    assert listed(lab) == []
