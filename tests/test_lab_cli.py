@@ -31,6 +31,7 @@ def test_lab_up_prints_roles_and_urls_and_down_removes_everything():
     assert roles == {"remilia": "primary", "konpaku": "standby", "pgbouncer": "pgbouncer -> remilia"}
     assert all(s["url"].startswith("postgresql://") for s in desc["servers"])
     assert set(load(desc["inventory"]).nodes) == {"remilia", "konpaku"}  # an inventory for --config
+    assert load(desc["inventory"]).backup is not None  # Barman runs: backup and past can be tried
     try:
         bouncer = next(s for s in desc["servers"] if s["name"] == "pgbouncer")
         with psycopg2.connect(bouncer["url"]) as conn, conn.cursor() as cur:
@@ -45,7 +46,8 @@ def test_lab_up_prints_roles_and_urls_and_down_removes_everything():
     assert down.returncode == 0, down.stderr
     assert not directory.exists()
     leftovers = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True).stdout
-    assert leftovers == ""
+    assert leftovers == ""  # Barman's receive-wal and pg_receivewal among them
+    assert not Path(f"/dev/shm/srht-readonly-past-{directory.name}").exists()
 
 
 def test_lab_up_with_pg_bin_runs_that_postgresql_and_its_inventory_drives_the_cli():
@@ -54,7 +56,7 @@ def test_lab_up_with_pg_bin_runs_that_postgresql_and_its_inventory_drives_the_cl
     bin_dir = new_major_bin()
     directory = Path(tempfile.mkdtemp(prefix="srht-cli-lab-"))
     try:
-        up = _cli("lab", "up", "--dir", str(directory), "--pg-bin", str(bin_dir), "--json")
+        up = _cli("lab", "up", "--dir", str(directory), "--pg-bin", str(bin_dir), "--no-backup", "--json")
         assert up.returncode == 0, up.stderr
         desc = json.loads(up.stdout)
         assert {s["name"]: s.get("bin") for s in desc["servers"]} == {

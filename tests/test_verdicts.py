@@ -242,6 +242,53 @@ def test_coverage_reads_what_is_new_and_knows_how_slow_each_kind_is():
     assert coverage.missing("worked-again", facts) == ["ssh push", "builds build"]
 
 
+def test_a_kind_is_settled_once_it_keeps_ending_operations_off_the_goal_and_has_none_under_way():
+    recorder = Recorder()
+    coverage = Coverage(recorder, {"web": ("create",), "ssh": ("push",)})
+    recorder.end(recorder.begin("web", "create"), ERROR)  # before the hold: not counted
+    coverage.mark()
+    for _ in range(2):
+        recorder.end(recorder.begin("web", "create"), ERROR)
+    assert not coverage.settled(["web create"])  # two: not yet
+    recorder.end(recorder.begin("web", "create"), ERROR)
+    assert coverage.settled(["web create"])
+    push = recorder.begin("ssh", "push")
+    for _ in range(3):
+        recorder.end(recorder.begin("ssh", "push"), ERROR)
+    assert not coverage.settled(["ssh push"])  # one still under way: it may yet reach the goal
+    assert not coverage.settled(["web create", "ssh push"])
+    recorder.end(push, ERROR)
+    assert coverage.settled(["web create", "ssh push"])
+    assert not coverage.settled([])  # nothing to judge is never settled
+
+
+@pytest.mark.parametrize("settles, longest", [(True, 4.5), (False, 25.0)])
+def test_hold_until_stops_early_only_when_the_missing_kinds_are_settled(monkeypatch, settles, longest):
+    from srht_readonly.drill import scenarios
+
+    class Stuck:
+        def missing(self, goal, facts):
+            return ["web create"]
+
+        def slowest(self, kinds):
+            return 0.1
+
+        def mark(self):
+            pass
+
+        def settled(self, kinds):
+            return settles
+
+    monkeypatch.setattr(scenarios, "EXTRA_HOLD", 20.0)
+    clock = [0.0]
+    monkeypatch.setattr(scenarios.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(scenarios.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    step = scenarios.Step(None, Recorder(), 0.0, progress=Stuck())
+    step.hold_until("worked-again")
+    assert scenarios.SETTLED_HOLD <= clock[0] <= longest
+    assert step.facts["never"] == {"worked-again": ["web create"]}
+
+
 def test_the_web_judge_counts_a_saved_write_as_writable_even_after_a_dropped_last_seen_update():
     """A request straddling the promotion: its last-seen update dropped (header), its own write saved (302)."""
     import requests

@@ -32,6 +32,29 @@ class Coverage:
         self._done: dict[str, tuple[set[tuple[str, str]], int]] = {}
         self._slowest: dict[tuple[str, str], float] = {}
         self._timed = 0
+        self._settle_from = 0  # the event index a hold started at (``mark``)
+        self._settle_seen = 0
+        self._ended: dict[tuple[str, str], int] = {}
+
+    def mark(self) -> None:
+        """From now on ``settled`` counts the operations that end."""
+        self._settle_from = self._settle_seen = len(self.recorder.events_since(0))
+        self._ended = {}
+
+    def settled(self, kinds: list[str], at_least: int = 3) -> bool:
+        """Whether every one of ``kinds`` has ended ``at_least`` operations since ``mark`` and has none under way:
+        they finish, and not at the goal, so holding longer would only add more of the same.
+
+        A kind with an operation still under way (a slow push, a build waiting, a client held by a
+        paused PgBouncer) is never settled: it may yet reach the goal, or hang, which is judged.
+        """
+        new = self.recorder.events_since(self._settle_seen)
+        self._settle_seen += len(new)
+        for e in new:
+            self._ended[(e.service, e.op)] = self._ended.get((e.service, e.op), 0) + 1
+        busy = {(o.service, o.op) for o in self.recorder.in_flight()}
+        wanted = [(service, op) for service, _, op in (k.partition(" ") for k in kinds)]
+        return bool(wanted) and all(k not in busy and self._ended.get(k, 0) >= at_least for k in wanted)
 
     def missing(self, goal: str, facts: Mapping[str, Any]) -> list[str]:
         key = json.dumps([goal, facts.get(Fact.STATES, []), facts.get(Fact.BACK_AT)])

@@ -50,8 +50,11 @@ class Fact(StrEnum):
 
 #: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
 EXTRA_HOLD = 20.0
-#: ... or twice the slowest operation of a kind still missing, on a machine that slow, up to this.
+#: ... or twice the slowest operation of a kind still missing, on a machine that slow, up to this;
 MOST_HOLD = 60.0
+#: ... but no more than this (or twice the slowest) once every missing kind is settled: each has
+#: ended a few operations since, none at the goal, and has none under way (``Progress.settled``).
+SETTLED_HOLD = 3.0
 
 
 class Procedures(Protocol):
@@ -88,6 +91,8 @@ class Progress(Protocol):
 
     def missing(self, goal: str, facts: dict[str, Any]) -> list[str]: ...
     def slowest(self, kinds: list[str]) -> float: ...
+    def mark(self) -> None: ...
+    def settled(self, kinds: list[str]) -> bool: ...
 
 
 @dataclass
@@ -114,16 +119,22 @@ class Step:
     def hold_until(self, goal: str, factor: float = 1.0) -> None:
         """Hold ``duration * factor``, then longer until no kind misses ``goal``: at most ``EXTRA_HOLD``
         s more, or twice the slowest operation of a missing kind (at most ``MOST_HOLD``) on a
-        machine so loaded that one takes longer.
+        machine so loaded that one takes longer. Once every missing kind is settled (it keeps ending
+        operations, none at the goal, none under way), ``SETTLED_HOLD`` s (or twice the slowest) is
+        enough: a broken service fails its verdict without holding the drill 20 s more.
 
         What was still missing when the bound ran out is noted in ``facts[Fact.NEVER][goal]``.
         """
         self.hold(factor)
         started = time.monotonic()
         left = self.progress.missing(goal, self.facts) if self.progress else []
+        if self.progress is not None:
+            self.progress.mark()
         while left and self.progress is not None:
-            bound = min(MOST_HOLD, max(EXTRA_HOLD, 2 * self.progress.slowest(left)))
-            if time.monotonic() - started >= bound:
+            slowest = 2 * self.progress.slowest(left)
+            bound = min(MOST_HOLD, max(EXTRA_HOLD, slowest))
+            elapsed = time.monotonic() - started
+            if elapsed >= bound or (elapsed >= max(SETTLED_HOLD, slowest) and self.progress.settled(left)):
                 break
             time.sleep(0.2)
             left = self.progress.missing(goal, self.facts)

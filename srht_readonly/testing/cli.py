@@ -51,9 +51,12 @@ def lab() -> None:
 @click.option("--pg-bin", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Directory of the PostgreSQL programs the nodes run (default: pg_ctl on $PATH, else the newest "
                    "/usr/lib/postgresql/*/bin); ignored when the lab is already up.")
+@click.option("--no-backup", is_flag=True, help="Do not start Barman (backup and past then have nothing to use).")
 @option_json
-def lab_up(directory: Path, pg_bin: Path | None, as_json: bool) -> None:
-    """Start the lab in the background and print each server's role and URL, and an inventory describing it."""
+def lab_up(directory: Path, pg_bin: Path | None, no_backup: bool, as_json: bool) -> None:
+    """Start the lab in the background and print each server's role and URL, and an inventory describing it.
+
+    Barman backs up the primary (streaming WAL, a first base backup), for ``backup`` and ``past``."""
     if (directory / STATE_FILE).exists():
         the_lab = Lab.attach(directory)
         if any(n.is_running() for n in the_lab.nodes.values()):
@@ -61,7 +64,7 @@ def lab_up(directory: Path, pg_bin: Path | None, as_json: bool) -> None:
             return
         the_lab.destroy()
     try:
-        the_lab = Lab(directory, pg_bin=pg_bin, backup=True)
+        the_lab = Lab(directory, pg_bin=pg_bin, backup=not no_backup)
     except OpsError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
