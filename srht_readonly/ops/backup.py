@@ -160,24 +160,33 @@ class Barman:
         transaction (``SELECT txid_current()``) is committed on the primary every 0.2 s while waiting:
         an idle primary would take ~15 s.
         """
+        return self._nudged(["switch-wal", "--force", "--archive", "--archive-timeout", str(int(timeout)),
+                             self.spec.server], primary_dsn, timeout=timeout + 30)
+
+    def _nudged(self, args: list[str], primary_dsn: str | None, *, timeout: float) -> float:
+        """``barman ARGS``, committing an empty transaction on the primary every 0.2 s until it ends; seconds."""
         started = time.monotonic()
-        proc = self.host.popen([self.spec.barman, "-c", self.spec.config, "switch-wal", "--force", "--archive",
-                                "--archive-timeout", str(int(timeout)), self.spec.server],
+        proc = self.host.popen([self.spec.barman, "-c", self.spec.config, *args],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
-                with contextlib.suppress(OpsError):
-                    sql.execute(primary_dsn, "SELECT txid_current()")
+                if time.monotonic() - started > timeout:
+                    proc.kill()
+                    break
+                if primary_dsn is not None:
+                    with contextlib.suppress(OpsError):
+                        sql.execute(primary_dsn, "SELECT txid_current()")
                 time.sleep(0.2)
         finally:
             out = proc.communicate(timeout=30)[0] or ""
         if proc.returncode != 0:
-            raise OpsError(f"barman switch-wal on {self.host.name} failed: {out.strip()[-600:]}")
+            raise OpsError(f"barman {args[0]} on {self.host.name} failed: {_errors(out) or out.strip()[-600:]}")
         return time.monotonic() - started
 
-    def backup_now(self, *, timeout: float = 6 * 3600) -> Backup:
-        """A base backup now (``barman backup --wait``: done once the WAL it needs is archived)."""
-        self.run("backup", "--wait", self.spec.server, timeout=timeout)
+    def backup_now(self, primary_dsn: str | None = None, *, timeout: float = 6 * 3600) -> Backup:
+        """A base backup now (``barman backup --wait``: done once the WAL it needs is archived). With the
+        primary's ``primary_dsn``, empty transactions there let that WAL reach the archive at once."""
+        self._nudged(["backup", "--wait", self.spec.server], primary_dsn, timeout=timeout)
         return self.backups()[-1]
 
     def base_for(self, at: dt.datetime) -> Backup:

@@ -93,7 +93,20 @@ class LabBarman:
         self.run("cron")
         sql.wait_until(self._streaming, timeout=30, what="barman receive-wal to stream")
         self.switch_wal()
-        self.run("backup", "--wait", SERVER, timeout=600)
+        self.backup()
+
+    def backup(self) -> None:
+        """``barman backup --wait``, with empty transactions on the primary so its last WAL is archived at once."""
+        proc = subprocess.Popen(self.command("backup", "--wait", SERVER), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd="/")
+        try:
+            while proc.poll() is None:
+                sql.execute(self.lab.primary.admin_dsn, "SELECT txid_current()")
+                time.sleep(0.2)
+        finally:
+            out = proc.communicate()[0]
+        if proc.returncode != 0:
+            raise OpsError(f"barman backup failed: {out[-800:]}")
 
     def _streaming(self) -> bool:
         rows = sql.query(self.lab.primary.admin_dsn,
