@@ -87,7 +87,7 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
 def test_local_drill_holds_under_excessive_load(tmp_path):
     # The read-only failover is the scenario an overloaded 2-core machine hurts most: four web and
     # celery loops with no pauses, two SSH loops per kind, 16 ledger writers and 16 readers.
-    proc = drill("--load", "excessive", "--scenario", "readonly-failover", "--duration", "2", "--json", cwd=tmp_path)
+    proc = drill("--load", "excessive", "--scenario", "readonly-failover", "--duration", "3", "--json", cwd=tmp_path)
     report = json.loads(proc.stdout)
     failed = [e for s in report["scenarios"] for e in s["expectations"] if not e["passed"]]
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])

@@ -112,15 +112,14 @@ class Barman:
         return doc
 
     def backups(self) -> list[Backup]:
-        """Every base backup, oldest first."""
+        """Every base backup, oldest first, from one ``list-backups``. Its end times are whole seconds, rounded
+        down: one second is added, so a time called recoverable always is (Barman refuses a target before
+        the backup's end)."""
         rows = self.json("list-backups", self.spec.server).get(self.spec.server, [])
         out = []
         for row in rows:
-            show = self.json("show-backup", self.spec.server, row["backup_id"])[self.spec.server]
-            info = show.get("base_backup_information", {})
-            out.append(Backup(row["backup_id"], info.get("begin_time"), info.get("end_time"),
-                              float(row["end_time_timestamp"]) if row.get("end_time_timestamp") else None,
-                              row.get("status", "?"), row.get("size_bytes")))
+            end = float(row["end_time_timestamp"]) + 1.0 if row.get("end_time_timestamp") else None
+            out.append(Backup(row["backup_id"], None, _iso(end), end, row.get("status", "?"), row.get("size_bytes")))
         return sorted(out, key=lambda b: b.end_timestamp or 0)
 
     def window(self) -> BackupWindow:
