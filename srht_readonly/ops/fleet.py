@@ -144,6 +144,23 @@ class Fleet:
                 raise OpsError(f"PgBouncer {name} started but its console does not answer after {timeout:.0f} s")
             time.sleep(0.1)
 
+    def drain(self, node: NodeSpec, *, timeout: float = 10) -> dict[str, int]:
+        """After a repoint away from ``node``: ``RECONNECT`` every PgBouncer (each server connection closes once
+        released) and wait until none is to ``node``, so stopping it fails no client. What is left, per PgBouncer."""
+        ready = [m for m in self.members.values() if m.error is None and m.console is not None]
+        consoles.execute(_consoles(ready), "RECONNECT", timeout=5)
+        self.reconnect()
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = consoles.execute(_consoles(ready), "SHOW SERVERS", timeout=5)
+            left = {name: sum(1 for r in o.rows if str(r.get("port")) == str(node.port)
+                              and r.get("addr") in (node.address, "localhost" if node.address == "127.0.0.1" else None))
+                    for name, o in shown.items() if o.ok}
+            left = {name: n for name, n in left.items() if n}
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
     # --- reaching ------------------------------------------------------------------------------
 
     def open(self, *, timeout: float = 10) -> dict[str, str]:

@@ -321,6 +321,11 @@ class _Major:
         self.say(f"read-only for {read_only:.1f} s; rebuilding {s} on PostgreSQL {plan.new_major}")
         sserver = self.cluster.server(s)
         self.cluster.use_bin(s, plan.new_bin)
+        # PgBouncer keeps using a server connection to the old target until it is released: stopping the
+        # standby at once failed reads in the drill. Close them first (RECONNECT), bounded.
+        left = self.fleet.drain(self.cluster.node(s))
+        if left:
+            self.say(f"server connections to {s} still open after 10 s ({left}); stopping it anyway")
         try:
             sserver.stop("fast")
             prepared = self._timed("rebuild_standby",
