@@ -63,7 +63,7 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
     assert {e["text"].split(":")[0] for e in met} == SERVICES, met
     for e in met:  # each one shows the operations that decided it, with the state they met
         assert e["operations"] and all(o["met"] == "read-only" or o["met"] is None for o in e["operations"]), e
-    for planned in ("switchover", "readonly-failover", "standby-crash", "host-os-upgrade", "major-upgrade"):
+    for planned in ("switchover", "readonly-failover", "standby-crash", "host-os-upgrade", "past-data"):
         assert by[planned]["ledger"]["lost"] == 0 and by[planned]["ledger"]["acknowledged"] > 100
     assert by["switchover"]["write_unavailability"] < 1.0
     assert by["readonly-failover"]["services"]["web"]["explained"] > 0
@@ -75,8 +75,7 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
     assert page.count("<svg") == len([s for s in SCENARIOS if s.default])
     past = by["past-data"]["facts"]["past"]
     assert past["rows"] == 90 and past["missing"] == past["extra"] == [] and past["gone"] is True, past
-    upgrade = by["major-upgrade"]["facts"]["upgrade"]
-    assert (upgrade["from"], upgrade["to"]) == (15, 18) and upgrade["dropped_column_options"] == ["pg_attver"]
+    assert "major-upgrade" not in by  # played only when named, until its failback is clean (docs/drill.md)
     assert json.loads((tmp_path / "drill-report" / "report.json").read_text())["passed"] is True
     # The summary and the live progress went to stderr; nothing is left running.
     assert "every expectation held" in proc.stderr
