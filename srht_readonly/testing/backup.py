@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..ops import sql
+from ..ops.backup import Barman
 from ..ops.errors import OpsError, ToolMissing
+from ..ops.inventory import BackupSpec
+from ..ops.remote import LocalHost
 from .servers import REPLICATION_USER
 
 if TYPE_CHECKING:
@@ -97,16 +99,7 @@ class LabBarman:
 
     def backup(self) -> None:
         """``barman backup --wait``, with empty transactions on the primary so its last WAL is archived at once."""
-        proc = subprocess.Popen(self.command("backup", "--wait", SERVER), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd="/")
-        try:
-            while proc.poll() is None:
-                sql.execute(self.lab.primary.admin_dsn, "SELECT txid_current()")
-                time.sleep(0.2)
-        finally:
-            out = proc.communicate()[0]
-        if proc.returncode != 0:
-            raise OpsError(f"barman backup failed: {out[-800:]}")
+        self.ops().backup_now(self.lab.primary.admin_dsn, timeout=300)
 
     def _streaming(self) -> bool:
         rows = sql.query(self.lab.primary.admin_dsn,
@@ -114,22 +107,13 @@ class LabBarman:
         return bool(rows)
 
     def switch_wal(self, *, timeout: float = 60) -> None:
-        """Close the current WAL segment and wait until Barman archived it.
+        """Close the current WAL segment and wait until Barman archived it (``Barman.switch_wal``)."""
+        self.ops().switch_wal(self.lab.primary.admin_dsn, timeout=timeout)
 
-        Streamed WAL reaches Barman's archive only once the next segment has begun, so a tiny
-        transaction is committed every 0.2 s while waiting (an idle primary takes ~15 s otherwise).
-        """
-        proc = subprocess.Popen(self.command("switch-wal", "--force", "--archive", "--archive-timeout",
-                                             str(int(timeout)), SERVER),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
-        try:
-            while proc.poll() is None:
-                sql.execute(self.lab.primary.admin_dsn, "SELECT txid_current()")
-                time.sleep(0.2)
-        finally:
-            out = proc.communicate()[0]
-        if proc.returncode != 0:
-            raise OpsError(f"barman switch-wal failed: {out[-800:]}")
+    def ops(self) -> Barman:
+        """The procedures' own Barman over this one's ``[backup]`` section (the lab is built from ``ops``)."""
+        return Barman(BackupSpec(config=str(self.config), server=SERVER, barman=str(self.executable),
+                                 past_dir=str(self.past_dir)), LocalHost())
 
     def stop(self) -> None:
         """Stop the instances of the past, the streaming, and drop the slot (it would hold WAL on the primary for
