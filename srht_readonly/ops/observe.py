@@ -92,6 +92,17 @@ def primaries(states: dict[str, NodeState]) -> list[str]:
     return [name for name, s in states.items() if s.role == "primary"]
 
 
+def primary_and_standby(states: dict[str, NodeState], *, what: str, why: str) -> tuple[str, str]:
+    """The one primary and a standby streaming from it, or ``Refused`` saying ``what`` needs them and ``why``."""
+    live = primaries(states)
+    if len(live) != 1:
+        raise Refused(f"{what} needs exactly one primary; found {', '.join(live) or 'none'}")
+    standbys = [n for n, s in states.items() if s.role == "standby" and s.receiver_status == "streaming"]
+    if not standbys:
+        raise Refused(f"no standby streams from {live[0]}: {why} (srht-readonly standby prepare NODE --from {live[0]})")
+    return live[0], standbys[0]
+
+
 def _read(spec: NodeSpec, cur: Any) -> NodeState:
     cur.execute("SELECT pg_is_in_recovery()")
     in_recovery = cur.fetchone()[0]

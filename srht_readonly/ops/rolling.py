@@ -26,7 +26,7 @@ from . import replication
 from .cluster import Cluster
 from .errors import OpsError, PartlyDone, Refused
 from .fleet import Fleet
-from .observe import observe_nodes, primaries
+from .observe import observe_nodes, primary_and_standby
 from .pgupgrade import major_of_bin, major_of_data
 from .switchover import check_switchover, run_switchover
 
@@ -102,15 +102,7 @@ def check_rolling(cluster: Cluster, fleet: Fleet, node: str, *, kind: str, every
     holds the node's major."""
     cluster.node(node)
     states = observe_nodes(cluster.inventory)
-    live = primaries(states)
-    if len(live) != 1:
-        raise Refused(f"this needs exactly one primary; found {', '.join(live) or 'none'}")
-    primary = live[0]
-    standbys = [n for n, s in states.items() if s.role == "standby" and s.receiver_status == "streaming"]
-    if not standbys:
-        raise Refused(f"no standby streams from {primary}: each node must be the standby in turn "
-                      f"(srht-readonly standby prepare NODE --from {primary})")
-    standby = standbys[0]
+    primary, standby = primary_and_standby(states, what="this", why="each node must be the standby in turn")
     if node not in (primary, standby):
         raise Refused(f"{node} is neither the primary {primary} nor its streaming standby {standby}")
     nodes = [node] + ([n for n in (primary, standby) if n != node] if every else [])
