@@ -145,11 +145,16 @@ class Fleet:
             time.sleep(0.1)
 
     def drain(self, node: NodeSpec, *, timeout: float = 10) -> dict[str, int]:
-        """After a repoint away from ``node``: ``RECONNECT`` every PgBouncer (each server connection closes once
-        released) and wait until none is to ``node``, so stopping it fails no client. What is left, per PgBouncer."""
+        """After a repoint away from ``node``: wait until no PgBouncer holds a server connection to it, so
+        stopping it fails no client. What is left, per PgBouncer.
+
+        The repoint's ``RELOAD`` already closed the idle ones and marked the rest to close once released
+        (a changed connect string). No ``RECONNECT`` here: it would also close the new connections still
+        logging in to the new target, which PgBouncer counts as failed logins, and it then turns away
+        every waiting client with "server login has been failing" (seen in the drill: reads failed
+        within 20 ms of the fleet's return to an upgraded primary).
+        """
         ready = [m for m in self.members.values() if m.error is None and m.console is not None]
-        consoles.execute(_consoles(ready), "RECONNECT", timeout=5)
-        self.reconnect()
         deadline = time.monotonic() + timeout
         while True:
             shown = consoles.execute(_consoles(ready), "SHOW SERVERS", timeout=5)

@@ -47,7 +47,7 @@ from .cluster import Cluster
 from .errors import OpsError, PartlyDone, Refused
 from .failover import check_failover, run_failover
 from .fleet import Fleet
-from .observe import observe_nodes, primaries
+from .observe import observe_nodes, primary_and_standby
 from .postgres import PostgresServer
 from .standby import check_prepare, run_prepare
 from .switchover import MAX_LAG, stop_primary
@@ -133,15 +133,8 @@ def check_major_upgrade(cluster: Cluster, fleet: Fleet, to_bin: str, *, method: 
         raise Refused(f"--method must be one of {', '.join(pgupgrade.METHODS)}")
     started = time.monotonic()
     states = observe_nodes(cluster.inventory)
-    live = primaries(states)
-    if len(live) != 1:
-        raise Refused(f"a major upgrade needs exactly one primary; found {', '.join(live) or 'none'}")
-    p = live[0]
-    standbys = [n for n, s in states.items() if s.role == "standby" and s.receiver_status == "streaming"]
-    if not standbys:
-        raise Refused(f"no standby streams from {p}: the upgrade needs one to serve reads during the window and "
-                      f"to fall back on (srht-readonly standby prepare NODE --from {p})")
-    s = standbys[0]
+    p, s = primary_and_standby(states, what="a major upgrade",
+                               why="the upgrade needs one to serve reads during the window and to fall back on")
     st = states[s]
     if st.replay_paused:
         raise Refused(f"{s} is not caught up: its replay is paused (SELECT pg_wal_replay_resume() on {s})")
@@ -243,7 +236,8 @@ def run_major_upgrade(cluster: Cluster, fleet: Fleet, plan: MajorPlan, *, say: S
     """Carry out ``plan`` (see the module docstring); every phase timed.
 
     ``window("read-only")`` is called once every PgBouncer points at the standby (before the
-    primary is touched), ``window("writable")`` once they point at the upgraded primary: the
+    primary is touched), ``window("closing")`` just before they are pointed back (from then on a
+    write may be taken), ``window("writable")`` once they all point at the upgraded primary: the
     drill notes the states there, and may hold the first one.
     """
     return _Major(cluster, fleet, plan, say, window or (lambda _state: None)).run()
@@ -307,6 +301,7 @@ class _Major:
             self.phases["analyze"] = round(pgupgrade.analyze_in_stages(self.server, conninfo, env), 3)
             sanity = self._timed("sanity", self._sanity)
             self.say(f"read-only window ends: every PgBouncer back to {p}")
+            self.window("closing")
             self._timed("failback", lambda: run_failover(self.cluster, self.fleet,
                                                          check_failover(self.cluster, self.fleet, p)))
             self.window("writable")
@@ -321,8 +316,8 @@ class _Major:
         self.say(f"read-only for {read_only:.1f} s; rebuilding {s} on PostgreSQL {plan.new_major}")
         sserver = self.cluster.server(s)
         self.cluster.use_bin(s, plan.new_bin)
-        # PgBouncer keeps using a server connection to the old target until it is released: stopping the
-        # standby at once failed reads in the drill. Close them first (RECONNECT), bounded.
+        # PgBouncer keeps a server connection to the old target until it is released: stop the standby only
+        # once none is left (Fleet.drain, bounded).
         left = self.fleet.drain(self.cluster.node(s))
         if left:
             self.say(f"server connections to {s} still open after 10 s ({left}); stopping it anyway")
