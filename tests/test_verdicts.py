@@ -120,6 +120,22 @@ def test_a_write_that_observed_a_writable_database_met_one_whatever_the_clock_sa
     assert not check.passed and check.evidence[0].outcome is OK
 
 
+def test_the_major_upgrades_window_ends_where_the_fleets_return_began_not_where_it_was_verified():
+    # The return to the upgraded primary began at 20 s (window_closing) and was verified at 21 s: a
+    # write acknowledged at 20.5 s went through a PgBouncer already back, and is no finding. One
+    # acknowledged at 19.5 s is; so is any without the closing fact (the window then runs to 21 s).
+    facts = {"read_only_from": 10.0, "window_closing": 20.0, "read_only_until": 21.0, "back_at": 21.0,
+             "states": [["read-only", 10.0, 21.0]]}
+    text = "writes in the read-only window were refused"
+    for written, closing, passed in ((20.4, True, True), (19.4, True, False), (20.4, False, False)):
+        recorder = Recorder()
+        recorder._events = [ev("write", 12.0, 12.1, EXPLAINED, write=True, met=RO, service="database"),
+                            ev("write", written, written + 0.1, OK, write=True, met=W, service="database")]
+        judged = facts if closing else {k: v for k, v in facts.items() if k != "window_closing"}
+        check = verdict(verdicts.database("major-upgrade", recorder, judged, LedgerResult(2)), text)
+        assert check.passed is passed, (written, closing, check.observed)
+
+
 def test_two_loops_in_step_each_judged_on_its_own_operations():
     # Two loops of one kind starting together: the pooled median gap is ~0, which once demanded
     # operations the window could not hold. Now each kind must simply have met the state.

@@ -78,10 +78,12 @@ def first(events: list[Event], predicate: Callable[[Event], bool]) -> Event | No
 
 
 def read_only_window(facts: dict[str, Any]) -> tuple[float, float]:
-    """When the database was certainly read-only in ``readonly-failover``: from ``read_only_from``
-    to the start of the promotion step (``promote_started``; ``read_only_until`` is when the
-    promotion was *verified*, and the standby already takes writes during that verification)."""
-    return facts[Fact.READ_ONLY_FROM], facts.get(Fact.PROMOTE_STARTED, facts[Fact.READ_ONLY_UNTIL])
+    """When the database was certainly read-only: from ``read_only_from`` to the start of the step that
+    ends the window (``readonly-failover``'s promotion, ``promote_started``; ``major-upgrade``'s return to
+    the upgraded primary, ``window_closing``). ``read_only_until`` is when that step was *verified*, and
+    writes are already taken during the verification."""
+    closing = facts.get(Fact.PROMOTE_STARTED, facts.get(Fact.WINDOW_CLOSING))
+    return facts[Fact.READ_ONLY_FROM], facts[Fact.READ_ONLY_UNTIL] if closing is None else closing
 
 
 def _windows(facts: Mapping[str, Any], state: State) -> list[tuple[float, float]]:
