@@ -21,15 +21,28 @@ Promises:
 * Every response carries ``Srht-Read-Only: true`` while read-only (not while the database is
   unreachable: that is no read-only mode, and its 503 says "unavailable"); templates get
   ``read_only_banner`` (text, or None), with the operator's announcement when there is one.
+* A request whose database work fails on a lost connection (a crashed primary, a dropped
+  PgBouncer server connection) is **re-run** on a fresh connection, within
+  ``SRHT_READONLY_RETRY_BUDGET`` seconds, before any byte of the response is sent, when doing
+  it twice cannot do anything twice: a GET, HEAD or OPTIONS request whose writes (if any) never
+  reached COMMIT, or any request that has only read so far. Never after a write reached COMMIT,
+  never for a view marked :func:`no_retry`, never for a streamed response (its body runs after
+  the view returned). The exact rule is ``srht_readonly.rerun.why_not``; docs/flask.md.
+* With ``SRHT_READONLY_REDIS_URL``, the monitor shares what it learns with every other process
+  (``srht_readonly.shared_state``): one process's first refused write makes every process refuse
+  unsafe requests before the view.
 * A healthy request costs two attribute reads on the monitor (and a context processor on
-  rendered pages): no query, no I/O.
+  rendered pages), two context-variable sets and one call per statement for the retry's
+  ledger: no query, no I/O.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time as _time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import resources
 from time import time
@@ -39,10 +52,11 @@ import flask
 from jinja2 import Template
 from sqlalchemy.exc import DBAPIError
 
+from . import rerun
 from ._root_error import SrhtReadOnlyError
-from .errors import Failure
+from .errors import Failure, first_line
 from .monitor import ReadOnlyMonitor
-from .sqlalchemy import instrument
+from .sqlalchemy import instrument, track_writes
 
 __all__ = [
     "DEFAULTS",
@@ -54,6 +68,7 @@ __all__ = [
     "Settings",
     "exempt",
     "metrics_endpoint",
+    "no_retry",
     "respond",
 ]
 
@@ -80,6 +95,10 @@ DEFAULTS: dict[str, Any] = {
     "REPOST": True,
     "RECHECK": 2.0,
     "ANNOUNCE_FILE": None,
+    "RETRY_BUDGET": 3.0,
+    "REDIS_URL": None,
+    "SHARED_PREFIX": "srht-readonly",
+    "SHARED_TTL": 30.0,
 }
 
 CODES = {
@@ -89,6 +108,7 @@ CODES = {
 }
 
 _EXEMPT = "_srht_readonly_exempt"
+_NO_RETRY = "_srht_readonly_no_retry"
 _PACKAGED_TEMPLATE = "templates/read_only.html"
 
 V = TypeVar("V", bound=Callable[..., Any])
@@ -102,6 +122,17 @@ def exempt(view: V) -> V:
     decorators that use ``functools.wraps`` carry the mark along.
     """
     setattr(view, _EXEMPT, True)
+    return view
+
+
+def no_retry(view: V) -> V:
+    """Mark a view never to be re-run after a lost database connection (see docs/flask.md).
+
+    For views with effects outside the database that must not happen twice (an email, a file,
+    a call to another service) before their database work, or that call SQL functions which
+    write from a ``SELECT``. Same placement rules as :func:`exempt`.
+    """
+    setattr(view, _NO_RETRY, True)
     return view
 
 
@@ -142,6 +173,10 @@ class Settings:
     repost: bool
     recheck: float
     announce_file: str | None
+    retry_budget: float = DEFAULTS["RETRY_BUDGET"]
+    redis_url: str | None = None
+    shared_prefix: str = DEFAULTS["SHARED_PREFIX"]
+    shared_ttl: float = DEFAULTS["SHARED_TTL"]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Settings:
@@ -154,6 +189,13 @@ class Settings:
             raise ValueError(f"SRHT_READONLY_RETRY_AFTER and _RECHECK must be numbers of seconds: {exc}") from exc
         if retry_after < 0 or recheck <= 0:
             raise ValueError("SRHT_READONLY_RETRY_AFTER must be >= 0 and SRHT_READONLY_RECHECK > 0")
+        try:
+            retry_budget = float(raw["RETRY_BUDGET"])
+            shared_ttl = float(raw["SHARED_TTL"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"SRHT_READONLY_RETRY_BUDGET and _SHARED_TTL must be numbers of seconds: {exc}") from exc
+        if retry_budget < 0 or shared_ttl <= 0:
+            raise ValueError("SRHT_READONLY_RETRY_BUDGET must be >= 0 and SRHT_READONLY_SHARED_TTL > 0")
         return cls(
             retry_after=retry_after,
             site_name=str(raw["SITE_NAME"]),
@@ -166,6 +208,10 @@ class Settings:
             repost=bool(raw["REPOST"]),
             recheck=recheck,
             announce_file=str(raw["ANNOUNCE_FILE"]) if raw["ANNOUNCE_FILE"] else None,
+            retry_budget=retry_budget,
+            redis_url=str(raw["REDIS_URL"]) if raw["REDIS_URL"] else None,
+            shared_prefix=str(raw["SHARED_PREFIX"]),
+            shared_ttl=shared_ttl,
         )
 
     def message_for(self, failure: Failure) -> str:
@@ -204,6 +250,8 @@ class ReadOnlyState:
         self.monitor = monitor
         self.session = session
         self.settings = settings
+        #: The monitor's ``srht_readonly.shared_state.SharedState`` (``SRHT_READONLY_REDIS_URL``), or None.
+        self.shared: Any = None
         self._fallback: Template | None = None
 
     @property
@@ -233,6 +281,16 @@ class ReadOnlyState:
             self.session.rollback()
         except Exception as exc:  # the connection may be gone; the 503 is still the answer
             logger.debug("rolling back after a read-only failure failed: %s", exc)
+
+    def discard_session(self) -> None:
+        """Roll back and, for a ``scoped_session``, remove the session, so a re-run starts afresh."""
+        self.rollback()
+        remove = getattr(self.session, "remove", None)
+        if remove is not None:
+            try:
+                remove()
+            except Exception as exc:
+                logger.debug("removing the session before a re-run failed: %s", exc)
 
     def fallback_template(self, app: flask.Flask) -> Template:
         """The packaged page, compiled once in the app's environment (so it sees its globals)."""
@@ -269,6 +327,7 @@ class ReadOnly:
             self.init_app(app)
 
     exempt = staticmethod(exempt)
+    no_retry = staticmethod(no_retry)
 
     def init_app(self, app: flask.Flask) -> ReadOnlyState:
         """Register on ``app`` (once: a second registration raises ``RuntimeError``)."""
@@ -293,9 +352,20 @@ class ReadOnly:
                     "this engine already reports to another ReadOnlyMonitor: pass that one, "
                     "ReadOnly(app, monitor=srht_readonly.sqlalchemy.monitor_of(engine), session=...)"
                 ) from exc
+        # The retry needs to know what a request wrote: only with an engine to watch.
+        retrying = engine is not None and settings.retry_budget > 0
+        if retrying:
+            track_writes(engine)
         state = ReadOnlyState(self, monitor, self.session, settings)
+        if settings.redis_url is not None:
+            from .shared_state import SharedState  # redis is imported only when asked for
+
+            state.shared = SharedState.attach(monitor, settings.redis_url, prefix=settings.shared_prefix,
+                                              ttl=settings.shared_ttl)
         app.extensions[EXTENSION_KEY] = state
         _register(app, state)
+        if retrying:
+            _wrap_dispatch(app, state)
         return state
 
 
@@ -341,12 +411,15 @@ def _register(app: flask.Flask, state: ReadOnlyState) -> None:
         if not isinstance(failure, Failure):
             raise exc
         monitor.observe(exc)
+        if exc.__cause__ is not None:  # a database error turned into ours; not a refusal made before any work
+            _rerun_if_allowed(app, state, failure, exc)
         return respond(state, failure, getattr(exc, "message", None) or str(exc))
 
     def on_database_error(exc: DBAPIError) -> flask.Response:
         failure = monitor.observe(exc)
         if failure is None:
             raise exc  # not ours: Flask's usual 500 handling takes it from here
+        _rerun_if_allowed(app, state, failure, exc)
         return respond(state, failure)
 
     # First of all before_request functions: an app's own ones may write (sessions, counters).
@@ -355,6 +428,87 @@ def _register(app: flask.Flask, state: ReadOnlyState) -> None:
     app.context_processor(banner)
     app.register_error_handler(SrhtReadOnlyError, on_package_error)
     app.register_error_handler(DBAPIError, on_database_error)
+
+
+class _Attempt:
+    """One request's attempts: the ledger of the current one, and the budget once one failed."""
+
+    __slots__ = ("budget", "ledger")
+
+    def __init__(self) -> None:
+        self.ledger = rerun.Ledger()
+        self.budget: rerun.RetryBudget | None = None
+
+
+class _Rerun(Exception):  # noqa: N818 - a signal to the dispatch wrapper, never seen outside it
+    def __init__(self, cause: BaseException, wait: float) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.wait = wait
+
+
+_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("srht_readonly_attempt", default=None)
+
+
+def _wrap_dispatch(app: flask.Flask, state: ReadOnlyState) -> None:
+    """Run ``full_dispatch_request`` again when the error handlers ask for it (``_Rerun``).
+
+    The whole dispatch is repeated (``before_request`` functions, so a refusal before the view
+    still applies, then the view), in the same request context; nothing of the response has
+    been sent: Flask sends it after ``full_dispatch_request`` returns.
+    """
+    dispatch = app.full_dispatch_request
+
+    ledger_var = rerun.LEDGER
+
+    def full_dispatch_request() -> flask.Response:
+        attempt = _Attempt()
+        token = _ATTEMPT.set(attempt)
+        try:
+            while True:
+                recording = ledger_var.set(attempt.ledger)
+                try:
+                    return dispatch()
+                except _Rerun as again:
+                    wait = again.wait
+                    cause = again.cause
+                finally:
+                    ledger_var.reset(recording)
+                budget = attempt.budget
+                assert budget is not None
+                state.discard_session()
+                request = flask.request
+                logger.info("re-running %s %s after a lost database connection (attempt %d, %.2f s since the "
+                            "first failure, waiting %.2f s): %s", request.method, request.path, budget.attempts,
+                            budget.elapsed, wait, first_line(cause))
+                _time.sleep(wait)
+                attempt.ledger = rerun.Ledger()  # that attempt's transactions died with its connection
+        finally:
+            _ATTEMPT.reset(token)
+
+    app.full_dispatch_request = full_dispatch_request  # type: ignore[method-assign]
+
+
+def _rerun_if_allowed(app: flask.Flask, state: ReadOnlyState, failure: Failure, exc: BaseException) -> None:
+    """Raise ``_Rerun`` if this request may run again (``rerun.why_not`` and the budget); else return."""
+    attempt = _ATTEMPT.get()
+    if attempt is None:
+        return
+    request = flask.request
+    view = app.view_functions.get(request.endpoint or "")
+    why = rerun.why_not(failure, attempt.ledger, method=request.method, opted_out=getattr(view, _NO_RETRY, False))
+    if why is not None:
+        if failure is not Failure.READ_ONLY:
+            logger.info("not re-running %s %s after a lost database connection: %s", request.method, request.path, why)
+        return
+    if attempt.budget is None:
+        attempt.budget = rerun.RetryBudget(state.settings.retry_budget)
+    wait = attempt.budget.next_wait()
+    if wait is None:
+        logger.info("gave up re-running %s %s: the database stayed unreachable for %.1f s (%d attempts)",
+                    request.method, request.path, attempt.budget.elapsed, attempt.budget.attempts)
+        return
+    raise _Rerun(exc, wait)
 
 
 def _wants_json(prefixes: tuple[str, ...]) -> bool:

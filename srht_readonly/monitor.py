@@ -19,6 +19,10 @@ Promises:
   until it ends or the file is removed; no probe overrides it.
 * Every change (and every new or withdrawn announcement) is logged once and handed to the
   listeners as a :class:`MonitorEvent`.
+* ``monitor.hint(...)`` takes what another process found (``srht_readonly.shared_state``): a
+  read-only hint is applied at once (reason ``"shared"``) and re-verified by the next recheck
+  like any other read-only state; a writable hint is never taken on trust when the monitor can
+  probe: it probes at once, in the caller's thread.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Reason(StrEnum):
     ANNOUNCEMENT = "announcement"
     EXPIRED = "expired"  # read-only with no probe available, and the recheck time passed
     MANUAL = "manual"
+    SHARED = "shared"  # another process's hint (srht_readonly.shared_state), not yet re-verified here
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,34 @@ class ReadOnlyMonitor:
         with self._probe_lock:
             self._probe_locked(force=True)
         return self._state.read_only
+
+    def hint(self, read_only: bool, detail: str, failure: Failure | None = None) -> None:
+        """Learn what another process found (``srht_readonly.shared_state`` calls this).
+
+        A **read-only** hint turns a writable monitor read-only at once, with reason
+        ``Reason.SHARED``, ``detail`` and ``failure`` (``Failure.UNAVAILABLE`` when the other
+        process could not reach the database); nothing is queried. It is then re-verified like
+        any read-only state: the next recheck (``recheck`` seconds at most) probes, or, with no
+        probe available, the state expires. A monitor already read-only for reasons of its own
+        keeps them.
+
+        A **writable** hint is never taken on trust when the monitor can probe: it probes now,
+        in the calling thread (at most ``probe_timeout`` seconds), and turns writable only if
+        the database says so. Without a probe, a read-only state that is not an announcement
+        turns writable. An operator's announcement in effect is never overridden.
+        """
+        state = self._state
+        if read_only:
+            if state.read_only and (state.reason is not Reason.SHARED or state.failure == failure):
+                return
+            self._transition(True, Reason.SHARED, detail, failure)
+            return
+        if not state.read_only or state.reason is Reason.ANNOUNCEMENT:
+            return
+        if self._can_probe():
+            self.check()
+        else:
+            self._transition(False, Reason.SHARED, detail)
 
     def set_read_only(self, detail: str = "set by the application") -> None:
         """Turn read-only by hand (tests, maintenance scripts); probes may turn it back."""

@@ -16,6 +16,11 @@ or per-transaction event, only code that runs when something fails (like Flask-S
   as ``Failure.COMMIT_UNKNOWN``. On success the wrapper costs one extra function call;
 * the monitor probes through the same engine; ``monitor_of(engine)`` gives it back.
 
+``track_writes(engine)`` (the Flask adapter calls it when its transparent retry is on) records
+into the current ``srht_readonly.rerun.Ledger`` whether a request sent a statement that writes
+and whether such a transaction reached COMMIT: one extra Python call and a cached lookup per
+statement, nothing at all outside a request that records.
+
 Behind PgBouncer in transaction mode nothing may keep session state on the server: no ``SET``,
 no ``LISTEN``, no prepared statements. ``create_engine(url)`` (or ``pgbouncer_safe_url``) makes
 sure the driver does not prepare: a bare ``postgresql://`` means psycopg2 (SQLAlchemy 2.1 would
@@ -33,10 +38,11 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Dialect, Engine, ExceptionContext
 
+from . import rerun
 from .errors import Failure, mark_commit
 from .monitor import ReadOnlyMonitor
 
-__all__ = ["create_engine", "instrument", "is_instrumented", "monitor_of", "pgbouncer_safe_url"]
+__all__ = ["create_engine", "instrument", "is_instrumented", "monitor_of", "pgbouncer_safe_url", "track_writes"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ logger = logging.getLogger(__name__)
 # holds the ``handle_error`` listener: what is instrumented is the dialect.
 _MONITOR = "_srht_readonly_monitor"
 _WRAPPED_COMMIT = "_srht_readonly_commit_wrapped"
+_TRACKED = "_srht_readonly_writes_tracked"
 _BARE = ("postgresql", "postgres")
 
 
@@ -114,6 +121,66 @@ def _wrap_commit(dialect: Dialect) -> None:
 
     dialect.do_commit = do_commit_marked  # type: ignore[method-assign]
     setattr(dialect, _WRAPPED_COMMIT, True)
+
+
+def track_writes(engine: Engine) -> Engine:
+    """Feed every statement, COMMIT and ROLLBACK of ``engine`` to the current ``rerun.Ledger``.
+
+    What a request did decides whether it may be re-run after a lost connection
+    (``srht_readonly.rerun.why_not``). The dialect's ``do_execute``, ``do_execute_no_params``,
+    ``do_executemany``, ``do_commit`` and ``do_rollback`` are wrapped (as ``instrument`` wraps
+    ``do_commit``; no SQLAlchemy event, which would slow every statement down): each call
+    costs a context-variable read, and, while a ledger records, a cached look at the statement's
+    first keyword. Statements run by other threads (the monitor's probe among them) are not
+    recorded. Idempotent; returns the engine.
+    """
+    dialect = engine.dialect
+    if getattr(dialect, _TRACKED, False):
+        return engine
+    current = rerun.LEDGER.get
+    is_write = rerun.is_write
+    do_execute, do_execute_no_params = dialect.do_execute, dialect.do_execute_no_params
+    do_executemany, do_commit, do_rollback = dialect.do_executemany, dialect.do_commit, dialect.do_rollback
+
+    # Each wrapper is one call and a context-variable read when nothing records; kept flat, as
+    # they run for every statement.
+    def execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        ledger = current()
+        if ledger is not None and is_write(statement):
+            ledger.write(cursor.connection)
+        do_execute(cursor, statement, parameters, context)
+
+    def execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
+        ledger = current()
+        if ledger is not None and is_write(statement):
+            ledger.write(cursor.connection)
+        do_execute_no_params(cursor, statement, context)
+
+    def executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        ledger = current()
+        if ledger is not None and is_write(statement):
+            ledger.write(cursor.connection)
+        do_executemany(cursor, statement, parameters, context)
+
+    def commit(dbapi_connection: Any) -> None:
+        ledger = current()
+        if ledger is not None:
+            ledger.commit(getattr(dbapi_connection, "dbapi_connection", dbapi_connection))
+        do_commit(dbapi_connection)
+
+    def rollback(dbapi_connection: Any) -> None:
+        ledger = current()
+        if ledger is not None:
+            ledger.rollback(getattr(dbapi_connection, "dbapi_connection", dbapi_connection))
+        do_rollback(dbapi_connection)
+
+    dialect.do_execute = execute  # type: ignore[method-assign]
+    dialect.do_execute_no_params = execute_no_params  # type: ignore[method-assign]
+    dialect.do_executemany = executemany  # type: ignore[method-assign]
+    dialect.do_commit = commit  # type: ignore[method-assign]
+    dialect.do_rollback = rollback  # type: ignore[method-assign]
+    setattr(dialect, _TRACKED, True)
+    return engine
 
 
 def pgbouncer_safe_url(url: str | URL) -> URL:

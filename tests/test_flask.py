@@ -14,7 +14,7 @@ from typing import Any
 
 import flask
 import pytest
-from sqlalchemy.exc import InternalError, ProgrammingError
+from sqlalchemy.exc import InternalError, OperationalError, ProgrammingError
 
 from srht_readonly import DatabaseUnavailable, Failure, ReadOnlyError, ReadOnlyMonitor
 from srht_readonly.flask import DEFAULT_TEMPLATE, DEFAULTS, EXTENSION_KEY, HEADER, ReadOnly, exempt
@@ -354,3 +354,27 @@ def test_the_sessions_engine_is_instrumented_and_a_second_monitor_is_refused():
         ReadOnly(flask.Flask("second"), session=db)
     assert db.registry.has() is False  # no session was made just to find the engine
     engine.dispose()
+
+
+@pytest.mark.parametrize(("key", "value"), [("RETRY_BUDGET", -1), ("RETRY_BUDGET", "soon"), ("SHARED_TTL", 0)])
+def test_bad_retry_and_shared_state_settings_are_refused_naming_the_key(key: str, value: Any):
+    app = flask.Flask(__name__)
+    app.config[f"SRHT_READONLY_{key}"] = value
+    with pytest.raises(ValueError, match=f"SRHT_READONLY_{key}"):
+        ReadOnly(app, monitor=ReadOnlyMonitor(announce_file=None))
+
+
+def test_without_an_engine_to_watch_nothing_is_rerun():
+    # Nothing records what the request wrote, so a lost connection is answered at once (the
+    # re-run itself, on real servers, is tests/test_flask_retry.py).
+    app, _, _ = make_app()
+    runs = []
+
+    @app.get("/lost")
+    def lost() -> str:
+        runs.append(1)
+        raise OperationalError("SELECT 1", {}, Pg2Error("server closed the connection unexpectedly"))
+
+    response = app.test_client().get("/lost", headers={"Accept": "application/json"})
+    assert response.status_code == 503 and runs == [1]
+    assert response.get_json()["errors"][0]["extensions"] == {"code": "DATABASE_UNAVAILABLE"}

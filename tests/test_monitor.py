@@ -228,6 +228,56 @@ def test_manual_state_and_listener_errors_do_not_escape(clock, caplog):
     assert "read-only" in repr(monitor)
 
 
+def test_a_read_only_hint_applies_at_once_without_a_query_and_the_recheck_reverifies_it(clock):
+    probe = Probe(clock, answer=False)
+    monitor = make(clock, probe, recheck=1.0, jitter=0)
+    events = []
+    monitor.add_listener(events.append)
+    monitor.hint(True, "cannot execute UPDATE in a read-only transaction (told by web-1:42)")
+    assert monitor.read_only is True and probe.calls == []
+    assert monitor.state.reason == "shared" and "told by" in monitor.state.detail
+    assert [(e["event"], e["reason"]) for e in events] == [("read-only", "shared")]
+    clock.advance(1.0)
+    assert monitor.read_only is False  # its own probe disagrees: the hint is gone
+    assert monitor.state.reason == "probe" and len(probe.calls) == 1
+
+
+def test_a_read_only_hint_keeps_a_monitors_own_reason_and_an_unavailable_one_is_said_so(clock):
+    monitor = make(clock, Probe(clock, answer=True))
+    monitor.observe(READ_ONLY)
+    monitor.hint(True, "told", Failure.UNAVAILABLE)
+    assert monitor.state.reason == "error" and monitor.state.failure is Failure.READ_ONLY
+    other = make(clock, Probe(clock, answer=True))
+    other.hint(True, "database unreachable (told by web-1:42)", Failure.UNAVAILABLE)
+    assert other.state.failure is Failure.UNAVAILABLE
+
+
+def test_a_writable_hint_is_believed_only_when_the_probe_agrees(clock):
+    probe = Probe(clock, answer=True)
+    monitor = make(clock, probe, recheck=600)
+    monitor.observe(READ_ONLY)
+    monitor.hint(False, "promoted (told by web-1:42)")
+    assert monitor.state.read_only is True and len(probe.calls) == 1  # probed at once, still read-only
+    probe.answer = False
+    monitor.hint(False, "promoted (told by web-1:42)")
+    assert monitor.state.read_only is False and monitor.state.reason == "probe"
+    monitor.hint(False, "again")  # writable already: nothing to do, no probe
+    assert len(probe.calls) == 2
+
+
+def test_a_writable_hint_without_a_probe_turns_writable_but_never_ends_an_announcement(clock, tmp_path):
+    monitor = make(clock, None)
+    monitor.hint(True, "told")
+    monitor.hint(False, "told")
+    assert monitor.state.read_only is False and monitor.state.reason == "shared"
+    path = tmp_path / "announce"
+    path.write_text("maintenance")
+    announced = make(clock, None, announce_file=path)
+    assert announced.read_only is True
+    announced.hint(False, "told")
+    assert announced.read_only is True and announced.state.reason == "announcement"
+
+
 # --- real servers ------------------------------------------------------------------------------
 
 

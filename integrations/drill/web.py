@@ -1,9 +1,12 @@
 """The git.sr.ht web front under a browser's and an API client's traffic.
 
-The stand-in app (``integrations.gitsrht.web``) is served by a real threaded HTTP server on a
-loopback port, in a thread of the drill. Each client loop walks a user's round: the repository
-list, a repository's page, its settings form, a new repository by form and one by the JSON API.
-What the user saw:
+The stand-in app (``integrations.gitsrht.web``) is served as sr.ht serves its web fronts: by
+gunicorn, with ``WORKERS`` worker processes (``integrations.gitsrht.wsgi.Gunicorn``) on a
+loopback port, its log in the drill's directory (``web/gunicorn.log``). The workers share what
+they learn of the database through the Redis at ``REDIS_URL`` (``srht_readonly.shared_state``),
+under a key prefix of this drill's own; without that Redis each worker learns by itself, as
+before. Each client loop walks a user's round: the repository list, a repository's page, its
+settings form, a new repository by form and one by the JSON API. What the user saw:
 
 * ``ok``: the page (200) or the redirect after a form (302) or the API's 201;
 * ``dropped``: a page served while read-only (``Srht-Read-Only: true``): the page works and its
@@ -18,14 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import uuid
 from typing import Any
 
 import requests
 from sqlalchemy import Engine
 
-from integrations.gitsrht.web import create_app, init_db, serve
+from integrations.gitsrht.web import init_db
+from integrations.gitsrht.wsgi import Gunicorn
 from srht_readonly.drill import Outcome, Recorder, State, verdicts
 from srht_readonly.drill.scenarios import Expectation, Fact
 from srht_readonly.drill.services import DrillEnvironment
@@ -41,6 +44,10 @@ LOADS = {"typical": (2, 0.2), "excessive": (4, 0.05)}
 ROUND = ("index", "repo", "settings", "index", "create", "repo", "api")
 READS = ("index", "repo")  # the others write
 TIMEOUT = 30
+#: gunicorn's worker processes (sync workers, as sr.ht runs them).
+WORKERS = 4
+#: Where the workers share the read-only state (a hint: the drill works without it).
+REDIS_URL = "redis://localhost:6379/0"
 
 
 class WebTraffic(Traffic):
@@ -54,16 +61,17 @@ class WebTraffic(Traffic):
         super().__init__(threads=threads, pause=pause)
         self.user = f"web-{uuid.uuid4().hex[:6]}"
         init_db(engine, self.user)
-        # werkzeug logs every request at INFO on its own handler unless told otherwise: the drill's
-        # terminal would drown in them.
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        # Sabotage "web-500": the same app without its read-only handling, as sr.ht was before the plan.
-        app = create_app(env.database_url, config={
-            "GITSRHT_USER": self.user, "GITSRHT_REPOS": str(env.directory / "web-repos"),
-            "SRHT_READONLY_RECHECK": 0.5,
-        }, engine_options={"pool_size": threads + 2, "max_overflow": threads}, read_only=env.sabotage != "web-500")
-        stack.callback(app.extensions["gitsrht.db"].get_bind().dispose)
-        self.url = stack.enter_context(serve(app))
+        self.server = Gunicorn(env.directory / "web", {
+            "GITSRHT_DATABASE_URL": env.database_url, "GITSRHT_USER": self.user,
+            "GITSRHT_REPOS": str(env.directory / "web-repos"), "GITSRHT_POOL_SIZE": "2",
+            "GITSRHT_LOG_LEVEL": "INFO",
+            # Sabotage "web-500": the same app without its read-only handling, as sr.ht was before the plan.
+            "GITSRHT_READ_ONLY": "0" if env.sabotage == "web-500" else "1",
+            "SRHT_READONLY_RECHECK": "0.5",
+            "SRHT_READONLY_REDIS_URL": REDIS_URL, "SRHT_READONLY_SHARED_PREFIX": f"srht-readonly-drill-{self.user}",
+        }, workers=WORKERS)
+        stack.callback(self.server.stop)
+        self.url = self.server.start(timeout=60)
         stack.callback(self.close)
         self._sessions = [requests.Session() for _ in range(threads)]
         for s in self._sessions:

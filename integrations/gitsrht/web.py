@@ -9,8 +9,10 @@ that POSTs without writing (exempt), and a small JSON API (``/api/repos``).
 
 Incidental writes follow the plan: the list and repository pages record the user's
 "last seen" time, and that write is *dropped* (``drop_on_read_only``) while the database is
-read-only, so the pages keep working. Deliberate writes (create, settings) are left to the
-extension, which answers them with its 503 page.
+read-only, so the pages keep working; its COMMIT, the page's last database work, is dropped too
+when the connection is lost under it (the page was read by then, and the write may be lost).
+Deliberate writes (create, settings) are left to the extension, which answers them with its
+503 page.
 
 Run it by hand::
 
@@ -28,10 +30,11 @@ from typing import Any
 
 import flask
 from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import scoped_session, sessionmaker
 from werkzeug.serving import make_server
 
-from srht_readonly import abort_on_read_only, drop_on_read_only
+from srht_readonly import Failure, abort_on_read_only, classify, drop_on_read_only
 from srht_readonly.flask import ReadOnly, exempt
 from srht_readonly.sqlalchemy import create_engine
 
@@ -107,6 +110,21 @@ def _views(db: scoped_session[Any]) -> flask.Blueprint:
         with drop_on_read_only(db):
             db.execute(update(user_t).where(user_t.c.id == user_id).values(last_seen=func.now()))
 
+    def commit_last_seen() -> None:
+        """Commit the page's reads and its last-seen update, the page's last database work.
+
+        A connection lost under this COMMIT leaves the update's fate unknown, which the plan
+        allows for this write: the page (already read) is served all the same. Re-running the
+        request is not allowed once a write reached COMMIT (docs/flask.md#transparent-retry).
+        """
+        try:
+            db.commit()
+        except DBAPIError as exc:
+            if classify(exc) not in (Failure.UNAVAILABLE, Failure.COMMIT_UNKNOWN):
+                raise
+            with contextlib.suppress(Exception):
+                db.rollback()
+
     def find_repo(owner: str, name: str) -> Any:
         row = db.execute(
             select(repo_t, user_t.c.username.label("owner"))
@@ -149,7 +167,7 @@ def _views(db: scoped_session[Any]) -> flask.Blueprint:
         user = current_user()
         touch_last_seen(user.id)
         repos = repos_of(user.id)
-        db.commit()
+        commit_last_seen()
         return flask.render_template("index.html", user=user, repos=repos, query="")
 
     @bp.post("/search")
@@ -178,7 +196,7 @@ def _views(db: scoped_session[Any]) -> flask.Blueprint:
         user = current_user()
         touch_last_seen(user.id)
         repo = find_repo(owner, name)
-        db.commit()
+        commit_last_seen()
         return flask.render_template("repo.html", user=user, repo=repo)
 
     @bp.route("/~<owner>/<name>/settings", methods=["GET", "POST"])
