@@ -348,3 +348,65 @@ def test_the_major_upgrade_verdict_wants_both_nodes_on_the_new_major_and_the_sta
     check = verdict(verdicts.database("major-upgrade", Recorder(), facts, LedgerResult(10)),
                     "the fleet ends on PostgreSQL")
     assert check.passed is passed, check.observed
+
+
+# -- the web front in primary-crash and readonly-failover (integrations/drill/web.py) -----------------
+
+
+def _line(t: float, pid: int, kind: str, what: str, detail: str = "-"):
+    from integrations.gitsrht.viewlog import Line
+
+    return Line(t, pid, kind, what, detail)
+
+
+def test_no_unsafe_view_once_the_first_worker_knew_passes_and_fails_on_one_late_view():
+    from integrations.drill.web import LEARN_ALLOWANCE, unsafe_views_after_learning
+
+    windows = [(10.0, 20.0)]
+    learned = [_line(10.3, 1, "state", "read-only", "read_only"), _line(10.302, 2, "state", "read-only", "read_only")]
+    refused = [ev("create", 12.0, 12.1, EXPLAINED, write=True, met=RO, service="web")]
+    early = [_line(10.29, 1, "view", "POST", "git.create"),  # the write that taught worker 1
+             _line(10.3 + LEARN_ALLOWANCE - 0.01, 2, "view", "POST", "git.create"),  # the news still on its way
+             _line(12.0, 3, "view", "GET", "git.index")]  # a page: always runs
+    good = unsafe_views_after_learning(learned + early, windows, refused)
+    assert good.passed, good.observed
+    late = unsafe_views_after_learning(learned + early + [_line(12.0, 3, "view", "POST", "git.settings")], windows,
+                                       refused)
+    assert not late.passed and "POST git.settings in 3" in late.observed
+
+
+def test_no_unsafe_view_fails_when_no_worker_learned_or_nothing_unsafe_came():
+    from integrations.drill.web import unsafe_views_after_learning
+
+    windows = [(10.0, 20.0)]
+    nobody = unsafe_views_after_learning([_line(12.0, 1, "view", "POST", "git.create")], windows, [])
+    assert not nobody.passed and "no worker learned" in nobody.observed
+    learned = [_line(10.5, 1, "state", "read-only", "read_only")]
+    nothing_came = unsafe_views_after_learning(learned, windows, [ev("index", 12.0, 12.1, DROPPED, service="web")])
+    assert not nothing_came.passed and "no unsafe request came" in nothing_came.observed
+    assert not unsafe_views_after_learning(learned, [], []).passed  # the database never changed
+
+
+def test_a_worker_already_read_only_when_the_window_opens_knew_from_its_start():
+    from integrations.drill.web import changed_windows, unsafe_views_after_learning
+
+    windows = changed_windows(CRASH)
+    assert windows == [(10.0, 12.5)]  # unreachable, then read-only: one change
+    before = [_line(9.0, 1, "state", "read-only", "unavailable"), _line(10.4, 2, "view", "POST", "git.create")]
+    judged = unsafe_views_after_learning(before, windows, [ev("create", 11.0, 11.1, EXPLAINED, write=True,
+                                                              service="web")])
+    assert not judged.passed and "first worker knew at 10.00 s" in judged.observed
+
+
+def test_every_page_answered_allows_a_503_only_before_the_database_could_be_reached_again():
+    from integrations.drill.web import pages_answered
+
+    pages = [ev("index", t, t + 0.1, OK, service="web") for t in (9.0, 10.5, 12.0, 14.0)]
+    waited = ev("repo", 10.1, 10.9, ERROR, met=DOWN, service="web")  # gave up before the failover at 11 s
+    assert pages_answered(pages + [waited], CRASH).passed
+    too_late = ev("repo", 10.5, 11.6, ERROR, met=DOWN, service="web")  # the database answered again at 11 s
+    assert not pages_answered(pages + [too_late], CRASH).passed
+    no_retry_after = ev("repo", 10.1, 10.9, ERROR, met=None, service="web")
+    assert not pages_answered(pages + [no_retry_after], CRASH).passed
+    assert not pages_answered(pages + [waited], FAILOVER).passed  # never unreachable: no 503 is allowed
+    assert not pages_answered([ev("index", 1.0, 1.1, OK, service="web")], CRASH).passed  # none across the change

@@ -8,6 +8,8 @@ environment:
 * ``GITSRHT_READ_ONLY=0``: the app without srht_readonly (the drill's ``web-500`` sabotage);
 * ``GITSRHT_POOL_SIZE``: the engine's ``pool_size`` (``max_overflow`` as much again);
 * ``GITSRHT_LOG_LEVEL``: the level of the app's own logs on stderr (default ``INFO``);
+* ``GITSRHT_VIEW_LOG``: a file where every worker logs each view it runs and each change of its
+  read-only monitor (``integrations.gitsrht.viewlog``: what the drill judges the workers by);
 * every ``SRHT_READONLY_*`` variable, as the app config key of the same name (docs/flask.md),
   e.g. ``SRHT_READONLY_REDIS_URL=redis://localhost:6379/0`` for the shared read-only state.
 
@@ -39,6 +41,7 @@ import flask
 
 from srht_readonly.ops.ports import free_port
 
+from . import viewlog
 from .web import create_app
 
 __all__ = ["FACTORY", "Gunicorn", "app_from_env"]
@@ -66,8 +69,11 @@ def app_from_env(environ: Mapping[str, str] | None = None) -> flask.Flask:
     if env.get("GITSRHT_POOL_SIZE"):
         size = int(env["GITSRHT_POOL_SIZE"])
         engine_options.update(pool_size=size, max_overflow=size)
-    return create_app(env["GITSRHT_DATABASE_URL"], config=config, engine_options=engine_options,
-                      read_only=env.get("GITSRHT_READ_ONLY", "1") != "0")
+    app = create_app(env["GITSRHT_DATABASE_URL"], config=config, engine_options=engine_options,
+                     read_only=env.get("GITSRHT_READ_ONLY", "1") != "0")
+    if env.get("GITSRHT_VIEW_LOG"):
+        viewlog.record(app, env["GITSRHT_VIEW_LOG"])
+    return app
 
 
 class Gunicorn:
