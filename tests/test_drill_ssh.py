@@ -10,7 +10,7 @@ from integrations.drill.ssh import PUSH_DROPPED_READ_ONLY, PUSH_DROPPED_UNREACHA
 from srht_readonly.drill import Event, Outcome, State
 
 #: Read-only from 10 s to 30 s.
-FACTS = {"read_only_from": 10.0, "promote_started": 30.0, "read_only_until": 30.5,
+FACTS = {"read_only_from": 10.0, "window_closing": 30.0, "read_only_until": 30.5,
          "states": [["read-only", 10.0, 30.0]]}
 
 

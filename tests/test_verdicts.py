@@ -17,7 +17,7 @@ OK, DROPPED, EXPLAINED, ERROR = Outcome.OK, Outcome.DROPPED, Outcome.EXPLAINED, 
 RO, W, DOWN = State.READ_ONLY, State.WRITABLE, State.UNAVAILABLE
 
 #: readonly-failover: read-only from 10 s to 20 s (promotion started), promotion verified at 21 s.
-FAILOVER = {"read_only_from": 10.0, "promote_started": 20.0, "read_only_until": 21.0, "back_at": 21.0,
+FAILOVER = {"read_only_from": 10.0, "window_closing": 20.0, "read_only_until": 21.0, "back_at": 21.0,
             "states": [["read-only", 10.0, 20.0]]}
 #: primary-crash: killed at 10 s, failover done at 11 s, promoted at 13 s.
 CRASH = {"crash_at": 10.0, "failover_at": 11.0, "promoted_at": 13.0, "back_at": 13.0,

@@ -28,8 +28,9 @@ class Fact(StrEnum):
     the same, and a typo is an error."""
 
     READ_ONLY_FROM = "read_only_from"
-    PROMOTE_STARTED = "promote_started"
-    WINDOW_CLOSING = "window_closing"  # major-upgrade: the fleet's return to the upgraded primary began
+    # The step that ends the read-only window began: readonly-failover's promotion, major-upgrade's
+    # return of the fleet to the upgraded primary (writes may be taken before it is verified).
+    WINDOW_CLOSING = "window_closing"
     READ_ONLY_UNTIL = "read_only_until"
     BACK_AT = "back_at"
     CRASH_AT = "crash_at"
@@ -196,7 +197,7 @@ def readonly_failover_then_promotion(s: Step) -> None:
     s.enter(State.READ_ONLY, noted=Fact.READ_ONLY_FROM)
     s.hold_until("met-read-only")
     s.do(f"stop {old}", lambda: p.stop(old, "fast"))
-    s.note(Fact.PROMOTE_STARTED)
+    s.note(Fact.WINDOW_CLOSING)
     _promote_then_rejoin(s, old, new, promoted=Fact.READ_ONLY_UNTIL, rejoin=f"demote {old} to follow {new}")
 
 

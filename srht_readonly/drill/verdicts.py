@@ -79,10 +79,10 @@ def first(events: list[Event], predicate: Callable[[Event], bool]) -> Event | No
 
 def read_only_window(facts: dict[str, Any]) -> tuple[float, float]:
     """When the database was certainly read-only: from ``read_only_from`` to the start of the step that
-    ends the window (``readonly-failover``'s promotion, ``promote_started``; ``major-upgrade``'s return to
-    the upgraded primary, ``window_closing``). ``read_only_until`` is when that step was *verified*, and
-    writes are already taken during the verification."""
-    closing = facts.get(Fact.PROMOTE_STARTED, facts.get(Fact.WINDOW_CLOSING))
+    ends the window (``window_closing``: ``readonly-failover``'s promotion, ``major-upgrade``'s return
+    to the upgraded primary). ``read_only_until`` is when that step was *verified*, and writes are
+    already taken during the verification."""
+    closing = facts.get(Fact.WINDOW_CLOSING)
     return facts[Fact.READ_ONLY_FROM], facts[Fact.READ_ONLY_UNTIL] if closing is None else closing
 
 
