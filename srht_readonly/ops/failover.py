@@ -125,11 +125,14 @@ def check_failover(cluster: Cluster, fleet: Fleet, to: str, *, force: bool = Fal
 
 
 def run_failover(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, *, verify_timeout: float = 5,
-                 login_retry: float | None = LOGIN_RETRY) -> FailoverResult:
+                 login_retry: float | None = LOGIN_RETRY, keep_pools: bool = False) -> FailoverResult:
     """Phase one (write all, or put back and refuse), phase two (reload all at once), then verify.
 
     ``login_retry=None`` leaves each PgBouncer's ``server_login_retry`` as its file says (the
-    drill's sabotage ``slow-login-retry`` shows what that costs after a crash).
+    drill's sabotage ``slow-login-retry`` shows what that costs after a crash). ``keep_pools``
+    holds a server of each busy pool across the RELOAD (``Fleet.keep_pools``): for a repoint away
+    from a node that still answers while logins churn (the end of a read-only window), never after
+    a crash (a keeper would wait for the dead node).
     """
     start = time.monotonic()
     try:
@@ -140,7 +143,7 @@ def run_failover(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, *, verify_t
         raise PartlyDone(f"stopped ({exc or 'SIGINT'}) while the PgBouncer configs were being written; nothing was "
                          f"reloaded" + ("; these could not be put back:" if left else ", every file was put back"),
                          left) from exc
-    reloaded = fleet.reload(login_retry=login_retry)
+    reloaded = fleet.reload(login_retry=login_retry, keep=cluster.node(plan.target) if keep_pools else None)
     problems = {n: f"RELOAD failed: {o.error}" for n, o in reloaded.items() if not o.ok}
     wrong = fleet.verify(cluster.node(plan.target), timeout=verify_timeout)
     problems.update({n: w for n, w in wrong.items() if n not in problems})

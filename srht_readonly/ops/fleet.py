@@ -8,15 +8,18 @@ so an unreachable one is found before anything changes. The switch then has two 
 2. ``reload()``: ``RELOAD`` is sent to every console at the same moment, then ``verify()``
    waits until ``SHOW DATABASES`` shows the new target everywhere.
 
-``pause()``/``resume()`` serve the planned switchover.
+``pause()``/``resume()`` serve the planned switchover. ``keep_pools()`` holds one server of each
+busy pool across a repoint's ``RELOAD`` (``upgrade --major``'s window; see its docstring).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -33,6 +36,11 @@ from .remote import Host
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: How long a keeper may hold its pool's server after the RELOAD when no login to the new target succeeds.
+KEEP_AT_MOST = 2.0
+#: SHOW SERVERS states of a server connection that has logged in (``new`` is a login in progress).
+LOGGED_IN = ("active", "idle", "used", "tested")
 
 WATCHED = ("server_login_retry", "auth_type", "pool_mode", "query_wait_timeout", "listen_addr")
 
@@ -74,6 +82,22 @@ class Member:
         if self.spec.databases is not None:
             return [n for n in names if n in self.spec.databases]
         return names
+
+
+@dataclass
+class Keeper:
+    """A client of one pool (database, user) of one PgBouncer holding a server in a transaction."""
+
+    bouncer: str
+    database: str
+    user: str
+    console: consoles.Console
+    held: float = 0.0  # seconds from the RELOAD to its release
+    released: str | None = None  # why: the new target logged in, or KEEP_AT_MOST ran out
+
+    @property
+    def pool(self) -> str:
+        return f"{self.bouncer}: {self.database}/{self.user}"
 
 
 @dataclass
@@ -165,6 +189,119 @@ class Fleet:
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.1)
+
+    # --- holding a server of each pool across a repoint ----------------------------------------
+
+    @contextlib.contextmanager
+    def keep_pools(self, node: NodeSpec, *, at_most: float = KEEP_AT_MOST,
+                   connect_timeout: float = 2) -> Iterator[list[Keeper]]:
+        """Around the ``RELOAD`` that points the fleet at ``node``: one held server in each busy pool.
+
+        PgBouncer 1.18 turns a client away ("server login has been failing, try again later") when
+        its pool's last login failed and the pool has no server connection other than logins in
+        progress (``check_fast_fail``). A ``RELOAD`` that changes the host closes the logins in
+        progress to the old one, and counts each as a failed login; at the end of a read-only window
+        logins never stop (each refused write costs a server connection), so one is often under way.
+        A server linked to a client in a transaction is neither closed by the ``RELOAD`` (only marked
+        to close once released) nor a login, so while one is held the pool's clients wait for the new
+        login instead of being turned away.
+
+        So, before the ``RELOAD``: on every PgBouncer, for each pool of a followed database that has
+        clients or servers, a client logs in as that pool's user and runs ``BEGIN; SELECT 1``.
+        After it (on leaving the ``with``): each keeper is rolled back and closed once ``SHOW
+        SERVERS`` lists a logged-in connection of its pool to ``node`` (a login succeeded, which
+        clears the failed-login mark), or after ``at_most`` seconds. A pool that cannot be held
+        (password not known for its user, ``pool_size`` below 2, the transaction refused) is left
+        as it is, with a warning in the log. Yields the keepers (``held``/``released`` filled on exit).
+        """
+        try:
+            keepers = self._take_keepers(connect_timeout)
+        except Exception as exc:  # the keepers only make the repoint gentler: never let them stop it
+            logger.warning("no pool held across the repoint: %s", exc)
+            keepers = []
+        try:
+            yield keepers
+            self._await_logins(keepers, node, at_most=at_most)
+        finally:
+            self._release(keepers, "the repoint did not finish")
+
+    def _take_keepers(self, timeout: float) -> list[Keeper]:
+        ready = [m for m in self.members.values() if m.error is None and m.console is not None]
+        pools = consoles.execute(_consoles(ready), "SHOW POOLS", timeout=timeout)
+        sizes = consoles.execute(_consoles(ready), "SHOW DATABASES", timeout=timeout)
+        wanted: list[Keeper] = []
+        for m in ready:
+            shown, dbs = pools.get(m.name), sizes.get(m.name)
+            if shown is None or not shown.ok or dbs is None or not dbs.ok:
+                why = next((o.error for o in (shown, dbs) if o is not None and not o.ok), "no answer")
+                logger.warning("PgBouncer %s: no pool held across the repoint (SHOW POOLS/DATABASES: %s)",
+                               m.name, why)
+                continue
+            follows = set(m.entries())
+            size = {r["name"]: int(r.get("pool_size") or 0) for r in dbs.rows}
+            busy = (r for r in shown.rows if r["database"] != "pgbouncer"
+                    and ("*" in follows or r["database"] in follows)
+                    and sum(int(r.get(k) or 0) for k in ("cl_active", "cl_waiting", "sv_active", "sv_idle",
+                                                         "sv_used", "sv_tested", "sv_login")))
+            for r in busy:
+                if size.get(r["database"], 0) < 2:
+                    # The keeper would hold the pool's only server: no login to the new target could start.
+                    logger.warning("PgBouncer %s: pool %s/%s not held across the repoint: pool_size %s",
+                                   m.name, r["database"], r["user"], size.get(r["database"], "unknown"))
+                    continue
+                assert m.console is not None
+                dsn = _keeper_dsn(m.console.dsn, r["database"], r["user"], timeout)
+                wanted.append(Keeper(m.name, r["database"], r["user"],
+                                     consoles.Console(f"{m.name}/{r['database']}/{r['user']}", dsn)))
+        by_key = {k.console.key: k for k in wanted}
+        failed = {key: o.error for key, o in consoles.connect([k.console for k in wanted], timeout=timeout).items()
+                  if not o.ok}
+        began = consoles.execute([k.console for k in wanted if k.console.key not in failed], "BEGIN; SELECT 1",
+                                 timeout=timeout)
+        failed.update({key: o.error for key, o in began.items() if not o.ok})
+        for key, why in failed.items():
+            by_key[key].console.close()
+            logger.warning("PgBouncer %s: pool not held across the repoint (if a login is under way at the "
+                           "RELOAD, its clients may be turned away): %s", by_key[key].pool, why)
+        return [k for k in wanted if k.console.key not in failed]
+
+    def _await_logins(self, keepers: list[Keeper], node: NodeSpec, *, at_most: float = KEEP_AT_MOST) -> None:
+        """Release each keeper once its pool has a logged-in server connection to ``node`` (at most ``at_most`` s)."""
+        start = time.monotonic()
+        addresses = _addresses(node.address)
+        pending = [k for k in keepers if k.released is None]
+        while pending:
+            members = [self.members[n] for n in sorted({k.bouncer for k in pending})]
+            shown = consoles.execute(_consoles(members), "SHOW SERVERS", timeout=max(0.5, at_most))
+            there = {(name, r["database"], r["user"]) for name, o in shown.items() if o.ok for r in o.rows
+                     if r.get("state") in LOGGED_IN and str(r.get("port")) == str(node.port)
+                     and r.get("addr") in addresses}
+            done = [k for k in pending if (k.bouncer, k.database, k.user) in there]
+            self._release(done, f"a server of its pool logged in to {node.name}", since=start)
+            pending = [k for k in pending if k not in done]
+            if pending and time.monotonic() - start >= at_most:
+                self._release(pending, f"no login to {node.name} within {at_most:g} s", since=start)
+                logger.warning("no server logged in to %s within %g s in these pools; released anyway: %s",
+                               node.name, at_most, ", ".join(k.pool for k in pending))
+                return
+            if pending:
+                time.sleep(0.01)
+            # A console whose SHOW SERVERS failed was closed: open it again for the next round.
+            consoles.connect(_consoles(members, unopened=True), timeout=1)
+
+    def _release(self, keepers: list[Keeper], why: str, *, since: float | None = None) -> None:
+        """Roll back and close the ``keepers`` not released yet."""
+        todo = [k for k in keepers if k.released is None]
+        if not todo:
+            return
+        consoles.execute([k.console for k in todo if k.console.is_open], "ROLLBACK", timeout=2)
+        now = time.monotonic()
+        for k in todo:
+            k.console.close()
+            k.released = why
+            if since is not None:
+                k.held = round(now - since, 3)
+            logger.info("keeper of %s released after %.3f s: %s", k.pool, k.held, why)
 
     # --- reaching ------------------------------------------------------------------------------
 
@@ -318,7 +455,8 @@ class Fleet:
         m.text = text
         return None
 
-    def reload(self, *, login_retry: float | None = None, timeout: float = 5) -> dict[str, consoles.Outcome]:
+    def reload(self, *, login_retry: float | None = None, timeout: float = 5,
+               keep: NodeSpec | None = None) -> dict[str, consoles.Outcome]:
         """Phase two: ``RELOAD`` every console at once; then, with ``login_retry``, cut PgBouncer's back-off.
 
         After a crash each pool has a failed login to the dead server and waits
@@ -326,18 +464,25 @@ class Fleet:
         So, right after the RELOAD (which would put back the file's value), every console gets
         ``server_login_retry = 0`` until its pools have reached the new server (at most 2 s),
         then ``login_retry`` (or the file's value where that is lower).
+
+        ``keep`` (the node the files now point at): hold a server of each busy pool across the
+        RELOAD (``keep_pools``), released once the pool has logged in to ``keep``; the back-off
+        stays cut until then (a login closed by the RELOAD would otherwise delay the next one by
+        ``login_retry``, the keeper held and the clients waiting all along).
         """
         ready = _consoles(m for m in self.members.values() if m.error is None)
-        results = consoles.execute(ready, "RELOAD", timeout=timeout)
-        if login_retry is None:
-            return results
-        reloaded = [m for m in self.members.values() if m.console is not None and results.get(m.name)
-                    and results[m.name].ok]
-        final = {}
-        for m in reloaded:
-            current = m.config.get("server_login_retry", "")
-            final[m.name] = current if seconds_setting(current) <= login_retry else f"{login_retry:g}"
-        results.update(self._logins_now_then(reloaded, final, settle=2, timeout=timeout))
+        with self.keep_pools(keep) if keep is not None else contextlib.nullcontext() as kept:
+            results = consoles.execute(ready, "RELOAD", timeout=timeout)
+            if login_retry is None:
+                return results
+            reloaded = [m for m in self.members.values() if m.console is not None and results.get(m.name)
+                        and results[m.name].ok]
+            final = {}
+            for m in reloaded:
+                current = m.config.get("server_login_retry", "")
+                final[m.name] = current if seconds_setting(current) <= login_retry else f"{login_retry:g}"
+            first = (lambda: self._await_logins(kept, keep)) if kept and keep is not None else None
+            results.update(self._logins_now_then(reloaded, final, settle=2, timeout=timeout, first=first))
         return results
 
     def lift_login_backoff(self, *, timeout: float = 2) -> dict[str, consoles.Outcome]:
@@ -354,12 +499,14 @@ class Fleet:
                                      settle=timeout)
 
     def _logins_now_then(self, members: list[Member], final: dict[str, str], *, settle: float,
-                         timeout: float = 5) -> dict[str, consoles.Outcome]:
+                         timeout: float = 5, first: Callable[[], None] | None = None) -> dict[str, consoles.Outcome]:
         """``server_login_retry = 0`` on ``members`` until their pools reached a server (at most ``settle``
-        s), then ``final[name]``; the outcomes that failed."""
+        s; ``first`` runs before that wait), then ``final[name]``; the outcomes that failed."""
         failed = {k: o for k, o in consoles.execute(_consoles(members), "SET server_login_retry = '0'",
                                                     timeout=timeout).items() if not o.ok}
         lowered = [m for m in members if m.name not in failed]
+        if first is not None:
+            first()
         self._settle(lowered, timeout=settle)
         back = {m.name: f"SET server_login_retry = '{final[m.name]}'" for m in lowered}
         for key, outcome in consoles.execute(_consoles(lowered), back, timeout=timeout).items():
@@ -518,6 +665,27 @@ def _resume_commands(m: Member) -> list[str]:
 def _consoles(members: Iterable[Member], *, unopened: bool = False) -> list[consoles.Console]:
     """The consoles of ``members`` that have one (with ``unopened``: only those not open now)."""
     return [m.console for m in members if m.console is not None and not (unopened and m.console.is_open)]
+
+
+def _keeper_dsn(console_dsn: str, database: str, user: str, timeout: float) -> str:
+    """A client DSN for pool ``database``/``user``, through the console's host and port (tunnel included).
+
+    The console's password goes along only when the pool's user is the console's; for another user
+    libpq looks up its usual sources (``~/.pgpass``, ``PGPASSFILE``, ``PGPASSWORD``)."""
+    params = dict(psycopg2.extensions.parse_dsn(console_dsn))
+    if params.get("user") != user:
+        params.pop("password", None)
+    params.update(dbname=database, user=user, connect_timeout=str(max(1, round(timeout))),
+                  application_name="srht-readonly-keeper")
+    return psycopg2.extensions.make_dsn(**params)
+
+
+def _addresses(host: str) -> set[str]:
+    """What SHOW SERVERS may show as ``addr`` for a server at ``host``: itself and what it resolves to."""
+    found = {host}
+    with contextlib.suppress(OSError):
+        found.update(str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
+    return found
 
 
 def _globally_paused(rows: list[dict[str, Any]]) -> bool:

@@ -27,6 +27,9 @@ The window, measured and printed:
    counts of the largest tables);
 5. the fleet back to the upgraded primary: writable.
 
+Both repoints hold a server of each busy pool across the RELOAD (``Fleet.keep_pools``), so that
+PgBouncer does not turn clients away when the RELOAD closes a login in progress.
+
 After the window: the standby rebuilt from scratch on the new major (``standby prepare`` with the
 new binaries; its old data directory is moved aside, not deleted).
 
@@ -272,7 +275,7 @@ class _Major:
         try:
             self.say(f"read-only window starts: every PgBouncer to {s}")
             self._timed("failover", lambda: run_failover(self.cluster, self.fleet,
-                                                         check_failover(self.cluster, self.fleet, s)))
+                                                         check_failover(self.cluster, self.fleet, s), keep_pools=True))
             self.window("read-only")
             if plan.drop_column_options:
                 changed = pgupgrade.drop_column_options(self.cluster.node(p).dsn, plan.drop_column_options)
@@ -303,7 +306,7 @@ class _Major:
             self.say(f"read-only window ends: every PgBouncer back to {p}")
             self.window("closing")
             self._timed("failback", lambda: run_failover(self.cluster, self.fleet,
-                                                         check_failover(self.cluster, self.fleet, p)))
+                                                         check_failover(self.cluster, self.fleet, p), keep_pools=True))
             self.window("writable")
         except OpsError as exc:
             raise PartlyDone(
@@ -386,7 +389,7 @@ class _Major:
                 self.server.start(timeout=300)
             sql.execute(sdsn, "SELECT pg_wal_replay_resume()")
             if self.window_start is not None:
-                run_failover(self.cluster, self.fleet, check_failover(self.cluster, self.fleet, p))
+                run_failover(self.cluster, self.fleet, check_failover(self.cluster, self.fleet, p), keep_pools=True)
         except Exception as bad:  # the way back itself failed: say where things are
             raise PartlyDone(f"the upgrade failed ({_why(exc)}) and putting things back failed too: {bad}",
                              {p: "old data, old binaries", s: "may be paused; serving reads"}) from exc
