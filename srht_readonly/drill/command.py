@@ -39,7 +39,7 @@ def default_scenarios(major_bin: str | None, past: bool) -> list[str]:
 
 @click.command()
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(NAMES), metavar="NAME",
-              help=f"Play only this scenario (repeatable): {', '.join(NAMES)}. [default: all but major-upgrade and "
+              help=f"Play only this scenario (repeatable): {', '.join(NAMES)}. [default: all but "
                    "rolling-restart, in this order]")
 @click.option("--duration", default=8.0, show_default=True, metavar="SECONDS",
               help="How long each scenario holds a state (before, during and after each step).")
@@ -76,10 +76,9 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     Scenarios: planned switchover; read-only failover then promotion (the plan's path);
     primary killed (kill -9), failover, promotion, pg_rewind rejoin; standby killed and caught
     up; host OS upgrade of each node in turn (upgrade --host --all); the database opened as it
-    was at a moment between two bursts of writes (past --at, Barman). Only when named:
-    major-upgrade (upgrade --major, 15 to 18 on the lab; the lab ends on the new major; a few
-    reads still fail as the fleet comes back, see docs/drill.md) and rolling-restart
-    (upgrade --minor, same binaries). Each starts from, and
+    was at a moment between two bursts of writes (past --at, Barman); last, major-upgrade
+    (upgrade --major, 15 to 18 on the lab; the lab ends on the new major). Only when named:
+    rolling-restart (upgrade --minor, same binaries). Each starts from, and
     ends with, a primary with a streaming standby and every PgBouncer on the primary.
 
     Writes a report (index.html with a timeline per scenario, report.json, drill.log) and
@@ -175,7 +174,7 @@ def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *
         live.say(f"drill on {setting.environment}")
         if not names:
             names = default_scenarios(setting.major_bin, setting.past)
-            live.say("major-upgrade and rolling-restart are played only when named (--scenario)")
+            live.say("rolling-restart is played only when named (--scenario)")
             if "past-data" not in names:
                 live.say("past-data left out: no backup engine ([backup] in the inventory)")
         return run(setting.fleet, names, duration=duration, load=load_name, sources=setting.sources,

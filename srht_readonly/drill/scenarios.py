@@ -311,10 +311,7 @@ SCENARIOS = [
              "committed by T; then it is removed.", True, past_data),
     Scenario("major-upgrade", "Major upgrade (pg_upgrade, read-only window)",
              "upgrade --major: every PgBouncer to the standby (read-only), pg_upgrade of the primary to the new "
-             "major, every PgBouncer back (writable), the standby rebuilt on the new major.", True, major_upgrade,
-             # Out of the default run (docs/drill.md, "The fast-fail at the window's end"): in about one run
-             # in six, PgBouncer 1.18 turns a reader away in the milliseconds after the fleet's return.
-             default=False),
+             "major, every PgBouncer back (writable), the standby rebuilt on the new major.", True, major_upgrade),
     Scenario("rolling-restart", "Rolling restart (upgrade --minor on the same binaries)",
              "Switch over, restart the old primary, switch back: what a minor upgrade does, without a new "
              "version (only one 15.x is installed here).", True, rolling_restart, default=False),
