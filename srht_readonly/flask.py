@@ -53,6 +53,7 @@ from jinja2 import Template
 from sqlalchemy.exc import DBAPIError
 
 from . import rerun
+from ._outcomes import report
 from ._root_error import SrhtReadOnlyError
 from .errors import Failure, first_line
 from .monitor import ReadOnlyMonitor
@@ -394,6 +395,7 @@ def _register(app: flask.Flask, state: ReadOnlyState) -> None:
             return None
         failure = Failure.UNAVAILABLE if monitor.state.failure is Failure.UNAVAILABLE else Failure.READ_ONLY
         logger.debug("refused %s %s before the view: database read-only", flask.request.method, flask.request.path)
+        report("abort", "refused", failure=failure, before=True)
         return respond(state, failure)
 
     def mark_response(response: flask.Response) -> flask.Response:
@@ -420,6 +422,8 @@ def _register(app: flask.Flask, state: ReadOnlyState) -> None:
         if failure is None:
             raise exc  # not ours: Flask's usual 500 handling takes it from here
         _rerun_if_allowed(app, state, failure, exc)
+        if flask.request.method in methods:  # a write refused (a page that failed is no write)
+            report("abort", "refused", failure=failure, before=False)
         return respond(state, failure)
 
     # First of all before_request functions: an app's own ones may write (sessions, counters).

@@ -11,7 +11,11 @@
 Metrics (docs/monitoring.md), every one labelled ``service``:
 
 * ``srht_readonly_read_only{service,reason}``: 1 while this process's monitor is read-only, for
-  the reason it gave (``error``, ``probe``, ``announcement``...), 0 for the other reasons seen;
+  the reason it gave (``error``, ``probe``, ``announcement``...), 0 for the other reasons seen.
+  A monitor only re-checks when something asks it; so that an idle process (a Celery pool
+  process that got no task since the promotion) does not show a stale 1, a watched monitor that
+  turned read-only is asked every ``recheck`` seconds from a thread of its own process until it
+  is writable again;
 * ``srht_readonly_writes_total{service,policy,outcome}``: what the policies did with writes
   (``abort``/``refused``, ``drop``/``dropped``, ``retry``/``retried`` per wait and ``gave_up``,
   ``celery``/``failed``, ``deferred``, ``gave_up``);
@@ -35,6 +39,8 @@ monitor through its listeners (``add_listener``).
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 import time
@@ -56,6 +62,8 @@ from . import _outcomes
 from .monitor import MonitorEvent, ReadOnlyMonitor
 
 __all__ = ["CONTENT_TYPE_LATEST", "REGISTRY", "ServiceMetrics", "exposition", "mark_process_dead", "serve"]
+
+logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -105,29 +113,57 @@ class ServiceMetrics:
         self._reasons: set[str] = set()
         self._read_only_since: float | None = None
         self._lock = threading.Lock()
-        self._monitors: list[ReadOnlyMonitor] = []
+        self._monitors: list[tuple[ReadOnlyMonitor, Callable[[MonitorEvent], None]]] = []
+        self._refreshing: dict[int, int] = {}  # id(monitor) -> pid of the process whose thread asks it
+        self._closed = threading.Event()
         _outcomes.add_observer(self._outcome)
 
     def close(self) -> None:
         """Stop hearing the policies and the watched monitors."""
         _outcomes.remove_observer(self._outcome)
-        for monitor in self._monitors:
-            monitor.remove_listener(self._event)
+        self._closed.set()
+        for monitor, listener in self._monitors:
+            monitor.remove_listener(listener)
         self._monitors.clear()
 
     # -- the monitor ----------------------------------------------------------------------------
 
     def watch(self, monitor: ReadOnlyMonitor) -> ReadOnlyMonitor:
         """Follow ``monitor``'s state (its listeners); returns it."""
-        monitor.add_listener(self._event)
-        self._monitors.append(monitor)
+        listener = functools.partial(self._event, monitor=monitor)
+        monitor.add_listener(listener)
+        self._monitors.append((monitor, listener))
         state = monitor.state
         self._set(state.read_only, _text(state.reason), state.since)
         return monitor
 
-    def _event(self, event: MonitorEvent) -> None:
+    def _event(self, event: MonitorEvent, monitor: ReadOnlyMonitor | None = None) -> None:
         if event["event"] in ("read-only", "writable"):
             self._set(bool(event["read_only"]), _text(event["reason"]), float(event["since"]))
+            if event["read_only"] and monitor is not None:
+                self._keep_asking(monitor)
+
+    def _keep_asking(self, monitor: ReadOnlyMonitor) -> None:
+        """Ask ``monitor`` every ``recheck`` seconds, from a thread of this process, until it is writable."""
+        pid = os.getpid()
+        with self._lock:
+            if self._refreshing.get(id(monitor)) == pid:
+                return  # this process already has one (a forked child's entry is its parent's)
+            self._refreshing[id(monitor)] = pid
+
+        def ask() -> None:
+            try:
+                while not self._closed.wait(monitor.recheck):
+                    if not monitor.read_only:  # re-checks when due, exactly as a request would
+                        return
+            except Exception:  # never let metrics take a process down
+                logger.exception("re-checking the read-only monitor for the metrics failed")
+            finally:
+                with self._lock:
+                    if self._refreshing.get(id(monitor)) == pid:
+                        del self._refreshing[id(monitor)]
+
+        threading.Thread(target=ask, name="srht-readonly-metrics-recheck", daemon=True).start()
 
     def _set(self, read_only: bool, reason: str, since: float) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,22 @@ def test_the_service_metrics_example_of_docs_monitoring_runs(srht_lab):
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                               env={**os.environ, "STANDBY_URL": srht_lab.standby.url})
         assert proc.returncode == 0, f"{code}\n{proc.stderr}"
+
+
+def test_an_idle_process_does_not_show_a_stale_read_only_gauge(metrics):
+    # A monitor re-checks only when asked; nothing asks it here (an idle Celery pool process).
+    # The metrics ask it every recheck while it is read-only, so the gauge follows the database.
+    # Pure logic: the probe is a flag, not a server.
+    takes_writes = False
+    monitor = ReadOnlyMonitor(probe=lambda: not takes_writes, recheck=0.1, jitter=0, announce_file=None)
+    metrics.watch(monitor)
+    gauge = ("srht_readonly_read_only", (("reason", "manual"), ("service", "git.sr.ht")))
+    monitor.set_read_only("a read-only failover")
+    time.sleep(0.5)  # several rechecks: still read-only, still 1
+    assert samples(metrics.registry)[gauge] == 1
+    takes_writes = True  # promoted; no request comes
+    deadline = time.monotonic() + 3
+    while samples(metrics.registry)[gauge] != 0:
+        assert time.monotonic() < deadline, "the gauge still says read-only 3 s after the database took writes"
+        time.sleep(0.05)
+    assert monitor.state.read_only is False and monitor.state.reason == "probe"

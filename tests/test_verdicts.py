@@ -410,3 +410,40 @@ def test_every_page_answered_allows_a_503_only_before_the_database_could_be_reac
     assert not pages_answered(pages + [no_retry_after], CRASH).passed
     assert not pages_answered(pages + [waited], FAILOVER).passed  # never unreachable: no 503 is allowed
     assert not pages_answered([ev("index", 1.0, 1.1, OK, service="web")], CRASH).passed  # none across the change
+
+
+# -- the services' scraped metrics (integrations/drill/_metrics.py) ------------------------------
+
+
+def _scraped(*, refused: float, gauge: list[tuple[float, float]], failed: bool = False):
+    from integrations.drill._metrics import WRITES, ScrapedMetrics
+
+    m = ScrapedMetrics("git.sr.ht", "http://127.0.0.1:1/metrics")
+    series = (WRITES, (("outcome", "refused"), ("policy", "abort"), ("service", "git.sr.ht")))
+    m.first, m.last = {series: 5.0}, {series: 5.0 + refused}
+    m.read_only, m.scrapes = gauge, len(gauge) + 2
+    if failed:
+        m.failed = [(12.0, "ConnectionError: refused")]
+    return m
+
+
+def test_scraped_metrics_must_agree_with_what_users_saw():
+    refusals = [ev("create", t, t + 0.1, EXPLAINED, write=True, met=RO, service="web") for t in (11.0, 12.0, 13.0)]
+    during = [(9.0, 0.0), (10.5, 1.0), (15.0, 1.0), (25.0, 0.0)]
+
+    def judged(m, facts=FAILOVER, events=refusals):
+        return m.expectation("readonly-failover", events, dict(facts), policy="abort", outcome="refused")
+
+    assert judged(_scraped(refused=3, gauge=during)).passed
+    assert not judged(_scraped(refused=2, gauge=during)).passed  # a refusal users saw was not counted
+    assert not judged(_scraped(refused=3, gauge=[(9.0, 0.0), (25.0, 0.0)])).passed  # never read-only
+    assert not judged(_scraped(refused=3, gauge=during[:-1])).passed  # still read-only at the end
+    assert not judged(_scraped(refused=3, gauge=during, failed=True)).passed  # a scrape failed
+    assert not judged(_scraped(refused=0, gauge=during), events=[]).passed  # nothing refused: nothing to judge
+    quiet = {"states": []}
+    assert judged(_scraped(refused=0, gauge=[(1.0, 0.0), (9.0, 0.0)]), facts=quiet, events=[]).passed
+    assert not judged(_scraped(refused=1, gauge=[(1.0, 0.0)]), facts=quiet, events=[]).passed
+    facts: dict = dict(FAILOVER)
+    _scraped(refused=3, gauge=during).expectation("readonly-failover", refusals, facts, policy="abort",
+                                                  outcome="refused")
+    assert facts["metrics"]["git.sr.ht"]["writes"] == {"abort/refused": 3.0}  # kept for the report

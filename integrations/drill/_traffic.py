@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from srht_readonly.drill import Operation, Outcome, Recorder, State
 
@@ -36,9 +37,13 @@ class Traffic:
         self._stopping = threading.Event()
         self._loops: list[threading.Thread] = []
         self._local = threading.local()  # the recorder of the scenario a loop was started for
+        #: The service's scraped metrics (``_metrics.ScrapedMetrics``), if it serves them.
+        self.metrics: Any = None
 
     def start(self, recorder: Recorder) -> None:
         self.recorder = recorder
+        if self.metrics is not None:
+            self.metrics.start(recorder)
         self._stopping = threading.Event()  # a loop left over from the last scenario keeps its own
         self._loops = [threading.Thread(target=self._loop, args=(i, recorder, self._stopping), daemon=True,
                                         name=f"drill-{self.name}-{i}") for i in range(self.threads)]
@@ -47,10 +52,14 @@ class Traffic:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.metrics is not None:
+            self.metrics.halt()
 
     def close(self) -> None:
         """Stop and wait for every loop (and whatever ``_threads_to_close`` names) to end."""
         self._stopping.set()
+        if self.metrics is not None:
+            self.metrics.close()
         self.join([*self._loops, *self._threads_to_close()], CLOSE_WAIT)
 
     def _threads_to_close(self) -> list[threading.Thread]:

@@ -36,7 +36,9 @@ from srht_readonly import DatabaseUnavailable, ReadOnlyError
 from srht_readonly.drill import Operation, Outcome, Recorder, State, verdicts
 from srht_readonly.drill.scenarios import Expectation, Fact
 from srht_readonly.drill.services import DrillEnvironment
+from srht_readonly.ops.ports import free_port
 
+from ._metrics import ScrapedMetrics
 from ._traffic import Traffic
 
 __all__ = ["CeleryTraffic"]
@@ -58,6 +60,9 @@ class CeleryTraffic(Traffic):
         threads, processes, pause = LOADS[env.load]
         super().__init__(threads=threads, pause=pause)
         directory = env.directory / "celery"
+        metrics_dir = directory / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        metrics_port = free_port("127.0.0.1")
         self.redis = RedisServer(directory / "redis")
         stack.callback(self.redis.stop)
         self.redis.start()
@@ -67,9 +72,12 @@ class CeleryTraffic(Traffic):
                                        "SRHT_WEBHOOKS_BACKEND": self.redis.url(1),
                                        "SRHT_WEBHOOKS_DATABASE": env.database_url,
                                        "SRHT_WEBHOOKS_RECHECK": "0.5",
+                                       "SRHT_WEBHOOKS_METRICS_PORT": str(metrics_port),
+                                       "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
                                    })
         stack.callback(self.worker.stop)
         self.worker.start()
+        self.metrics = ScrapedMetrics("webhooks", f"http://127.0.0.1:{metrics_port}/metrics")
         self.client = make_worker(self.redis.url(0), backend=self.redis.url(1), database_url=env.database_url)
         stack.callback(self.client.close)
         stack.callback(self.close)
@@ -115,6 +123,8 @@ class CeleryTraffic(Traffic):
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
+        self.metrics.finish(recorder)
+        checks.append(self.metrics.expectation(scenario, events, facts, policy="celery", outcome="failed"))
         if scenario in (*verdicts.READ_ONLY_WINDOW, "primary-crash"):
             retried = self._retries["stop"] - self._retries["start"]
             checks.append(Expectation("celery: no delivery was retried (no retry storm)", retried == 0,

@@ -48,6 +48,7 @@ from srht_readonly.drill.services import DrillEnvironment
 from srht_readonly.flask import HEADER
 from srht_readonly.rerun import SAFE_METHODS
 
+from ._metrics import ScrapedMetrics
 from ._traffic import Traffic
 
 __all__ = ["WebTraffic"]
@@ -88,10 +89,12 @@ class WebTraffic(Traffic):
             "GITSRHT_READ_ONLY": "0" if env.sabotage == "web-500" else "1",
             "SRHT_READONLY_RECHECK": "0.5",
             "SRHT_READONLY_REDIS_URL": REDIS_URL, "SRHT_READONLY_SHARED_PREFIX": f"srht-readonly-drill-{self.user}",
+            "PROMETHEUS_MULTIPROC_DIR": str(_empty_dir(env.directory / "web-metrics")),
         }, workers=WORKERS)
         self.view_log = self.server.env["GITSRHT_VIEW_LOG"]
         stack.callback(self.server.stop)
         self.url = self.server.start(timeout=60)
+        self.metrics = ScrapedMetrics("git.sr.ht", f"{self.url}/metrics")
         stack.callback(self.close)
         self._sessions = [requests.Session() for _ in range(threads)]
         for s in self._sessions:
@@ -134,6 +137,8 @@ class WebTraffic(Traffic):
     def expectations(self, scenario: str, recorder: Recorder, facts: dict[str, Any]) -> list[Expectation]:
         events = verdicts.of_service(recorder.events, self.name)
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
+        self.metrics.finish(recorder)
+        checks.append(self.metrics.expectation(scenario, events, facts, policy="abort", outcome="refused"))
         if scenario in verdicts.READ_ONLY_WINDOW and Fact.READ_ONLY_UNTIL in facts:
             hi = facts[Fact.READ_ONLY_UNTIL]
             inside = verdicts.judged_read_only(events, facts)
@@ -152,6 +157,13 @@ class WebTraffic(Traffic):
             lines = [line._replace(t=line.t - recorder.t0) for line in viewlog.read(self.view_log)]
             checks.append(unsafe_views_after_learning(lines, windows, events))
         return checks
+
+
+def _empty_dir(path: Any) -> Any:
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.iterdir():
+        stale.unlink()
+    return path
 
 
 def changed_windows(facts: dict[str, Any]) -> list[tuple[float, float]]:

@@ -36,3 +36,11 @@ def worker_exit(server: Any, worker: Any) -> None:
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    # prometheus_client's multi-process mode: a dead worker's live gauges must not count.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from srht_readonly.metrics import mark_process_dead
+
+        mark_process_dead(worker.pid)

@@ -10,6 +10,9 @@ environment:
 * ``GITSRHT_LOG_LEVEL``: the level of the app's own logs on stderr (default ``INFO``);
 * ``GITSRHT_VIEW_LOG``: a file where every worker logs each view it runs and each change of its
   read-only monitor (``integrations.gitsrht.viewlog``: what the drill judges the workers by);
+* ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory, the ``metrics`` extra): the service's
+  metrics (``srht_readonly.metrics``, service ``git.sr.ht``) at ``/metrics``, every worker's
+  added up (``gunicorn_conf`` removes a dead worker's live gauges);
 * every ``SRHT_READONLY_*`` variable, as the app config key of the same name (docs/flask.md),
   e.g. ``SRHT_READONLY_REDIS_URL=redis://localhost:6379/0`` for the shared read-only state.
 
@@ -73,7 +76,20 @@ def app_from_env(environ: Mapping[str, str] | None = None) -> flask.Flask:
                      read_only=env.get("GITSRHT_READ_ONLY", "1") != "0")
     if env.get("GITSRHT_VIEW_LOG"):
         viewlog.record(app, env["GITSRHT_VIEW_LOG"])
+    if env.get("PROMETHEUS_MULTIPROC_DIR"):
+        _serve_metrics(app)
     return app
+
+
+def _serve_metrics(app: flask.Flask) -> None:
+    from srht_readonly.flask import metrics_endpoint
+    from srht_readonly.metrics import ServiceMetrics
+
+    state = app.extensions.get("srht_readonly")
+    metrics = ServiceMetrics("git.sr.ht")
+    if state is not None:
+        metrics.watch(state.monitor)
+    metrics_endpoint(app, "/metrics")
 
 
 class Gunicorn:

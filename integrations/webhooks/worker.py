@@ -102,6 +102,7 @@ def make_worker(
     engine = connect(database_url)
     monitor = monitor or ReadOnlyMonitor(engine, recheck=recheck)
     instrument(engine, monitor)
+    worker.srht_readonly_monitor = monitor  # type: ignore[attr-defined]  # for service.py's metrics
 
     @signals.worker_process_init.connect(weak=False)
     def _forget_parents_connections(**_: Any) -> None:

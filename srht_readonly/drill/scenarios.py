@@ -48,6 +48,7 @@ class Fact(StrEnum):
     UPGRADE = "upgrade"
     PAST = "past"
     VERSIONS = "versions"
+    METRICS = "metrics"  # what the services' Prometheus metrics said, per service (integrations/drill)
 
 
 #: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
