@@ -5,6 +5,7 @@ drill against an inventory plays its probes; a failing probe fails the drill."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,20 @@ CLI = str(Path(sys.executable).with_name("srht-readonly"))
 
 
 def drill(*args: str, cwd: Path, config: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the drill; if the test is interrupted (its timeout, Ctrl-C), stop it as Ctrl-C would, so it
+    stops what it started instead of leaving a lab and services running (a SIGKILL would)."""
     argv = [CLI, *(["--config", str(config)] if config else []), "drill", *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _running(pattern: str) -> list[str]:
@@ -39,6 +52,7 @@ def _nothing_left(report: dict) -> None:
     assert not _running("srht-drill-")
 
 
+@pytest.mark.timeout(600)  # every default scenario: about 4 minutes on 2 idle cores
 def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
     # 2 s per state: a state the verdicts judge is held longer (20 s more at most, or twice the
     # slowest operation) until every kind of operation of every service has met it, so even a
