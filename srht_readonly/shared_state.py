@@ -25,7 +25,12 @@ not be published is sent when Redis is back if it is still the latest one and yo
 ``ttl``. ``monitor.read_only`` stays a field read: nothing is added to the healthy path.
 
 A process that forks (gunicorn with ``--preload``, a Celery prefork pool) gets new threads and
-connections in the child, under a new origin.
+connections in the child, under a new origin. The threads never import a module once started:
+what they would import lazily (the hostname codec, redis-py's version lookup) is imported by
+``start()`` in the calling thread. CPython does not release, in a forked child, the lock of a
+module another thread was importing at ``fork()`` time: a gunicorn worker forked while our
+subscriber was importing ``encodings.idna`` hung forever on its first request (werkzeug needs
+that codec too). ``tests/test_shared_state.py`` checks that the threads import nothing.
 
 Needs ``redis`` (redis-py 4.5 or later: the ``flask`` extra).
 """
@@ -184,6 +189,7 @@ class SharedState:
 
     def _start_threads(self) -> None:
         self._stopping.clear()
+        _import_ahead()
         self._client = self._make_client()
         for name, target in (("subscriber", self._subscribe_loop), ("publisher", self._publish_loop)):
             thread = threading.Thread(target=target, name=f"srht-readonly-shared-{name}", daemon=True)
@@ -362,6 +368,17 @@ class SharedState:
     def __repr__(self) -> str:
         state = "connected" if self.connected.is_set() else "not connected"
         return f"<SharedState {self.prefix} via {self.url or self._given_client!r}, {state}>"
+
+
+def _import_ahead() -> None:
+    """Import now, in the calling thread, what the threads would otherwise import on first use."""
+    "localhost".encode("idna")  # getaddrinfo() encodes the host: encodings.idna, stringprep, unicodedata
+    try:
+        from redis.utils import get_lib_version
+
+        get_lib_version()  # CLIENT SETINFO on connect: importlib.metadata, email.parser
+    except Exception:  # an older redis-py: nothing to import ahead
+        logger.debug("no redis-py version lookup to import ahead", exc_info=True)
 
 
 def _after_fork_in_child() -> None:

@@ -282,3 +282,38 @@ def test_the_documented_examples_run(redis_server):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
                                 env={**os.environ, "REDIS_URL": redis_server.url, "SRHT_READONLY_ANNOUNCE_FILE": ""})
         assert result.returncode == 0, f"docs/shared-state.md example {number} failed:\n{code}\n{result.stderr}"
+
+
+IMPORTS_IN_OUR_THREADS = """
+import sys, threading, time
+from srht_readonly.monitor import ReadOnlyMonitor
+from srht_readonly.shared_state import SharedState
+
+seen = []
+def hook(event, args):
+    if event == "import" and threading.current_thread().name.startswith("srht-readonly-shared"):
+        seen.append(args[0])
+
+sys.addaudithook(hook)
+finder, other = (ReadOnlyMonitor(probe=lambda: False, announce_file=None) for _ in range(2))
+shared = [SharedState.attach(m, sys.argv[1], prefix="imports") for m in (finder, other)]
+assert all(s.connected.wait(5) for s in shared)
+finder.set_read_only("found read-only")
+deadline = time.monotonic() + 5
+while not other.state.read_only and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert other.state.read_only, "the other monitor never heard"
+for s in shared:
+    s.stop()
+print(sorted(set(seen)))
+"""
+
+
+def test_our_threads_import_nothing_once_started(redis_server):
+    # CPython keeps, in a forked child, the lock of a module another thread was importing at fork()
+    # time: a gunicorn worker forked while the subscriber imported encodings.idna hung forever on its
+    # first request. So start() imports ahead what the threads need; a fresh interpreter shows it.
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_IN_OUR_THREADS, redis_server.url], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"imported by srht-readonly-shared threads: {proc.stdout.strip()}"
