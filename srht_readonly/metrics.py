@@ -20,8 +20,8 @@ Metrics (docs/monitoring.md), every one labelled ``service``:
   (``abort``/``refused``, ``drop``/``dropped``, ``retry``/``retried`` per wait and ``gave_up``,
   ``celery``/``failed``, ``deferred``, ``gave_up``);
 * ``srht_readonly_retry_wait_seconds{service}`` (histogram): each wait of ``retry_until_writable``;
-* ``srht_readonly_probe_seconds{service,result}`` (histogram): each probe made through
-  ``timed_probe`` (``result``: ``writable``, ``read_only``, ``error``);
+* ``srht_readonly_probe_seconds{service,result}`` (histogram): each probe of a watched monitor
+  (``result``: ``writable``, ``read_only``, ``error``), or made through ``timed_probe``;
 * ``srht_readonly_read_only_seconds{service}`` (histogram): how long each read-only period lasted;
 * ``srht_readonly_writable_again_timestamp_seconds{service}``: when the monitor last found the
   database writable again after a read-only period. Minus the fleet exporter's
@@ -71,6 +71,7 @@ PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 
 PERIOD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 _OUTCOME_FAILURE = "failure"
+_TIMED = "_srht_readonly_timed_probe"
 
 
 class _Family:
@@ -124,6 +125,7 @@ class ServiceMetrics:
         self._closed.set()
         for monitor, listener in self._monitors:
             monitor.remove_listener(listener)
+            monitor.remove_probe_observer(self._probed)
         self._monitors.clear()
 
     # -- the monitor ----------------------------------------------------------------------------
@@ -133,6 +135,8 @@ class ServiceMetrics:
         listener = functools.partial(self._event, monitor=monitor)
         monitor.add_listener(listener)
         self._monitors.append((monitor, listener))
+        if not getattr(monitor._probe, _TIMED, False):  # a timed_probe already records each probe
+            monitor.add_probe_observer(self._probed)
         state = monitor.state
         self._set(state.read_only, _text(state.reason), state.since)
         return monitor
@@ -142,6 +146,9 @@ class ServiceMetrics:
             self._set(bool(event["read_only"]), _text(event["reason"]), float(event["since"]))
             if event["read_only"] and monitor is not None:
                 self._keep_asking(monitor)
+
+    def _probed(self, seconds: float, result: str) -> None:
+        self.family.probe.labels(self.service, result).observe(seconds)
 
     def _keep_asking(self, monitor: ReadOnlyMonitor) -> None:
         """Ask ``monitor`` every ``recheck`` seconds, from a thread of this process, until it is writable."""
@@ -215,6 +222,7 @@ class ServiceMetrics:
                 time.perf_counter() - started)
             return answer
 
+        setattr(timed, _TIMED, True)
         return timed
 
 

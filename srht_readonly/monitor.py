@@ -138,6 +138,7 @@ class ReadOnlyMonitor:
         self._next_probe = 0.0
         self._announce_due = 0.0
         self._listeners: tuple[Callable[[MonitorEvent], object], ...] = ()
+        self._probe_observers: tuple[Callable[[float, str], object], ...] = ()
         self._init_locks()
         _monitors.add(self)
 
@@ -246,6 +247,25 @@ class ReadOnlyMonitor:
             self._listeners = (*self._listeners, listener)
         return listener
 
+    def add_probe_observer(self, observer: Callable[[float, str], object]) -> Callable[[float, str], object]:
+        """Call ``observer(seconds, result)`` after every probe (``result``: ``writable``,
+        ``read_only`` or ``error``), in the probing thread; returns it. ``srht_readonly.metrics``
+        times the monitor's own probes with it."""
+        with self._lock:
+            self._probe_observers = (*self._probe_observers, observer)
+        return observer
+
+    def remove_probe_observer(self, observer: Callable[[float, str], object]) -> None:
+        with self._lock:
+            self._probe_observers = tuple(o for o in self._probe_observers if o != observer)
+
+    def _timed(self, seconds: float, result: str) -> None:
+        for observer in self._probe_observers:
+            try:
+                observer(seconds, result)
+            except Exception:
+                logger.exception("probe observer %r failed", observer)
+
     def remove_listener(self, listener: Callable[[MonitorEvent], object]) -> None:
         """Stop calling ``listener``."""
         with self._lock:
@@ -286,6 +306,7 @@ class ReadOnlyMonitor:
                 self._transition(False, Reason.EXPIRED, "no probe available; assuming writable again")
             return
         generation = self._generation
+        started = time.perf_counter()
         try:
             if self._probe is not None:
                 read_only = bool(self._probe())
@@ -293,6 +314,7 @@ class ReadOnlyMonitor:
                 read_only = probe_engine(self._engine, timeout=self.probe_timeout)
         except Exception as exc:
             logger.debug("read-only probe failed: %s", exc)
+            self._timed(time.perf_counter() - started, "error")
             if not state.read_only:
                 # Whatever kept the probe from an answer (the database gone, a pool timeout, the
                 # probe's own time limit, a bug) says nothing of read-only: users are told the
@@ -300,6 +322,7 @@ class ReadOnlyMonitor:
                 detail = f"database unreachable: {first_line(exc)}"
                 self._transition(True, Reason.PROBE, detail, Failure.UNAVAILABLE, generation=generation)
             return
+        self._timed(time.perf_counter() - started, "read_only" if read_only else "writable")
         # Also when it was unreachable and now answers as a standby: users must hear "read-only"
         # (refresh later), not "unavailable", for as long as the read-only failover lasts.
         if read_only != state.read_only or (read_only and state.failure is Failure.UNAVAILABLE):

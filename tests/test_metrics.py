@@ -235,3 +235,20 @@ def test_an_idle_process_does_not_show_a_stale_read_only_gauge(metrics):
         assert time.monotonic() < deadline, "the gauge still says read-only 3 s after the database took writes"
         time.sleep(0.05)
     assert monitor.state.read_only is False and monitor.state.reason == "probe"
+
+
+def test_a_watched_monitors_own_probes_are_timed_and_a_timed_probe_is_not_counted_twice(metrics):
+    # Pure logic: the probes are callables (a server is not what is measured here).
+    count = ("srht_readonly_probe_seconds_count", (("result", "read_only"), ("service", "git.sr.ht")))
+    own = ReadOnlyMonitor(probe=lambda: True, announce_file=None)
+    metrics.watch(own)
+    own.check()
+    own.check()
+    assert samples(metrics.registry)[count] == 2
+    timed = ReadOnlyMonitor(probe=metrics.timed_probe(lambda: True), announce_file=None)
+    metrics.watch(timed)
+    timed.check()
+    assert samples(metrics.registry)[count] == 3  # once, by timed_probe
+    metrics.close()
+    own.check()
+    assert samples(metrics.registry)[count] == 3  # closed: no longer timed
