@@ -30,7 +30,7 @@ from srht_readonly.drill.scenarios import Expectation, Fact
 __all__ = ["INTERVAL", "ScrapedMetrics", "parse"]
 
 #: Seconds between two scrapes while the traffic runs.
-INTERVAL = 0.5
+INTERVAL = 1.0
 WRITES = "srht_readonly_writes_total"
 READ_ONLY = "srht_readonly_read_only"
 
