@@ -61,6 +61,10 @@ READS = ("index", "repo")  # the others write
 TIMEOUT = 30
 #: gunicorn's worker processes (sync workers, as sr.ht runs them).
 WORKERS = 4
+#: The workers' CPU priority. In production the web front has hosts of its own; here its 4 processes
+#: share 2 cores with every other service, and at the excessive load they left the ssh pipeline
+#: (4 Python processes per push) too little CPU for a fetch to end inside a held state.
+NICE = 10
 #: Where the workers share the read-only state (a hint: the drill works without it).
 REDIS_URL = "redis://localhost:6379/0"
 #: Scenarios whose web front is judged on re-runs and on learning the change together.
@@ -90,7 +94,7 @@ class WebTraffic(Traffic):
             "SRHT_READONLY_RECHECK": "0.5",
             "SRHT_READONLY_REDIS_URL": REDIS_URL, "SRHT_READONLY_SHARED_PREFIX": f"srht-readonly-drill-{self.user}",
             "PROMETHEUS_MULTIPROC_DIR": str(_empty_dir(env.directory / "web-metrics")),
-        }, workers=WORKERS)
+        }, workers=WORKERS, nice=NICE)
         self.view_log = self.server.env["GITSRHT_VIEW_LOG"]
         stack.callback(self.server.stop)
         self.url = self.server.start(timeout=60)

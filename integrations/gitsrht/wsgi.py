@@ -99,7 +99,8 @@ class Gunicorn:
     the readiness files. ``env`` adds to the environment (``GITSRHT_DATABASE_URL`` and the
     rest). ``preload``: the app is made once in the master and the workers are forked from it
     (gunicorn ``--preload``; the monitor and the shared state renew their threads and locks in
-    each worker); otherwise each worker makes its own, as sr.ht runs. ``start()`` returns once
+    each worker); otherwise each worker makes its own, as sr.ht runs. ``nice``: a lower CPU priority
+    for the server (the drill, where every service shares the same cores). ``start()`` returns once
     every worker has loaded the app; ``stop()`` asks gunicorn to stop (SIGTERM), then kills what
     is left of its process group. Also a context manager.
     """
@@ -115,6 +116,7 @@ class Gunicorn:
         port: int | None = None,
         graceful: int = 3,
         preload: bool = False,
+        nice: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.env = dict(env)
@@ -124,6 +126,7 @@ class Gunicorn:
         self.port = port or free_port(host)
         self.graceful = graceful
         self.preload = preload
+        self.nice = nice
         self.url = f"http://{host}:{self.port}"
         self.log_path = self.directory / "gunicorn.log"
         self.ready_dir = self.directory / "gunicorn-ready"
@@ -139,6 +142,7 @@ class Gunicorn:
         env = {**os.environ, **self.env, "GITSRHT_READY_DIR": str(self.ready_dir),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         command = [
+            *(["nice", "-n", str(self.nice)] if self.nice else []),
             sys.executable, "-m", "gunicorn", "--workers", str(self.workers), "--bind", f"{self.host}:{self.port}",
             "--chdir", str(ROOT), "--config", "python:integrations.gitsrht.gunicorn_conf",
             "--pid", str(self.directory / "gunicorn.pid"),
