@@ -437,6 +437,9 @@ def test_scraped_metrics_must_agree_with_what_users_saw():
     assert judged(_scraped(refused=3, gauge=during)).passed
     assert not judged(_scraped(refused=2, gauge=during)).passed  # a refusal users saw was not counted
     assert not judged(_scraped(refused=3, gauge=[(9.0, 0.0), (25.0, 0.0)])).passed  # never read-only
+    between = _scraped(refused=3, gauge=[(9.0, 0.0), (25.0, 0.0)])  # a short window between two scrapes,
+    between.last[("srht_readonly_read_only_seconds_count", (("service", "git.sr.ht"),))] = 1.0  # but a period ended
+    assert judged(between).passed
     assert not judged(_scraped(refused=3, gauge=during[:-1])).passed  # still read-only at the end
     assert not judged(_scraped(refused=3, gauge=during, failed=True)).passed  # a scrape failed
     assert not judged(_scraped(refused=0, gauge=during), events=[]).passed  # nothing refused: nothing to judge

@@ -33,6 +33,7 @@ __all__ = ["INTERVAL", "ScrapedMetrics", "parse"]
 INTERVAL = 1.0
 WRITES = "srht_readonly_writes_total"
 READ_ONLY = "srht_readonly_read_only"
+PERIODS = "srht_readonly_read_only_seconds_count"
 
 Series = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -115,6 +116,13 @@ class ScrapedMetrics:
                        and dict(labels) == {"service": self.service, "policy": policy, "outcome": outcome})
         return value(self.last) - value(self.first)
 
+    def periods(self) -> float:
+        """How many read-only periods of the service's processes ended over the scenario."""
+        def value(samples: dict[Series, float] | None) -> float:
+            return sum(v for (name, labels), v in (samples or {}).items()
+                       if name == PERIODS and dict(labels).get("service") == self.service)
+        return value(self.last) - value(self.first)
+
     def figures(self) -> dict[str, Any]:
         """What the report keeps (``facts["metrics"][service]``)."""
         writes = {}
@@ -133,8 +141,10 @@ class ScrapedMetrics:
         Every scrape answered, the first and the last included. Where the database never stopped
         taking writes (no ``states`` in the facts): the read-only gauge stayed 0 and ``writes_total{policy,
         outcome}`` did not move. Elsewhere: the gauge was 1 at some scrape while the database was
-        not writable, 0 at the last one (writable again), and the counter rose by at least the
-        writes the users saw refused with the explanation (each refusal is counted once).
+        not writable, or a read-only period ended (``srht_readonly_read_only_seconds_count`` rose: a
+        window of a second or two may fall between two scrapes), 0 at the last scrape (writable
+        again), and the counter rose by at least the writes the users saw refused with the
+        explanation (each refusal is counted once).
         """
         facts.setdefault(Fact.METRICS, {})[self.service] = self.figures()
         text = (f"{self.service}: its metrics agree with what users saw (srht_readonly_read_only, "
@@ -153,6 +163,9 @@ class ScrapedMetrics:
                                seen + (f"; read-only at {high[0]} s" if high else "; read-only never"))
         inside = [v for t, v in self.read_only if any(lo <= t < hi for lo, hi in windows)]
         final = self.read_only[-1][1] if self.read_only else None
-        passed = bool(explained) and counted >= len(explained) and any(v >= 1 for v in inside) and final == 0
+        periods = self.periods()
+        saw = any(v >= 1 for v in inside) or periods > 0
+        passed = bool(explained) and counted >= len(explained) and saw and final == 0
         return Expectation(text, passed, f"{seen}; read-only gauge 1 in {sum(v >= 1 for v in inside)} of "
-                           f"{len(inside)} scrapes while not writable, {final} at the end")
+                           f"{len(inside)} scrapes while not writable, {periods:g} read-only period(s) ended, "
+                           f"{final} at the end")
