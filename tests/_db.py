@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg2
@@ -53,3 +54,14 @@ def error_of(fn: Callable[[], object]) -> BaseException:
     except Exception as exc:  # the point: capture whatever the driver raises
         return exc
     pytest.fail("expected the database to refuse")
+
+
+@contextlib.contextmanager
+def bouncer_on_standby(lab: Any) -> Iterator[None]:
+    """The plan's read-only failover: PgBouncer repointed at the (caught-up) standby."""
+    lab.wait_caught_up(timeout=10)
+    lab.pgbouncer.point_at(lab.standby)
+    try:
+        yield
+    finally:
+        lab.pgbouncer.point_at(lab.primary)

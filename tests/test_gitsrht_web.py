@@ -7,7 +7,6 @@ started service would be.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from srht_readonly import Failure
 from srht_readonly.flask import HEADER
 from srht_readonly.ops import sql
 from srht_readonly.ops.ports import free_port
+from tests._db import bouncer_on_standby
 
 RECHECK = 0.3
 
@@ -70,17 +70,6 @@ def apps() -> Iterator[Any]:
     yield make
     for app in made:
         app.extensions["gitsrht.db"].get_bind().dispose()
-
-
-@contextlib.contextmanager
-def bouncer_on_standby(lab: Any) -> Iterator[None]:
-    """The plan's read-only failover: PgBouncer repointed at the (caught-up) standby."""
-    lab.wait_caught_up(timeout=10)
-    lab.pgbouncer.point_at(lab.standby)
-    try:
-        yield
-    finally:
-        lab.pgbouncer.point_at(lab.primary)
 
 
 @pytest.fixture

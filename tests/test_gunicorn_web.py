@@ -33,6 +33,7 @@ from integrations.gitsrht.web import init_db
 from integrations.gitsrht.wsgi import Gunicorn
 from srht_readonly.sqlalchemy import create_engine
 from srht_readonly.testing import factories
+from tests._db import bouncer_on_standby
 from tests._redis import PrivateRedis
 from tests._web_app import FACTORY, view_runs
 
@@ -73,17 +74,6 @@ def serve(directory: Path, database_url: str, redis_url: str | None, *, preload:
         yield server
     finally:
         server.stop()
-
-
-@contextlib.contextmanager
-def bouncer_on_standby(lab: Any) -> Iterator[None]:
-    """The plan's read-only failover: PgBouncer repointed at the (caught-up) standby."""
-    lab.wait_caught_up(timeout=10)
-    lab.pgbouncer.point_at(lab.standby)
-    try:
-        yield
-    finally:
-        lab.pgbouncer.point_at(lab.primary)
 
 
 def create(url: str) -> requests.Response:
