@@ -43,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.flask_overhead import workload  # noqa: E402  (the same healthy mix)
 from integrations.gitsrht.web import create_app, init_db  # noqa: E402
 from integrations.webhooks.harness import RedisServer  # noqa: E402
 from srht_readonly import ReadOnlyMonitor  # noqa: E402
@@ -53,21 +54,6 @@ from srht_readonly.testing import Lab  # noqa: E402
 VARIANTS = ("off", "on", "no-retry")
 
 
-def workload(client: Any, repos: list[str], n: int, seq: list[int]) -> None:
-    """A healthy mix: the list page, a repository page, a settings change (a real write)."""
-    for i in range(n):
-        name = repos[i % len(repos)]
-        kind = i % 3
-        if kind == 0:
-            response = client.get("/")
-        elif kind == 1:
-            response = client.get(f"/~alice/{name}/")
-        else:
-            seq[0] += 1
-            response = client.post(f"/~alice/{name}/settings",
-                                   data={"description": f"d{seq[0]}", "visibility": "public"})
-        if response.status_code not in (200, 302):
-            raise SystemExit(f"unexpected {response.status_code} on a healthy request: {response.text[:200]}")
 
 
 def paired(values: dict[str, list[float]], variant: str, base: str) -> float:
