@@ -39,7 +39,9 @@ class StallingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.closed = False
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
 
     def _accept(self) -> None:
         while True:
@@ -48,9 +50,16 @@ class StallingProxy:
             except OSError:
                 return
             self.sockets.append(conn)
+            if self.closed:
+                conn.close()
+                return
             if self.stall:
                 continue  # a login that never gets an answer
-            up = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                up = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                conn.close()
+                continue
             self.sockets.append(up)
             for a, b in ((conn, up), (up, conn)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -65,6 +74,14 @@ class StallingProxy:
                 s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        # A thread blocked in accept() is not woken by close() on Linux, only by shutdown(); left
+        # blocked, it would accept on whatever socket reuses the descriptor number later (it once
+        # stole a later test's webhook delivery that way).
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.acceptor.join(timeout=5)
+        assert not self.acceptor.is_alive(), "the proxy's accepting thread did not stop"
         for s in self.sockets:
             with contextlib.suppress(OSError):
                 s.close()
