@@ -10,7 +10,8 @@ entry-point group) and add it below.
 from __future__ import annotations
 
 import logging
-from importlib.metadata import entry_points
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import click
@@ -21,7 +22,26 @@ from .options import EXIT_PARTIAL, EXIT_REFUSED, EXIT_USAGE, Failure, failures
 __all__ = ["EXIT_PARTIAL", "EXIT_REFUSED", "EXIT_USAGE", "Failure", "failures", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@cache
+def _plugins() -> dict[str, EntryPoint]:
+    return {entry.name: entry for entry in entry_points(group="srht_readonly.commands")}
+
+
+class _Group(click.Group):
+    """The group, with the entry-point commands imported only when one of them is run (or listed):
+    ``drill`` and ``audit`` import far more than an operations command needs, and every command
+    is a short-lived process."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _plugins():
+            self.add_command(_plugins()[cmd_name].load(), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-c", "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Inventory file [default: $SRHT_READONLY_CONFIG, else /etc/sr.ht/readonly.ini].")
 @click.option("--ssh-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -63,5 +83,3 @@ for _name, _command in (
 ):
     main.add_command(_command, _name)
 
-for _entry in entry_points(group="srht_readonly.commands"):
-    main.add_command(_entry.load(), _entry.name)
