@@ -92,7 +92,7 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
 
     \b
     Example:
-      srht-readonly drill                                   # everything, about 2.5 minutes
+      srht-readonly drill                                   # everything, about 3 minutes
       srht-readonly drill --scenario switchover --duration 3 --json | jq '.scenarios[0].passed'
       srht-readonly drill --sabotage no-resume --duration 3  # must fail, exit 1
       srht-readonly --config /etc/sr.ht/drill.ini drill --scenario readonly-failover
