@@ -103,6 +103,7 @@ def test_refuses_copy_mode_without_the_disk_for_it_and_link_mode_passes_that_che
     assert copy.returncode == 1 and "not enough disk for --method copy" in copy.stderr, out(copy)
     assert link.returncode == 0 and "dry run: nothing was changed" in link.stderr, out(link)
     assert "pg_upgrade --link" in link.stderr
+    assert "[backup]" not in link.stderr  # no backup engine here: nothing to warn of (test_past.py has one)
     unchanged(fleet)
 
 

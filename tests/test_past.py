@@ -23,6 +23,7 @@ import pytest
 
 from srht_readonly.testing.lab import Lab
 from tests._fleet import q
+from tests._majors import new_major_bin
 
 CLI = str(Path(sys.executable).with_name("srht-readonly"))
 
@@ -241,6 +242,18 @@ def test_the_exporter_serves_the_recoverable_window(lab):
     assert metrics["srht_readonly_backup_latest_timestamp_seconds"] >= metrics[
         "srht_readonly_backup_earliest_timestamp_seconds"]
     assert time.time() - metrics["srht_readonly_backup_last_success_timestamp_seconds"] < 3600
+
+
+def test_a_major_upgrades_plan_warns_that_barmans_server_stops_at_the_upgrade(lab):
+    # The upgraded cluster has a new system identifier: the [backup] server's streaming ends there
+    # (docs/upgrade.md, "Afterwards: the backups"); without a [backup] section no such warning
+    # (test_ops_upgrade.py's dry run).
+    proc = cli(lab, "upgrade", "--major", "--to-bin", str(new_major_bin()), "--drop-column-option", "pg_attver",
+               "--dry-run")
+    assert proc.returncode == 0 and "dry run: nothing was changed" in proc.stderr, proc.stdout + proc.stderr
+    warning = " ".join(proc.stderr.split())
+    assert "[backup]: Barman's server lab follows the cluster being replaced" in warning, proc.stderr
+    assert "Afterwards: the backups" in warning
 
 
 def test_with_no_primary_to_stream_from_a_time_after_the_archive_is_refused(lab):

@@ -116,6 +116,7 @@ class MajorResult:
     sanity: dict[str, object]
     new_bin: str
     total_seconds: float
+    backup_server: str | None = None
 
     def text(self) -> str:
         return (f"{self.primary} is the primary on PostgreSQL {self.new_major} (was {self.old_major}), "
@@ -125,7 +126,8 @@ class MajorResult:
                 f"{self.total_seconds:.1f} s in all.\nOld data kept at {self.old_data_kept}"
                 + (" (link mode: never start it; delete it once satisfied)" if self.method == "link" else "")
                 + (f" and {self.standby_data_kept}" if self.standby_data_kept else "")
-                + f".\nNow set bin = {self.new_bin} for {self.primary} and {self.standby} in the inventory.")
+                + f".\nNow set bin = {self.new_bin} for {self.primary} and {self.standby} in the inventory."
+                + (f"\n{backup_warning(self.backup_server, self.new_major)}." if self.backup_server else ""))
 
 
 def check_major_upgrade(cluster: Cluster, fleet: Fleet, to_bin: str, *, method: str = "link",
@@ -190,7 +192,18 @@ def check_major_upgrade(cluster: Cluster, fleet: Fleet, to_bin: str, *, method: 
         plan.warnings.append(f"--method link: once {p} has started on {new_major}, its old data directory must never "
                              f"be started again; until {s} is rebuilt the fallback is {s} (paused, PostgreSQL "
                              f"{old_major})")
+    backup = cluster.inventory.backup
+    if backup is not None:
+        plan.warnings.append(backup_warning(backup.server, new_major))
     return plan
+
+
+def backup_warning(server: str, new_major: int) -> str:
+    """What the upgrade leaves for the operator when a backup engine is configured (docs/upgrade.md)."""
+    return (f"[backup]: Barman's server {server} follows the cluster being replaced; after the upgrade (a new "
+            f"system identifier) its WAL streaming stops and the recoverable window ends there. Give "
+            f"PostgreSQL {new_major} a Barman server of its own, then set server = in [backup] "
+            f"(docs/upgrade.md, \"Afterwards: the backups\")")
 
 
 def _check_and_rehearse(cluster: Cluster, p: str, new_bin: Path, drop: tuple[str, ...]) -> None:
@@ -335,7 +348,8 @@ class _Major:
                              {p: "primary, upgraded", s: "not streaming"}) from exc
         return MajorResult(p, s, plan.old_major, plan.new_major, plan.method, round(read_only, 3), self.phases,
                            str(kept), getattr(prepared, "moved_aside", None), sanity,  # type: ignore[arg-type]
-                           plan.new_bin, round(time.monotonic() - started, 3))
+                           plan.new_bin, round(time.monotonic() - started, 3),
+                           self.cluster.inventory.backup.server if self.cluster.inventory.backup else None)
 
     def _stop_and_freeze(self) -> None:
         control = stop_primary(self.server)
