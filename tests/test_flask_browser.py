@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 from sqlalchemy import create_engine
 
@@ -53,13 +53,35 @@ def browser() -> Iterator[webdriver.Chrome]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def replaced(page: Any) -> Any:
+    """A wait condition: the document ``page`` (its ``<html>`` element) belongs to is gone.
+
+    Selenium's ``staleness_of`` asks the element and expects "stale element"; Chromium 156 sometimes
+    answers a navigation in progress with "Node with given id does not belong to the document"
+    instead (seen once in a second tab), which says the same thing.
+    """
+
+    def gone(_driver: webdriver.Chrome) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+        return False
+
+    return gone
+
+
 def submit_create_form(driver: webdriver.Chrome, base: str, name: str, description: str) -> None:
     driver.get(f"{base}/create")
     driver.find_element(By.ID, "name").send_keys(name)
     driver.find_element(By.ID, "description").send_keys(description)
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.ID, "create-submit").click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 10).until(replaced(page))
 
 
 def explanation(driver: webdriver.Chrome) -> str:
@@ -74,7 +96,7 @@ def until_saved(driver: webdriver.Chrome, name: str, retry: Any, *, timeout: flo
         time.sleep(0.1)
         page = driver.find_element(By.TAG_NAME, "html")
         retry()
-        WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))  # the new page loaded
+        WebDriverWait(driver, 10).until(replaced(page))  # the new page loaded
         tries += 1
     assert driver.find_element(By.ID, "repo-name").text == f"~alice/{name}"
     return tries
