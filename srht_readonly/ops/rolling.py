@@ -170,7 +170,9 @@ def run_rolling(cluster: Cluster, fleet: Fleet, plan: RollingPlan, *, say: Say =
 def _switch(cluster: Cluster, fleet: Fleet, old: str, new: str, say: Say) -> dict[str, object]:
     say(f"switchover {old} -> {new}")
     result = run_switchover(cluster, fleet, check_switchover(cluster, fleet, new), say=say)
-    return {"from": old, "to": new, "write_pause": round(result.write_pause, 3)}
+    # The phases (seconds from the PAUSE) say where a long write pause went: PAUSE, stop, replay, promote.
+    return {"from": old, "to": new, "write_pause": round(result.write_pause, 3),
+            "phases": {k: round(v, 3) for k, v in result.phases.items()}}
 
 
 def _restart_on(cluster: Cluster, node: str, bin_dir: str | None, say: Say) -> None:
