@@ -78,6 +78,7 @@ class MajorPlan:
     drop_column_options: dict[str, int]
     check_seconds: float
     warnings: list[str] = field(default_factory=list)
+    backup_server: str | None = None  # [backup]'s Barman server, which stops streaming at the upgrade
 
     def title(self) -> str:
         return (f"upgrade {self.primary} from PostgreSQL {self.old_major} to {self.new_major} "
@@ -192,9 +193,9 @@ def check_major_upgrade(cluster: Cluster, fleet: Fleet, to_bin: str, *, method: 
         plan.warnings.append(f"--method link: once {p} has started on {new_major}, its old data directory must never "
                              f"be started again; until {s} is rebuilt the fallback is {s} (paused, PostgreSQL "
                              f"{old_major})")
-    backup = cluster.inventory.backup
-    if backup is not None:
-        plan.warnings.append(backup_warning(backup.server, new_major))
+    if cluster.inventory.backup is not None:
+        plan.backup_server = cluster.inventory.backup.server
+        plan.warnings.append(backup_warning(plan.backup_server, new_major))
     return plan
 
 
@@ -348,8 +349,7 @@ class _Major:
                              {p: "primary, upgraded", s: "not streaming"}) from exc
         return MajorResult(p, s, plan.old_major, plan.new_major, plan.method, round(read_only, 3), self.phases,
                            str(kept), getattr(prepared, "moved_aside", None), sanity,  # type: ignore[arg-type]
-                           plan.new_bin, round(time.monotonic() - started, 3),
-                           self.cluster.inventory.backup.server if self.cluster.inventory.backup else None)
+                           plan.new_bin, round(time.monotonic() - started, 3), plan.backup_server)
 
     def _stop_and_freeze(self) -> None:
         control = stop_primary(self.server)

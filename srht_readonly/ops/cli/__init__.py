@@ -82,4 +82,3 @@ for _name, _command in (
     ("exporter", monitoring.exporter),
 ):
     main.add_command(_command, _name)
-
