@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from srht_readonly.ops.cli import main
@@ -115,3 +116,27 @@ def test_the_slot_query_of_each_major_runs_on_the_lab_and_wal_status_only_from_1
     assert old[0][4] is None and new[0][4] == "reserved"
     assert {s["name"]: s["wal_status"] for s in
             {n["name"]: n for n in status(fleet)["nodes"]}["remilia"]["slots"]} == {"konpaku": "reserved"}
+
+
+def test_slow_primary_is_a_warning_above_the_inventorys_slow_commit_and_nothing_below():
+    from srht_readonly.ops.inventory import InventoryError, parse
+    from srht_readonly.ops.status import commit_problems
+
+    (slow,) = commit_problems("remilia", 0.35, 0.1)
+    assert slow.severity == "warning" and slow.subject == "node remilia"
+    assert slow.message.startswith("is slow: a tiny commit takes 350 ms (median of 3; [status] slow-commit = 0.1 s)")
+    assert commit_problems("remilia", 0.002, 0.1) == [] and commit_problems("remilia", 0.1, 0.1) == []
+    node = "[node remilia]\ndsn = host=127.0.0.1 port=5432\ndata = /var/lib/postgresql/15/main\n"
+    assert parse(node).status.slow_commit == 0.1  # the default
+    assert parse(node + "[status]\nslow-commit = 0.5   ; a ZFS pool\n").status.slow_commit == 0.5
+    for bad in ("0", "-1", "fast"):
+        with pytest.raises(InventoryError, match="slow-commit must be a number of seconds above 0"):
+            parse(node + f"[status]\nslow-commit = {bad}\n")
+    with pytest.raises(InventoryError, match="unknown key 'slow-commits' in \\[status\\]; did you mean 'slow-commit'"):
+        parse(node + "[status]\nslow-commits = 0.5\n")
+
+
+def test_status_times_a_commit_on_the_primary(fleet):
+    doc = status(fleet)
+    assert 0 < doc["commit_seconds"] < 1, doc["commit_seconds"]
+    assert not [p for p in doc["problems"] if "a tiny commit" in p["message"]]

@@ -13,7 +13,8 @@ observation (a scrape never waits for the fleet). Metrics (docs/monitoring.md):
   ``srht_readonly_pgbouncer_server_login_retry_seconds{pgbouncer}``,
   ``srht_readonly_pgbouncer_resumed_by_timer{pgbouncer}``;
 * ``srht_readonly_primary_commit_seconds``: ``SELECT txid_current()`` and its ``COMMIT``, timed
-  on a connection kept open to the primary. ``txid_current()`` assigns a transaction id, so the
+  on a connection kept open to the primary, the median of three (``sql.commit_seconds``, which
+  ``status``'s slow-primary check uses too). ``txid_current()`` assigns a transaction id, so the
   commit writes a WAL commit record and waits for it to be flushed (and for synchronous standbys,
   if any): the latency a service's smallest write meets. Absent while there is no single primary;
 * ``srht_readonly_node_promoted_timestamp_seconds{node}``: when the primary's timeline began
@@ -44,12 +45,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .cluster import Cluster
 from .fleet import seconds_setting
+from .sql import COMMIT_TIMEOUT_MS, commit_seconds
 from .status import Status, collect
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "srht_readonly_"
-COMMIT_TIMEOUT_MS = 5000
 
 
 class FleetExporter(Collector):
@@ -106,11 +107,7 @@ class FleetExporter(Collector):
                                               application_name="srht-readonly exporter",
                                               options=f"-c statement_timeout={COMMIT_TIMEOUT_MS}")
                 self._conn_node = node
-            with self._conn.cursor() as cur:
-                started = time.perf_counter()
-                cur.execute("SELECT txid_current()")
-                self._conn.commit()
-                seconds = time.perf_counter() - started
+            seconds = commit_seconds(self._conn, pause_first=True)
         except psycopg2.Error as exc:
             logger.warning("timing a commit on %s failed: %s", node, str(exc).strip())
             self._disconnect()

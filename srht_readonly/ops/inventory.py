@@ -36,6 +36,9 @@ time a command runs. The format (docs/cli.md)::
     past-dir = /var/tmp/srht-readonly-past   ; optional: where ``past`` makes its instances
     bin = /usr/lib/postgresql/15/bin ; optional: the PostgreSQL that runs them (default: a node's)
 
+    [status]                         ; optional: thresholds of ``status`` (and of the exporter's problems)
+    slow-commit = 0.1                ; seconds a tiny commit on the primary may take (median of 3)
+
 Lines starting with ``;`` or ``#`` are comments; so is `` ;...`` or `` #...`` after a value, except
 in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``) and in ``[hooks]``,
 whose values are shell commands and regular expressions kept whole (``command = cd /srv/x ; git push``).
@@ -65,6 +68,7 @@ BOUNCER_KEYS = {"config": True, "admin": True, "ssh": False, "databases": False}
 REPLICATION_KEYS = {"user": False, "password-file": False}
 SERVICE_KEYS = {"announcement": True, "ssh": False}
 HOOKS_KEYS = {"command": True}
+STATUS_KEYS = {"slow-commit": False}
 BACKUP_KEYS = {"config": True, "server": True, "barman": False, "ssh": False, "past-dir": False, "bin": False}
 # Sections the procedures ignore and the drill reads (srht_readonly/drill/config.py): kind -> takes a name.
 OTHER_SECTIONS = {"drill": False, "probe": True}
@@ -164,6 +168,15 @@ class BackupSpec:
 
 
 @dataclass(frozen=True)
+class StatusSpec:
+    """``[status]``: thresholds of ``status``'s checks."""
+
+    #: Seconds a tiny commit on the primary (``sql.commit_seconds``, the median of three) may take
+    #: before ``status`` warns of a slow primary (a soft outage: a resilver, a saturated disk or CPU).
+    slow_commit: float = 0.1
+
+
+@dataclass(frozen=True)
 class HooksSpec:
     """``[hooks]``: a shell command run at each procedure step with a JSON event on stdin."""
 
@@ -183,6 +196,7 @@ class Inventory:
     services: dict[str, ServiceSpec] = field(default_factory=dict)
     hooks: HooksSpec = field(default_factory=HooksSpec)
     backup: BackupSpec | None = None
+    status: StatusSpec = field(default_factory=StatusSpec)
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; ``InventoryError`` listing the known ones otherwise."""
@@ -259,6 +273,7 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
     services: dict[str, ServiceSpec] = {}
     hooks = HooksSpec()
     backup: BackupSpec | None = None
+    status = StatusSpec()
     others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = {}
     for kind, name, number, entries in sections:
         if kind in OTHER_SECTIONS:
@@ -277,6 +292,8 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             hooks = HooksSpec(command=entries["command"][0])
         elif kind == "backup":
             backup = _backup(number, entries, path)
+        elif kind == "status":
+            status = _status(number, entries, path)
         else:
             _check_keys(entries, REPLICATION_KEYS, "[replication]", number, path)
             replication = ReplicationSpec(
@@ -292,12 +309,12 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             raise InventoryError(path, node.line, f"nodes {targets[key]} and {node.name} have the same target "
                                                   f"{node.address}:{node.port}; set target = to tell them apart")
         targets[key] = node.name
-    return Inventory(path, nodes, bouncers, replication, others, services, hooks, backup)
+    return Inventory(path, nodes, bouncers, replication, others, services, hooks, backup, status)
 
 
 def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]:
     parts = header.split()
-    if parts in (["replication"], ["hooks"], ["backup"]):
+    if parts in (["replication"], ["hooks"], ["backup"], ["status"]):
         return parts[0], None
     if parts and parts[0] in OTHER_SECTIONS and len(parts) == (2 if OTHER_SECTIONS[parts[0]] else 1):
         return parts[0], (parts[1] if len(parts) == 2 else None)
@@ -306,8 +323,8 @@ def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]
     if len(parts) == 1 and parts[0] in ("node", "pgbouncer", "service"):
         raise InventoryError(path, number, f"[{header}] needs a name, e.g. [{parts[0]} remilia]")
     raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME], "
-                                       f"[service NAME], [replication], [hooks] or [backup] (the drill also reads "
-                                       f"[drill] and [probe NAME])")
+                                       f"[service NAME], [replication], [hooks], [backup] or [status] (the drill "
+                                       f"also reads [drill] and [probe NAME])")
 
 
 def _check_keys(entries: dict[str, tuple[str, int]], allowed: dict[str, bool], section: str, number: int,
@@ -419,6 +436,20 @@ def _backup(number: int, entries: dict[str, tuple[str, int]], path: str) -> Back
     return BackupSpec(config=entries["config"][0], server=server, barman=_opt(entries, "barman") or "barman",
                       ssh=_ssh(entries, path), past_dir=_opt(entries, "past-dir") or BackupSpec.past_dir,
                       bin=_opt(entries, "bin"), line=number)
+
+
+def _status(number: int, entries: dict[str, tuple[str, int]], path: str) -> StatusSpec:
+    _check_keys(entries, STATUS_KEYS, "[status]", number, path)
+    if "slow-commit" not in entries:
+        return StatusSpec()
+    value, line = entries["slow-commit"]
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 3600:
+        raise InventoryError(path, line, f"slow-commit must be a number of seconds above 0 (e.g. 0.1), not {value!r}")
+    return StatusSpec(slow_commit=seconds)
 
 
 def _opt(entries: dict[str, tuple[str, int]], key: str) -> str | None:

@@ -69,6 +69,8 @@ def status_text(status: Status) -> str:
                          b.file_target if b.file_target != b.target else "same"])
         lines += table(rows)
     lines.append("")
+    if status.commit_seconds is not None:
+        lines += [f"a tiny commit on the primary: {status.commit_seconds * 1000:.1f} ms", ""]
     if status.past.get("text"):
         lines += [f"past data: {status.past['text']}", ""]
     if status.announcement:

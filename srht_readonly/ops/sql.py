@@ -6,6 +6,8 @@ Every connection here is autocommit with a connect timeout, so a dead node answe
 
 from __future__ import annotations
 
+import random
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +19,13 @@ import psycopg2.extensions
 from .errors import OpsError, Timeout
 
 CONNECT_TIMEOUT = 3
+#: How many tiny commits ``commit_seconds`` times: their median is the answer, so one stall (a
+#: checkpoint, a scheduling hiccup) does not make a slow primary, and one lucky commit does not hide one.
+COMMIT_TRIES = 3
+#: Seconds between two of them (a random value in this range).
+COMMIT_SPACING = (0.05, 0.15)
+#: The statement timeout of ``time_commit``'s connection, in milliseconds.
+COMMIT_TIMEOUT_MS = 5000
 
 
 @contextmanager
@@ -50,6 +59,48 @@ def query_one(dsn: str, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...]
 def execute(dsn: str, sql: str, params: Sequence[Any] = ()) -> None:
     with connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(sql, params)
+
+
+def commit_seconds(conn: psycopg2.extensions.connection, *, tries: int = COMMIT_TRIES,
+                   spacing: tuple[float, float] = COMMIT_SPACING, pause_first: bool = False) -> float:
+    """The median time, in seconds, of ``tries`` tiny writes on ``conn`` (a primary's, not autocommit).
+
+    Each is ``SELECT txid_current()`` and its ``COMMIT``: ``txid_current()`` assigns a transaction
+    id, so the commit writes a WAL commit record and waits for it to be flushed (and for synchronous
+    standbys, if any): the latency a service's smallest write meets. Connecting is not timed. The
+    tries are a random ``spacing`` apart (seconds; before the first too with ``pause_first``, for a
+    connection just opened): a commit timed right after another statement runs in the same
+    scheduling slice as it and would hide a server starved of CPU or I/O (measured on a
+    CPU-throttled lab primary: 0.2-2 ms right after connecting, 100-180 ms spaced).
+    The fleet exporter (``srht_readonly_primary_commit_seconds``) and ``status``'s slow-primary
+    check both time it so. Raises ``psycopg2.Error`` as the driver does.
+    """
+    times = []
+    for i in range(max(1, tries)):
+        if i or pause_first:
+            time.sleep(random.uniform(*spacing))
+        with conn.cursor() as cur:
+            started = time.perf_counter()
+            cur.execute("SELECT txid_current()")
+            conn.commit()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def time_commit(dsn: str, *, tries: int = COMMIT_TRIES, timeout_ms: int = COMMIT_TIMEOUT_MS) -> float:
+    """``commit_seconds`` on a connection of its own to ``dsn``; ``OpsError`` when it cannot be timed
+    (unreachable, a standby, no commit within ``timeout_ms``)."""
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=CONNECT_TIMEOUT, application_name="srht-readonly status",
+                                options=f"-c statement_timeout={timeout_ms}")
+    except psycopg2.Error as exc:
+        raise OpsError(f"cannot connect to {redact(dsn)}: {str(exc).strip()}") from exc
+    try:
+        return commit_seconds(conn, tries=tries, pause_first=True)
+    except psycopg2.Error as exc:
+        raise OpsError(f"timing a commit on {redact(dsn)} failed: {str(exc).strip()}") from exc
+    finally:
+        conn.close()
 
 
 def role(dsn: str) -> str:

@@ -4,7 +4,9 @@ Nothing here changes anything or raises for an unreachable host: what cannot be 
 reported (and is itself a problem). ``problems()`` flags what would hurt a failover: a standby
 that does not stream or lags, an inactive slot holding WAL, PgBouncers split between nodes or
 paused, ``server_login_retry`` above a few seconds, ``auth_type = trust``, and nodes that
-``pg_rewind`` could not bring back.
+``pg_rewind`` could not bring back. ``collect`` also times a tiny commit on the primary
+(``sql.commit_seconds``, as the exporter does) and warns of a **slow primary** above
+``[status] slow-commit`` (0.1 s by default): a soft outage, the database online but awful.
 
 Severities: ``critical``, ``warning`` and ``info``. Expected states are ``info`` (shown, never
 paging anyone): PgBouncers pointing at the standby while an announced maintenance window is in
@@ -27,6 +29,7 @@ from .cluster import Cluster
 from .errors import OpsError
 from .fleet import BouncerState, Fleet, seconds_setting
 from .observe import NodeState, observe_nodes, primaries
+from .sql import COMMIT_TRIES, time_commit
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class Status:
     announcements_differ: bool = False
     #: How far into the past the database can be opened (``past_window``).
     past: dict[str, Any] = field(default_factory=dict)
+    #: A tiny commit on the primary, in seconds (median of ``sql.COMMIT_TRIES``); None when not timed.
+    commit_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``status --json`` document (``nodes[].role``, ``pgbouncers[].target``... see docs/cli.md)."""
@@ -90,7 +95,34 @@ def collect(cluster: Cluster) -> Status:
     status.problems = problems(status)
     status.past, found = past_window(cluster, status.nodes)
     status.problems += found
+    status.commit_seconds, found = primary_commit(cluster, status.nodes)
+    status.problems += found
+    status.problems.sort(key=lambda p: ("critical", "warning", "info").index(p.severity))
     return status
+
+
+def primary_commit(cluster: Cluster, nodes: list[NodeState]) -> tuple[float | None, list[Problem]]:
+    """The primary's commit latency (``sql.time_commit``) and, if it is slow, the problem; nothing without
+    a single primary (that is a problem of its own)."""
+    live = [n for n in nodes if n.role == "primary"]
+    if len(live) != 1:
+        return None, []
+    node = live[0]
+    try:
+        seconds = time_commit(cluster.node(node.name).dsn)
+    except OpsError as exc:
+        return None, [Problem("warning", f"node {node.name}", f"a tiny commit could not be timed: {exc}")]
+    return seconds, commit_problems(node.name, seconds, cluster.inventory.status.slow_commit)
+
+
+def commit_problems(node: str, seconds: float, threshold: float) -> list[Problem]:
+    """A warning when ``seconds`` (a tiny commit on the primary ``node``) is above ``threshold``."""
+    if seconds <= threshold:
+        return []
+    return [Problem("warning", f"node {node}", f"is slow: a tiny commit takes {seconds * 1000:.0f} ms (median of "
+                                               f"{COMMIT_TRIES}; [status] slow-commit = {threshold:g} s): a soft "
+                                               f"outage? Look at its disk (a resilver, a saturated device), its "
+                                               f"CPU, locks and synchronous standbys")]
 
 
 def past_window(cluster: Cluster, nodes: list[NodeState]) -> tuple[dict[str, Any], list[Problem]]:

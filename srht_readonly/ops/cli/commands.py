@@ -110,8 +110,9 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
 
     Unreachable nodes and PgBouncers are reported, not fatal. Problems flagged include a
     standby that does not stream, inactive slots holding WAL, PgBouncers split between nodes
-    or paused (or resumed by a switchover's dead-man timer), server_login_retry above 3 s and
-    auth_type = trust. Expected states page
+    or paused (or resumed by a switchover's dead-man timer), server_login_retry above 3 s,
+    auth_type = trust, and a slow primary: a tiny commit timed on it (median of 3) above
+    [status] slow-commit in the inventory (0.1 s by default). Expected states page
     nobody (severity info): PgBouncers on the standby during an announced maintenance window,
     auth_type = trust on a PgBouncer listening on loopback only.
 

@@ -119,7 +119,7 @@ def exporter(ctx: click.Context, listen: str, interval: float) -> None:
 
     Every S seconds the fleet is observed as `status` does, and a tiny write is committed and
     timed on the primary (SELECT txid_current() in its own transaction: the commit flushes
-    WAL); scrapes read the latest observation. Runs until SIGTERM or Ctrl-C.
+    WAL; the median of three, 50-150 ms apart); scrapes read the latest observation. Runs until SIGTERM or Ctrl-C.
 
     \b
     Example:
