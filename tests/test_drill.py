@@ -86,9 +86,13 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
         assert "asynchronous" in crash["lost_because"]
     # The report, in the current directory: a page with a picture per scenario, and the JSON.
     page = (tmp_path / "drill-report" / "index.html").read_text()
-    assert page.count("<svg") == len([s for s in SCENARIOS if s.default])
+    # ... and soft-outage's latency lanes besides its timeline.
+    assert page.count("<svg") == len([s for s in SCENARIOS if s.default]) + 1
+    assert page.count('class="latency"') == 1
     past = by["past-data"]["facts"]["past"]
     assert past["rows"] == 90 and past["missing"] == past["extra"] == [] and past["gone"] is True, past
+    _soft_outage(by["soft-outage"], page)
+    assert list(by)[-2:] == ["soft-outage", "major-upgrade"]
     upgraded = by["major-upgrade"]  # played last: the lab ends on the new major
     assert upgraded["ledger"]["lost"] == 0 and upgraded["ledger"]["acknowledged"] > 100
     assert list(by)[-1] == "major-upgrade"
@@ -97,6 +101,49 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
     assert "every expectation held" in proc.stderr
     assert page.count("operations decided it") >= 40
     _nothing_left(report)
+
+
+SOFT_VERDICTS = ("users met a soft outage", "latency back near the baseline",
+                 "database: no error and nothing refused", "status flagged the slow primary",
+                 "the exporter's srht_readonly_primary_commit_seconds showed it",
+                 "the SrhtSoftOutage alert fires in the promtool case")
+
+
+def _soft_outage(soft: dict, page: str) -> None:
+    """soft-outage in the default drill: latency per service and phase, each of its verdicts held."""
+    assert set(soft["latency"]) == SERVICES | {"database write"}, soft["latency"].keys()
+    for lane, phases in soft["latency"].items():
+        assert set(phases) == {"before", "during", "after"}, lane
+        for phase, figures in phases.items():
+            assert figures["n"] > 0 and 0 < figures["p50"] <= figures["p95"] <= figures["p99"], (lane, phase, figures)
+    writes = soft["latency"]["database write"]
+    assert writes["during"]["p95"] >= 5 * writes["before"]["p95"], writes
+    assert set(soft["latency_points"]) >= SERVICES
+    texts = {e["text"]: e for e in soft["expectations"]}
+    for wanted in SOFT_VERDICTS:
+        (e,) = [e for t, e in texts.items() if t.startswith(wanted)]
+        assert e["passed"], e
+    facts = soft["facts"]
+    assert facts["throttle"]["cpu"]["cfs_quota_us"] > 0 and facts["throttle"]["processes"] > 3
+    assert facts["promtool"]["fires"] is True and facts["promtool"]["quiet"] is True
+    assert facts["slow_primary"]["during"]["status"]["slow"], facts["slow_primary"]
+    assert "latency per service" in page.lower()
+
+
+def test_soft_outage_is_left_out_against_remote_nodes_and_fails_clearly_when_named():
+    import srht_readonly.ops.cli  # noqa: F401 - the CLI loads the drill command (imported alone it is circular)
+    from srht_readonly.drill.command import default_scenarios
+    from srht_readonly.drill.procedures import InventoryProcedures
+    from srht_readonly.ops.cluster import Cluster
+    from srht_readonly.ops.errors import OpsError
+
+    assert "soft-outage" in default_scenarios(None, False)
+    assert "soft-outage" not in default_scenarios(None, False, throttle=False)
+    inventory = parse("[node remilia]\ndsn = host=10.0.0.2 port=5432\ndata = /var/lib/postgresql/15/main\n"
+                      "ssh = db.example.org\n")
+    with Cluster(inventory) as cluster, pytest.raises(OpsError, match="cannot throttle remilia: it runs on "
+                                                                      "db.example.org \\(over ssh\\)"):
+        InventoryProcedures(cluster).throttle("remilia")
 
 
 def test_local_drill_holds_under_excessive_load(tmp_path):

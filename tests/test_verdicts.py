@@ -450,3 +450,124 @@ def test_scraped_metrics_must_agree_with_what_users_saw():
     _scraped(refused=3, gauge=during).expectation("readonly-failover", refusals, facts, policy="abort",
                                                   outcome="refused")
     assert facts["metrics"]["git.sr.ht"]["writes"] == {"abort/refused": 3.0}  # kept for the report
+
+
+# --- soft-outage ------------------------------------------------------------------------------------
+
+#: soft-outage: the primary throttled from 10 s to 14 s ("after" counts from 16 s).
+SLOW = {"slow_from": 10.0, "slow_until": 14.0, "back_at": 14.0}
+LOOKED = {"before": {"status": {"commit_seconds": 0.001, "slow": []},
+                     "exporter": {"primary_commit_seconds": 0.002, "threshold": 0.1}},
+          "during": {"status": {"commit_seconds": 0.4, "slow": ["node remilia: is slow: a tiny commit takes 400 ms"]},
+                     "exporter": {"primary_commit_seconds": 0.35, "threshold": 0.1}}}
+PROMTOOL = {"before": 100, "during": 10, "before_median": 0.001, "during_mean": 0.3, "fires": True, "quiet": True}
+
+
+def slowed(*, during: float = 0.3, after: float = 0.004, outcome: Outcome = OK, until: float = 24.0) -> list[Event]:
+    """Database writes and reads every 0.1 s: 4 ms each, ``during`` while throttled, ``after`` from 16 s."""
+    out, t = [], 0.05
+    while t < until:
+        latency = during if 10.0 <= t < 14.0 else after if t >= 14.0 else 0.004
+        for write in (True, False):
+            out.append(ev("write" if write else "read", t, t + latency, outcome, write=write, service="database"))
+        t += 0.1
+    return out
+
+
+def soft(events, facts=None, lost=()):
+    facts = {**SLOW, "slow_primary": LOOKED, "promtool": PROMTOOL} if facts is None else facts
+    return verdicts.database("soft-outage", _recorder(events), facts, LedgerResult(100, list(lost)))
+
+
+def _recorder(events):
+    r = Recorder()
+    r._events = list(events)
+    return r
+
+
+def test_a_soft_outage_that_users_met_and_monitoring_saw_passes():
+    checks = soft(slowed())
+    assert all(c.passed for c in checks), [(c.text, c.observed) for c in checks if not c.passed]
+    assert "30.0 ms" not in verdict(checks, "users met a soft outage").observed
+    assert "(75x)" in verdict(checks, "users met a soft outage").observed
+
+
+@pytest.mark.parametrize(("case", "text"), [
+    # The throttle did nothing: the database was as fast as before.
+    (dict(events=slowed(during=0.004)), "users met a soft outage"),
+    # 4 ms -> 12 ms is 3x: not a soft outage by this verdict.
+    (dict(events=slowed(during=0.012)), "users met a soft outage"),
+    # Nothing observed while throttled (no traffic): a verdict on nothing fails.
+    (dict(events=[e for e in slowed() if e.t <= 10.0 or e.started >= 16.0]), "users met a soft outage"),
+    # Still slow after the release.
+    (dict(events=slowed(after=0.2)), "latency back near the baseline"),
+    # A slow database must not refuse or fail anything.
+    (dict(events=slowed() + [ev("write", 11.0, 11.5, EXPLAINED, write=True, service="database")]),
+     "database: no error and nothing refused"),
+    (dict(events=slowed() + [ev("write", 11.0, 11.5, ERROR, write=True, service="database")]),
+     "database: no error and nothing refused"),
+    (dict(events=[], also=("users met", "latency back")), "database: no error and nothing refused"),
+    # status did not flag it, or flagged it before the throttle too.
+    (dict(facts={**SLOW, "promtool": PROMTOOL, "slow_primary": {**LOOKED, "during": {
+        **LOOKED["during"], "status": {"commit_seconds": 0.05, "slow": []}}}}), "status flagged the slow primary"),
+    (dict(facts={**SLOW, "promtool": PROMTOOL, "slow_primary": {**LOOKED, "before": {
+        **LOOKED["before"], "status": LOOKED["during"]["status"]}}}), "status flagged the slow primary"),
+    (dict(facts={**SLOW, "promtool": PROMTOOL}, also=("the exporter's",)), "status flagged the slow primary"),
+    # The exporter's gauge stayed under the threshold, or was missing (no metrics extra).
+    (dict(facts={**SLOW, "promtool": PROMTOOL, "slow_primary": {**LOOKED, "during": {
+        **LOOKED["during"], "exporter": {"primary_commit_seconds": 0.05, "threshold": 0.1}}}}), "the exporter's"),
+    (dict(facts={**SLOW, "promtool": PROMTOOL, "slow_primary": {**LOOKED, "during": {
+        **LOOKED["during"], "exporter": {"error": "ModuleNotFoundError: prometheus_client", "threshold": 0.1}}}}),
+     "the exporter's"),
+    # The alert did not fire on what was measured, fired on the baseline, or promtool is missing.
+    (dict(facts={**SLOW, "slow_primary": LOOKED, "promtool": {**PROMTOOL, "fires": False, "fires_output": "got:[]"}}),
+     "the SrhtSoftOutage alert fires"),
+    (dict(facts={**SLOW, "slow_primary": LOOKED, "promtool": {**PROMTOOL, "quiet": False}}),
+     "the SrhtSoftOutage alert fires"),
+    (dict(facts={**SLOW, "slow_primary": LOOKED, "promtool": {"error": "promtool is missing: apt-get install "
+                                                                         "prometheus"}}),
+     "the SrhtSoftOutage alert fires"),
+    (dict(facts={**SLOW, "slow_primary": LOOKED}), "the SrhtSoftOutage alert fires"),
+    (dict(lost=[{"writer": 1, "seq": 2, "lsn": "0/1"}]), "no acknowledged write lost"),
+])
+def test_each_soft_outage_verdict_fails_on_what_it_guards(case, text):
+    checks = soft(case.get("events", slowed()), case.get("facts"), case.get("lost", ()))
+    assert not verdict(checks, text).passed, verdict(checks, text).observed
+    others = [c for c in checks if not c.text.startswith(text) and not c.passed]
+    assert all(c.text.startswith(case.get("also", ())) for c in others), [(c.text, c.observed) for c in others]
+
+
+def test_a_soft_outage_scenario_that_never_throttled_is_not_reached():
+    checks = soft(slowed(), {})
+    assert verdict(checks, "database: the scenario reached").observed == "not reached: slow_from, slow_until"
+
+
+def test_soft_outage_services_owe_what_undisturbed_scenarios_owe():
+    events = [ev("push", t, t + 3.0) for t in range(0, 24, 4)]
+    assert all(c.passed for c in verdicts.common("ssh", "soft-outage", events, SLOW, kinds=("push",)))
+    refused = events + [ev("push", 11.0, 13.0, EXPLAINED, write=True)]
+    assert not verdict(verdicts.common("ssh", "soft-outage", refused, SLOW, kinds=("push",)),
+                       "ssh: nothing refused").passed
+
+
+def test_latency_phases_and_percentiles():
+    from srht_readonly.drill import latency
+
+    assert latency.phase_of(ev("w", 1.0, 9.0), 10.0, 14.0) == "before"
+    assert latency.phase_of(ev("w", 8.0, 11.0), 10.0, 14.0) == "during"  # met the throttle in part
+    assert latency.phase_of(ev("w", 13.9, 14.5), 10.0, 14.0) == "during"
+    assert latency.phase_of(ev("w", 15.0, 15.1), 10.0, 14.0) is None  # the backlog drains: no phase
+    assert latency.phase_of(ev("w", 16.0, 16.1), 10.0, 14.0) == "after"
+    assert latency.percentile([5, 1, 4, 2, 3], 50) == 3 and latency.percentile(list(range(1, 101)), 95) == 95
+    assert latency.percentile([], 50) is None
+    figures = latency.figures(slowed(), SLOW)
+    assert set(figures) == {"database", "database write"}
+    assert figures["database write"]["during"]["p95"] == 0.3 and figures["database"]["before"]["p50"] == 0.004
+    drawn = latency.points(slowed(), limit=100)["database"]
+    assert 90 <= len(drawn) <= 100 and max(p[1] for p in drawn) == 0.3
+
+
+def test_the_worked_goal_holds_a_baseline_of_every_kind():
+    events = [ev("push", 0.0, 3.0), ev("fetch", 0.0, 1.0, ERROR)]
+    missing = verdicts.kinds_missing(events, {"ssh": ("push", "fetch")}, "worked", {})
+    assert missing == ["ssh fetch"]

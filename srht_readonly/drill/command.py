@@ -30,11 +30,11 @@ NAMES = [s.name for s in SCENARIOS]
 DEFAULT_MAJOR_BIN = Path(os.environ.get("SRHT_READONLY_PG18", "/opt/srht-readonly/postgresql-18")) / "bin"
 
 
-def default_scenarios(major_bin: str | None, past: bool) -> list[str]:
+def default_scenarios(major_bin: str | None, past: bool, throttle: bool = True) -> list[str]:
     """The scenarios played without --scenario: every default one; major-upgrade only with a new major,
-    past-data only with a backup engine."""
+    past-data only with a backup engine, soft-outage only where the nodes run on this machine."""
     return [s.name for s in SCENARIOS if s.default and (s.name != "major-upgrade" or major_bin)
-            and (s.name != "past-data" or past)]
+            and (s.name != "past-data" or past) and (s.name != "soft-outage" or throttle)]
 
 
 @click.command()
@@ -76,7 +76,8 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     Scenarios: planned switchover; read-only failover then promotion (the plan's path);
     primary killed (kill -9), failover, promotion, pg_rewind rejoin; standby killed and caught
     up; host OS upgrade of each node in turn (upgrade --host --all); the database opened as it
-    was at a moment between two bursts of writes (past --at, Barman); last, major-upgrade
+    was at a moment between two bursts of writes (past --at, Barman); a soft outage (the primary's
+    processes throttled with cgroups: slow, not down; nodes on this machine only); last, major-upgrade
     (upgrade --major, 15 to 18 on the lab; the lab ends on the new major). Only when named:
     rolling-restart (upgrade --minor, same binaries). Each starts from, and
     ends with, a primary with a streaming standby and every PgBouncer on the primary.
@@ -92,7 +93,7 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
 
     \b
     Example:
-      srht-readonly drill                                   # everything, about 3 minutes
+      srht-readonly drill                                   # everything, about 4 minutes
       srht-readonly drill --scenario switchover --duration 3 --json | jq '.scenarios[0].passed'
       srht-readonly drill --sabotage no-resume --duration 3  # must fail, exit 1
       srht-readonly --config /etc/sr.ht/drill.ini drill --scenario readonly-failover
@@ -173,10 +174,13 @@ def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *
                           "drill not started", as_json) from exc
         live.say(f"drill on {setting.environment}")
         if not names:
-            names = default_scenarios(setting.major_bin, setting.past)
+            names = default_scenarios(setting.major_bin, setting.past, setting.throttle)
             live.say("rolling-restart is played only when named (--scenario)")
             if "past-data" not in names:
                 live.say("past-data left out: no backup engine ([backup] in the inventory)")
+            if "soft-outage" not in names:
+                live.say("soft-outage left out: it throttles the primary's processes with cgroups on this machine, "
+                         "and some nodes of the inventory run on other hosts (ssh =)")
         return run(setting.fleet, names, duration=duration, load=load_name, sources=setting.sources,
                    progress=live, environment=setting.environment)
 

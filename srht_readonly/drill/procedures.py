@@ -6,11 +6,15 @@ exactly what ``srht-readonly switchover``/``failover``/``promote``/``demote`` ru
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg2
 import psycopg2.extensions
 
 from ..ops import replication, sql
@@ -24,6 +28,7 @@ from ..ops.past import list_past, open_past, stop_past
 from ..ops.pgupgrade import foreign_column_options
 from ..ops.promote import check_promote, run_promote
 from ..ops.rolling import check_rolling, run_rolling
+from ..ops.status import collect
 from ..ops.switchover import check_switchover, run_switchover
 from ..ops.upgrade import check_major_upgrade, run_major_upgrade
 from .sabotage import with_setting
@@ -170,6 +175,107 @@ class InventoryProcedures:
                              "streaming": streaming}
             except OpsError as exc:
                 out[name] = {"version": None, "role": "down", "error": str(exc)}
+        return out
+
+    # --- soft outage -------------------------------------------------------------------------
+
+    def throttle(self, node: str) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        """``node``'s postmaster and every process under it in a cgroup of their own (CPU quota, write
+        throttling: ``srht_readonly.testing.throttle``) while the block runs; what was applied.
+
+        Only for a node on this machine (no ``ssh`` in its section: the lab's): ``OpsError`` otherwise,
+        and ``ThrottleUnavailable`` naming what is missing where cgroups v1 cannot be used.
+        """
+        spec = self.cluster.inventory.node(node)
+        if spec.ssh:
+            raise OpsError(f"cannot throttle {node}: it runs on {spec.ssh} (over ssh), and the soft-outage scenario "
+                           "throttles processes with cgroups on this machine only")
+        from ..testing.throttle import throttle
+
+        server = self.cluster.server(node)
+        pid = server.postmaster_pid()
+        if pid is None:
+            raise OpsError(f"cannot throttle {node}: no postmaster.pid in {server.data}")
+
+        @contextlib.contextmanager
+        def applied() -> Iterator[dict[str, Any]]:
+            with throttle(pid, server.data) as done:
+                yield done.as_dict()
+        return applied()
+
+    @contextlib.contextmanager
+    def timed_commits(self, node: str) -> Iterator[Callable[[], float]]:
+        """A function timing one tiny commit on ``node`` (``sql.commit_seconds``) on a connection kept open until
+        the block ends (``OpsError`` when it fails; the next call connects again)."""
+        conn: Any = None
+
+        def one() -> float:
+            nonlocal conn
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg2.connect(self.cluster.node(node).dsn, connect_timeout=5,
+                                            application_name="srht-readonly drill",
+                                            options=f"-c statement_timeout={sql.COMMIT_TIMEOUT_MS}")
+                return sql.commit_seconds(conn, tries=1)
+            except psycopg2.Error as exc:
+                with contextlib.suppress(psycopg2.Error):
+                    if conn is not None:
+                        conn.close()
+                conn = None
+                raise OpsError(f"timing a commit on {node} failed: {str(exc).strip()}") from exc
+        try:
+            yield one
+        finally:
+            if conn is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.close()
+
+    def observe_slow_primary(self) -> dict[str, Any]:
+        """What ``status`` (``collect``: its slow-primary problems and commit time) and one observation of the
+        fleet exporter (its ``srht_readonly_primary_commit_seconds``, as a scrape renders it) say now, both
+        at once.
+
+        Both look at the inventory without its ``[backup]``: Barman's recoverable window is not what is
+        judged here, and its commands, which query the primary, took 14 s before the throttle and 31 s
+        during it in a drill on 2 busy cores.
+        """
+        out: dict[str, Any] = {"status": {}, "exporter": {}}
+        inventory = self.cluster.inventory
+        threshold = inventory.status.slow_commit
+        cluster = self.cluster if inventory.backup is None else \
+            Cluster(dataclasses.replace(inventory, backup=None), ssh_config=self.cluster.ssh_config)
+
+        def status() -> None:
+            try:
+                st = collect(cluster)
+            except Exception as exc:  # noqa: BLE001 - reported, judged by the verdict
+                out["status"] = {"error": f"{type(exc).__name__}: {exc}"}
+                return
+            out["status"] = {"commit_seconds": st.commit_seconds,
+                             "slow": [f"{p.subject}: {p.message}" for p in st.problems if "a tiny commit" in p.message]}
+
+        def exporter() -> None:
+            try:
+                from prometheus_client import generate_latest
+                from prometheus_client.parser import text_string_to_metric_families
+
+                from ..ops.exporter import PREFIX, FleetExporter
+                with FleetExporter(cluster) as ex:
+                    ex.observe()
+                    text = generate_latest(ex.registry).decode()
+                value = next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                              if s.name == PREFIX + "primary_commit_seconds"), None)
+                out["exporter"] = {"primary_commit_seconds": value, "threshold": threshold}
+            except Exception as exc:  # noqa: BLE001 - the metrics extra missing, the primary gone: judged
+                out["exporter"] = {"error": f"{type(exc).__name__}: {exc}", "threshold": threshold}
+
+        threads = [threading.Thread(target=f, name=f"drill-{f.__name__}") for f in (status, exporter)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if cluster is not self.cluster:
+            cluster.close()
         return out
 
     # --- past data ---------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 The picture has one lane per service; each lane stacks, per time slice, how many operations went
 ``ok`` (green), ``dropped`` (blue), ``explained`` (amber) and ``error`` (red), with the
-procedure's steps drawn as labelled vertical lines. Each expectation opens (``<details>``) the
+procedure's steps drawn as labelled vertical lines. A scenario that slows the database
+(``soft-outage``) also gets **latency lanes**: per service, each operation's latency as a dot at its
+start (log scale, 1 ms to 60 s), the throttle's phases shaded, and a table of p50/p95/p99 before,
+during and after (``drill.latency``). Each expectation opens (``<details>``) the
 list of operations that decided it: kind, start, end, outcome, the state it met, detail. Plain
 HTML and SVG, no script, no dependency.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,70 @@ def svg_timeline(tl: dict[str, Any], marks: list[Mark], *, width: int = 960, lan
         t += step
     out.append("</svg>")
     return "\n".join(out)
+
+
+#: The latency lanes' scale, seconds (log): 1 ms to 60 s.
+LATENCY_RANGE = (0.001, 60.0)
+PHASE_SHADES = {"before": "#eef5ee", "during": "#fbe3e3", "after": "#e8eef9"}
+
+
+def svg_latency(points: dict[str, list[list[Any]]], facts: dict[str, Any], marks: list[Mark], *, width: int = 960,
+                lane_h: int = 90) -> str:
+    """Per service, each operation's latency (log scale) as a dot at its start; the throttle shaded."""
+    left, top, bottom = 110, 18, 24
+    lanes = sorted(points.items())
+    height = top + bottom + lane_h * max(len(lanes), 1)
+    plot_w = width - left - 10
+    end = max([p[0] + p[1] for _, ps in lanes for p in ps] + [m.t for m in marks] + [1e-3])
+    x_of = plot_w / end
+    lo, hi = (math.log10(v) for v in LATENCY_RANGE)
+    lo_t, hi_t = facts.get("slow_from"), facts.get("slow_until")
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" role="img" '
+           'font-family="sans-serif" font-size="11" class="latency">']
+    if lo_t is not None and hi_t is not None:
+        for phase, a, b in (("before", 0.0, lo_t), ("during", lo_t, hi_t), ("after", hi_t, end)):
+            out.append(f'<rect x="{left + a * x_of:.1f}" y="{top}" width="{max(0.0, (b - a) * x_of):.1f}" '
+                       f'height="{height - top - bottom}" fill="{PHASE_SHADES[phase]}"><title>{phase}</title></rect>')
+            out.append(f'<text x="{left + a * x_of + 3:.1f}" y="{top - 4}" font-size="10" fill="#777">{phase}</text>')
+    for i, (service, ps) in enumerate(lanes):
+        y0 = top + i * lane_h
+
+        def y_of(seconds: float, y0: float = y0) -> float:
+            v = min(max(math.log10(max(seconds, 1e-6)), lo), hi)
+            return y0 + lane_h - 6 - (lane_h - 12) * (v - lo) / (hi - lo)
+        out.append(f'<text x="{left - 8}" y="{y0 + lane_h / 2 + 4}" text-anchor="end">{html.escape(service)}</text>')
+        for tick, label in ((0.001, "1 ms"), (0.01, "10 ms"), (0.1, "100 ms"), (1.0, "1 s"), (10.0, "10 s")):
+            y = y_of(tick)
+            out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                       f'<text x="{left + 2}" y="{y - 1:.1f}" font-size="8" fill="#999">{label}</text>')
+        for start, latency, outcome in ps:
+            colour = COLOURS.get(Outcome(outcome), "#333")
+            out.append(f'<circle cx="{left + start * x_of:.1f}" cy="{y_of(latency):.1f}" r="1.6" fill="{colour}" '
+                       f'fill-opacity="0.6"/>')
+    for m in marks:
+        x = left + m.t * x_of
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - bottom}" stroke="#333" '
+                   f'stroke-dasharray="3,3"><title>{html.escape(m.label)}</title></line>')
+    step = _tick_step(end)
+    t = 0.0
+    while t <= end:
+        out.append(f'<text x="{left + t * x_of:.1f}" y="{height - 6}" text-anchor="middle" fill="#777">{t:g} s</text>')
+        t += step
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _latency_table(latency: dict[str, dict[str, dict[str, Any]]]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.1f}"
+    head = "".join(f"<th>{p} p50</th><th>p95</th><th>p99</th><th>n</th>" for p in ("before", "during", "after"))
+    rows = "\n".join(
+        f"<tr><td>{html.escape(lane)}</td>"
+        + "".join(f"<td>{ms(ph[p].get('p50'))}</td><td>{ms(ph[p].get('p95'))}</td><td>{ms(ph[p].get('p99'))}</td>"
+                  f"<td>{ph[p].get('n', 0)}</td>" for p in ("before", "during", "after")) + "</tr>"
+        for lane, ph in latency.items())
+    return (f"<p>Latency per service, milliseconds (during: ran while the primary was throttled, at least in part; "
+            f"after: began 2 s or more after the release)</p><table><tr><th>lane</th>{head}</tr>\n{rows}</table>")
 
 
 def _tick_step(end: float) -> float:
@@ -143,6 +211,13 @@ def _operations(e: dict[str, Any]) -> str:
             f"\n{rows}</table></details>")
 
 
+def _latency(s: dict[str, Any], marks: list[Mark]) -> str:
+    """The latency lanes and table of a scenario that slowed the database, if it did."""
+    if not s.get("latency_points"):
+        return ""
+    return svg_latency(s["latency_points"], s.get("facts", {}), marks) + "\n" + _latency_table(s.get("latency", {}))
+
+
 def _card(s: dict[str, Any]) -> str:
     state = '<span class="pass">passed</span>' if s["passed"] else '<span class="fail">FAILED</span>'
     expectations = "\n".join(
@@ -168,6 +243,7 @@ def _card(s: dict[str, Any]) -> str:
 <h2>{html.escape(s['title'])} &mdash; {state}</h2>
 <p>{html.escape(s.get('description', ''))}</p>
 {svg_timeline(s['timeline'], marks)}
+{_latency(s, marks)}
 <ul>{expectations}</ul>
 <table><tr><th>service</th><th>ok</th><th>dropped</th><th>explained</th><th>error</th><th>longest write gap</th></tr>
 {rows}</table>

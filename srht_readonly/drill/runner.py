@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import latency as latency_mod
 from . import ledger as ledger_mod
 from . import verdicts
 from .coverage import Coverage
@@ -152,6 +153,10 @@ def _result(scenario: Scenario, recorder: Recorder, step: Step, checks: list[Exp
                         "so they died with it; pg_rewind removed them from its data directory when it rejoined.")
     elif result_ledger.lost:
         lost_because = "No primary crashed in this scenario: losing an acknowledged write here is a bug."
+    slowed = {}
+    if Fact.SLOW_FROM in step.facts and Fact.SLOW_UNTIL in step.facts:  # soft-outage: latency per phase
+        slowed = {"latency": latency_mod.figures(recorder.events, step.facts),
+                  "latency_points": latency_mod.points(recorder.events)}
     return {
         "name": scenario.name,
         "title": scenario.title,
@@ -166,6 +171,7 @@ def _result(scenario: Scenario, recorder: Recorder, step: Step, checks: list[Exp
         "facts": _plain(step.facts),
         "steps": [{"t": round(m.t, 3), "label": m.label} for m in recorder.marks],
         "timeline": timeline(recorder.events),
+        **slowed,
     }
 
 

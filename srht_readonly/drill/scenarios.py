@@ -10,16 +10,26 @@ A state the verdicts judge is held until every kind of operation of every servic
 (``Step.hold_until``), bounded by ``EXTRA_HOLD`` seconds beyond ``duration``: a ``git push``
 takes seconds on a busy machine, and a verdict on a window that held none would be a verdict on
 nothing. Every scenario starts from, and leaves behind, a primary with a streaming standby.
+
+``soft-outage`` makes the primary slow instead of gone: its processes throttled (cgroup v1 CPU
+quota and write throttling, ``Procedures.throttle``) for ``duration`` seconds while ``status``
+and the fleet exporter look at it and a thread times tiny commits on it all along
+(``CommitSampler``); the SrhtSoftOutage alert rule is then tried on those commit times
+(``drill.promcase``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from . import promcase
 from .recorder import Event, Recorder, State
 
 
@@ -49,6 +59,14 @@ class Fact(StrEnum):
     PAST = "past"
     VERSIONS = "versions"
     METRICS = "metrics"  # what the services' Prometheus metrics said, per service (integrations/drill)
+    # soft-outage: when the primary was throttled (from, until), how, what status and the exporter
+    # said before and during it, the commit times sampled all along, and the promtool case.
+    SLOW_FROM = "slow_from"
+    SLOW_UNTIL = "slow_until"
+    THROTTLE = "throttle"
+    SLOW_PRIMARY = "slow_primary"
+    COMMITS = "commits"
+    PROMTOOL = "promtool"
 
 
 #: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
@@ -81,14 +99,18 @@ class Procedures(Protocol):
     def numbered_burst(self, burst: int) -> None: ...
     def clock(self) -> str: ...
     def open_past(self, at: str) -> dict[str, Any]: ...
+    def throttle(self, node: str) -> contextlib.AbstractContextManager[dict[str, Any]]: ...
+    def timed_commits(self, node: str) -> contextlib.AbstractContextManager[Callable[[], float]]: ...
+    def observe_slow_primary(self) -> dict[str, Any]: ...
 
 
 class Progress(Protocol):
     """What ``Step.hold_until`` asks the runner, which knows the services' kinds of operation.
 
     ``missing(goal, facts)`` names the kinds (``"service op"``) that have not yet reached
-    ``goal``: ``"met-read-only"`` (met the read-only state of the current window) or
-    ``"worked-again"`` (succeeded after ``facts[Fact.BACK_AT]``); ``slowest(kinds)`` is the longest
+    ``goal``: ``"met-read-only"`` (met the read-only state of the current window),
+    ``"worked-again"`` (succeeded after ``facts[Fact.BACK_AT]``) or ``"worked"`` (succeeded at
+    all: a baseline of every kind before a step); ``slowest(kinds)`` is the longest
     an operation of those kinds has taken so far, in seconds.
     """
 
@@ -293,6 +315,89 @@ def major_upgrade(s: Step) -> None:
     s.hold_until("worked-again")
 
 
+class CommitSampler:
+    """A thread timing a tiny commit (``Procedures.timed_commits``) on ``node`` every 50-150 ms while the
+    block runs: ``samples`` are ``[t, seconds]`` (``t``: when it started, on the recorder's clock;
+    ``seconds`` None when it failed)."""
+
+    def __init__(self, procedures: Procedures, node: str, recorder: Recorder) -> None:
+        self.procedures, self.node, self.recorder = procedures, node, recorder
+        self.samples: list[list[Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drill-commit-sampler", daemon=True)
+
+    def __enter__(self) -> CommitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        with self.procedures.timed_commits(self.node) as timed:
+            while not self._stop.wait(random.uniform(0.05, 0.15)):
+                started = self.recorder.now()
+                try:
+                    seconds: float | None = timed()
+                except Exception:  # noqa: BLE001 - a failed timing is a sample (None), never the end of the scenario
+                    seconds = None
+                self.samples.append([round(started, 3), None if seconds is None else round(seconds, 6)])
+
+    def phases(self, slow_from: float, slow_until: float) -> dict[str, list[float]]:
+        """The commit times before the throttle, during it, and from ``GRACE`` s after its release."""
+        out: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+        for t, seconds in self.samples:
+            if seconds is None:
+                continue
+            if t + seconds <= slow_from:
+                out["before"].append(seconds)
+            elif slow_from <= t and t + seconds <= slow_until:
+                out["during"].append(seconds)
+            elif t >= slow_until + SETTLE_AFTER_RELEASE:
+                out["after"].append(seconds)
+        return out
+
+
+#: Seconds after the release of the throttle from which operations count as "after" (the backlog
+#: built while throttled drains first); the same as ``verdicts.GRACE``.
+SETTLE_AFTER_RELEASE = 2.0
+
+
+def soft_outage(s: Step) -> None:
+    """The primary's processes throttled (CPU quota, write throttling) for ``duration`` seconds: before,
+    during, after, with ``status`` and the exporter asked before and during, and commits timed all along.
+    The promtool case is built and run while the "after" phase is held (it needs only before and during)."""
+    p = s.procedures
+    node = p.primary()
+    with CommitSampler(p, node, s.recorder) as sampler:
+        s.hold_until("worked")  # a baseline of every kind of operation before the throttle
+        looks = {"before": s.do("status and exporter look", p.observe_slow_primary)}
+        with contextlib.ExitStack() as stack:
+            s.facts[Fact.THROTTLE] = s.do(f"throttle {node}", lambda: stack.enter_context(p.throttle(node)))
+            s.note(Fact.SLOW_FROM)
+            started = time.monotonic()
+            looks["during"] = s.do("status and exporter look (throttled)", p.observe_slow_primary)
+            s.facts[Fact.SLOW_PRIMARY] = looks
+            time.sleep(max(0.0, s.duration - (time.monotonic() - started)))
+            s.recorder.mark(f"release {node}")
+        s.note(Fact.SLOW_UNTIL, Fact.BACK_AT)
+        measured = sampler.phases(s.facts[Fact.SLOW_FROM], s.facts[Fact.SLOW_UNTIL])
+        promtool: dict[str, Any] = {}
+
+        def try_the_rule() -> None:
+            try:
+                promtool.update(promcase.run(measured["before"], measured["during"]))
+            except Exception as exc:  # noqa: BLE001 - judged: the verdict shows it
+                promtool["error"] = f"{type(exc).__name__}: {exc}"
+        case = threading.Thread(target=try_the_rule, name="drill-promcase", daemon=True)
+        case.start()
+        s.hold_until("worked-again")
+    case.join(timeout=180)
+    s.facts[Fact.COMMITS] = sampler.phases(s.facts[Fact.SLOW_FROM], s.facts[Fact.SLOW_UNTIL])
+    s.facts[Fact.PROMTOOL] = promtool or {"error": "promtool test rules did not finish within 180 s"}
+
+
 SCENARIOS = [
     Scenario("switchover", "Planned switchover",
              "PAUSE every PgBouncer, fast-stop the primary, check the standby replayed its shutdown "
@@ -312,6 +417,11 @@ SCENARIOS = [
              "Under traffic: numbered inserts and deletes, a time T noted, more of them; past --at T opens a "
              "throwaway read-only instance from Barman's base backup and WAL; it must hold exactly what was "
              "committed by T; then it is removed.", True, past_data),
+    Scenario("soft-outage", "Soft outage: the primary throttled, slow but online",
+             "The primary's processes moved into a cgroup with a CPU quota and write throttling for --duration "
+             "seconds, then released: every service's latency before, during and after; status and the exporter "
+             "must flag the slow primary, and the soft-outage alert must fire on the commit times measured.",
+             False, soft_outage),
     Scenario("major-upgrade", "Major upgrade (pg_upgrade, read-only window)",
              "upgrade --major: every PgBouncer to the standby (read-only), pg_upgrade of the primary to the new "
              "major, every PgBouncer back (writable), the standby rebuilt on the new major.", True, major_upgrade),

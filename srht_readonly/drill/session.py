@@ -37,6 +37,7 @@ class Setting:
     environment: str
     major_bin: str | None = None  # where the major-upgrade scenario can be played: the new major's bindir
     past: bool = False  # a backup engine runs: the past-data scenario can be played
+    throttle: bool = True  # every node runs on this machine: the soft-outage scenario can throttle them
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def local(*, load_name: str, duration: float, services: bool = True, sabotage: s
             names = ", ".join(s.name for s in sources) or "none (database traffic only)"
             pg = lab.primary.server.run("postgres", "--version").stdout.strip()
             yield Setting(fleet, sources, f"embedded lab in {lab.directory}: {pg}; services: {names}", major_bin,
-                          backup)
+                          backup, throttle=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -107,7 +108,8 @@ def deployment(path: str | Path, *, ssh_config: str | Path | None = None,
             try:
                 yield Setting(fleet, sources, f"inventory {inventory.path}: nodes {', '.join(inventory.nodes)}; "
                                               f"probes: {', '.join(p.name for p in config.probes) or 'none'}",
-                              config.major_bin, inventory.backup is not None)
+                              config.major_bin, inventory.backup is not None,
+                              throttle=all(n.ssh is None for n in inventory.nodes.values()))
             finally:
                 procedures.close()
     finally:

@@ -17,8 +17,9 @@ fetch that worked), the state at its start. Two sets follow from that:
 ``common(service, scenario, events, facts, kinds=...)`` holds what every service owes:
 
 * undisturbed scenarios (``switchover``, ``standby-crash``, ``host-os-upgrade``,
-  ``rolling-restart``): every operation simply works: no error, nothing refused, nothing
-  dropped, and every kind worked;
+  ``rolling-restart``, ``past-data``, ``soft-outage``): every operation simply works: no error,
+  nothing refused, nothing dropped, and every kind worked (in ``soft-outage`` the database is
+  slow, never read-only);
 * read-only windows (``readonly-failover``, ``major-upgrade``): no error at any time; what is
   judged as read-only was refused with the explanation or dropped; every kind met the
   read-only state; from ``GRACE`` after the promotion (or the fleet's return to the upgraded
@@ -33,6 +34,16 @@ ledger's lane: acknowledged writes kept, the write gap of planned switches (from
 start to its end, so a trailing stall counts), reads through a read-only failover, how soon a
 crash was recovered from, and whether every lost write is explained by asynchronous replication.
 A scenario that stopped before a step it is judged on fails with "not reached".
+
+``soft_outage(...)`` judges the ``database`` lane of ``soft-outage`` (see ``drill.latency`` for
+the phases): users met a soft outage (the writes' p95 while throttled at least ``SOFT_FACTOR``
+times the one before, and ``SOFT_FLOOR`` s or more: else "no soft outage happened"), no error
+and nothing refused, latency back near the baseline after the release (p95 at most
+``BACK_FACTOR`` times the one before, or ``BACK_SLACK`` s above it), ``status`` flagged the
+slow primary during the throttle and not before, the exporter's
+``srht_readonly_primary_commit_seconds`` was over ``[status] slow-commit`` during it and under
+it before, and the SrhtSoftOutage rule fired in the promtool case built from the commit times
+(and not on the baseline alone).
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..ops.sql import parse_lsn
+from .latency import figures
 from .ledger import KINDS as LEDGER_KINDS
 from .ledger import LedgerResult
 from .recorder import Event, Outcome, Recorder, State
@@ -48,17 +60,26 @@ from .scenarios import BY_NAME, Expectation, Fact
 
 __all__ = ["GRACE", "PLANNED_SWITCHES", "READ_ONLY_WINDOW", "UNDISTURBED",
            "after", "all_are", "common", "database", "each_kind", "first", "judged_read_only",
-           "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample", "state_at"]
+           "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample",
+           "soft_outage", "state_at"]
 
 #: Seconds after a step (failover, promotion) the services are given to notice it.
 GRACE = 2.0
 
 #: Scenarios in which the services' database never refuses a write.
-UNDISTURBED = ("switchover", "standby-crash", "host-os-upgrade", "rolling-restart", "past-data")
+UNDISTURBED = ("switchover", "standby-crash", "host-os-upgrade", "rolling-restart", "past-data", "soft-outage")
 #: Scenarios that switch the primary with the writes paused, not refused: judged on the write gap.
 PLANNED_SWITCHES = ("switchover", "host-os-upgrade", "rolling-restart")
 #: Scenarios with a planned read-only window (the fleet on the standby), then writable again.
 READ_ONLY_WINDOW = ("readonly-failover", "major-upgrade")
+
+#: soft-outage: the database lane's write p95 while throttled must be at least this many times the one before...
+SOFT_FACTOR = 5.0
+#: ... and at least this many seconds (a slowdown from 1 ms to 6 ms is no outage anyone meets);
+SOFT_FLOOR = 0.05
+#: after the release, at most this many times the one before, or this many seconds above it.
+BACK_FACTOR = 3.0
+BACK_SLACK = 0.05
 
 #: Outcomes the plan allows for a write that met the read-only state.
 DEGRADED = (Outcome.EXPLAINED, Outcome.DROPPED)
@@ -120,8 +141,10 @@ def reached(events: Iterable[Event], goal: str, facts: Mapping[str, Any]) -> set
     """The kinds ``(service, op)`` among ``events`` that reached ``goal``.
 
     ``met-read-only``: met the read-only state; ``worked-again``: succeeded, started ``GRACE``
-    after ``facts[Fact.BACK_AT]`` (when the database was writable again).
+    after ``facts[Fact.BACK_AT]`` (when the database was writable again); ``worked``: succeeded.
     """
+    if goal == "worked":
+        return {(e.service, e.op) for e in events if e.outcome is Outcome.OK}
     if goal == "met-read-only":
         return {(e.service, e.op) for e in met_read_only(events, facts)}
     if goal == "worked-again":
@@ -258,6 +281,8 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
         checks.append(_upgraded(facts))
     if scenario == "past-data":
         checks += _past(facts)
+    if scenario == "soft-outage":
+        checks += soft_outage(events, facts, ledger)
     if scenario in READ_ONLY_WINDOW:
         if missing := _missing(facts, Fact.READ_ONLY_FROM, Fact.READ_ONLY_UNTIL):
             return [*checks, _not_reached("database", missing)]
@@ -291,6 +316,92 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
                                   catch_up is not None and catch_up < 30,
                                   f"{catch_up:.2f} s" if catch_up is not None else "not reached"))
     return checks
+
+
+def _p95(lane: dict[str, dict[str, Any]], phase: str) -> float | None:
+    return lane.get(phase, {}).get("p95")
+
+
+def _ms(seconds: float | None) -> str:
+    return "none" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def soft_outage(events: list[Event], facts: dict[str, Any], ledger: LedgerResult) -> list[Expectation]:
+    """The ``database`` lane of ``soft-outage`` (``events``: its operations) and the monitoring of it."""
+    errors = [e for e in events if e.outcome is Outcome.ERROR]
+    refused = [e for e in events if e.outcome in DEGRADED]
+    checks = [Expectation("no acknowledged write lost", not ledger.lost, len(ledger.lost)),
+              Expectation("database: no error and nothing refused (the primary was slow, not read-only)",
+                          bool(events) and not errors and not refused,
+                          f"{len(events)} operations, {sample(errors)}, {sample(refused, 'refused')}",
+                          errors + refused)]
+    if missing := _missing(facts, Fact.SLOW_FROM, Fact.SLOW_UNTIL):
+        return [*checks, _not_reached("database", missing)]
+    writes = figures([e for e in events if e.write], facts).get("database write", {})
+    before, during, after = (_p95(writes, p) for p in ("before", "during", "after"))
+    counts = ", ".join(f"{p} {writes.get(p, {}).get('n', 0)}" for p in ("before", "during", "after"))
+    happened = before is not None and during is not None and during >= max(SOFT_FACTOR * before, SOFT_FLOOR)
+    ratio = f" ({during / before:.0f}x)" if before and during else ""
+    checks.append(Expectation(
+        f"users met a soft outage: database write p95 while throttled at least {SOFT_FACTOR:g}x the one before "
+        f"and {SOFT_FLOOR * 1000:.0f} ms or more", happened,
+        f"p95 before {_ms(before)}, during {_ms(during)}{ratio}; writes {counts}"
+        + ("" if happened else "; no soft outage happened")))
+    back = before is not None and after is not None and after <= max(BACK_FACTOR * before, before + BACK_SLACK)
+    checks.append(Expectation(
+        f"latency back near the baseline after the release: database write p95 at most {BACK_FACTOR:g}x the one "
+        f"before, or {BACK_SLACK * 1000:.0f} ms above it", back,
+        f"p95 before {_ms(before)}, after {_ms(after)}; writes {counts}"))
+    checks += _slow_primary_seen(facts.get(Fact.SLOW_PRIMARY) or {})
+    checks.append(_promtool(facts.get(Fact.PROMTOOL)))
+    return checks
+
+
+def _slow_primary_seen(looks: dict[str, Any]) -> list[Expectation]:
+    """``status`` and the exporter looked before the throttle and during it (``Procedures.observe_slow_primary``)."""
+    before, during = looks.get("before") or {}, looks.get("during") or {}
+    st_b, st_d = before.get("status") or {}, during.get("status") or {}
+    ex_b, ex_d = before.get("exporter") or {}, during.get("exporter") or {}
+
+    def said(st: dict[str, Any]) -> str:
+        if st.get("error"):
+            return f"error: {st['error']}"
+        return (f"commit {_ms(st.get('commit_seconds'))}, "
+                + ("; ".join(st.get("slow") or []) or "no slow-primary problem"))
+
+    status_ok = bool(st_d.get("slow")) and not st_b.get("slow") and "slow" in st_b and not st_b.get("error")
+    threshold = ex_d.get("threshold") or ex_b.get("threshold")
+    v_b, v_d = ex_b.get("primary_commit_seconds"), ex_d.get("primary_commit_seconds")
+    exporter_ok = threshold is not None and v_b is not None and v_d is not None and v_b <= threshold < v_d
+
+    def shown(ex: dict[str, Any]) -> str:
+        return f"error: {ex['error']}" if ex.get("error") else _ms(ex.get("primary_commit_seconds"))
+
+    return [
+        Expectation("status flagged the slow primary while it was throttled, and not before", status_ok,
+                    f"before: {said(st_b) if st_b else 'not looked'}; during: {said(st_d) if st_d else 'not looked'}"),
+        Expectation("the exporter's srht_readonly_primary_commit_seconds showed it: over [status] slow-commit while "
+                    "throttled, under it before", exporter_ok,
+                    f"before {shown(ex_b) if ex_b else 'not looked'}, during {shown(ex_d) if ex_d else 'not looked'}"
+                    f" (slow-commit {_ms(threshold)})"),
+    ]
+
+
+def _promtool(result: dict[str, Any] | None) -> Expectation:
+    text = "the SrhtSoftOutage alert fires in the promtool case built from the commit times (and not on the baseline)"
+    if not result:
+        return Expectation(text, False, "not reached")
+    if result.get("error"):
+        return Expectation(text, False, result["error"])
+    ok = bool(result.get("fires")) and bool(result.get("quiet"))
+    observed = (f"{result.get('before')} commits before (median {_ms(result.get('before_median'))}), "
+                f"{result.get('during')} while throttled (mean {_ms(result.get('during_mean'))}): "
+                f"{'fires' if result.get('fires') else 'does NOT fire'} on them, "
+                f"{'quiet' if result.get('quiet') else 'FIRES'} on the baseline alone")
+    if not ok:
+        failed = result.get("fires_output") if not result.get("fires") else result.get("quiet_output")
+        observed += f"; promtool: {failed}"
+    return Expectation(text, ok, observed)
 
 
 def _past(facts: dict[str, Any]) -> list[Expectation]:
