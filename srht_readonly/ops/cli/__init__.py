@@ -80,5 +80,6 @@ for _name, _command in (
     ("past", past.past),
     ("announce", monitoring.announce),
     ("exporter", monitoring.exporter),
+    ("agent", monitoring.agent),
 ):
     main.add_command(_command, _name)

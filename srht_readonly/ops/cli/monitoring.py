@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -144,4 +145,49 @@ def exporter(ctx: click.Context, listen: str, interval: float) -> None:
             fleet_exporter.wait()
 
 
-__all__ = ["EXIT_USAGE", "announce", "exporter", "parse_when"]
+@click.command()
+@click.option("--pgbouncer", "pgbouncer", required=True, metavar="NAME",
+              help="The [pgbouncer NAME] of the inventory this agent looks after (the one on its host).")
+@click.option("--interval", default=0.2, show_default=True, metavar="S", help="Probe every node every S seconds.")
+@click.option("--confirm", default=1.0, show_default=True, metavar="S",
+              help="Act only after the primary has been unreachable (or back) for S seconds.")
+@click.option("--dwell", default=10.0, show_default=True, metavar="S", help="At least S seconds between two switches.")
+@click.option("--timeout", default=1.0, show_default=True, metavar="S", help="Bound of each probe's query.")
+@click.pass_context
+def agent(ctx: click.Context, pgbouncer: str, interval: float, confirm: float, dwell: float, timeout: float) -> None:
+    """Beside one PgBouncer: point it at the standby (read-only) when the primary dies, and back.
+
+    Probes the primary and its standby directly every S seconds. When the primary has not
+    answered for --confirm seconds and the standby answers and was streaming from it, this
+    PgBouncer is pointed at the standby, as `failover` does for one PgBouncer: services serve
+    reads and refuse writes with the explanation. When the primary answers again as the primary
+    on its timeline (it was not replaced) for --confirm seconds, it is pointed back. It never
+    promotes (run `srht-readonly promote` for that; the agent then expects the new primary), and
+    leaves the PgBouncer alone while it is paused or an operator has pointed it elsewhere.
+    Runs in the foreground until SIGTERM or Ctrl-C; logs each decision to stderr and sends it to
+    the [hooks] command (event "agent"). One agent per PgBouncer host (docs/agent.md has a
+    systemd unit and an OpenRC script).
+
+    \b
+    Example:
+      srht-readonly --config /etc/sr.ht/readonly.ini agent --pgbouncer bouncer-git
+    """
+    from ..agent import Agent
+
+    for flag, value in (("--interval", interval), ("--confirm", confirm), ("--timeout", timeout)):
+        if value <= 0:
+            raise click.UsageError(f"{flag} must be positive")
+    if dwell < 0:
+        raise click.UsageError("--dwell must be 0 or more")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with session(ctx, None, False) as cluster, failures(False):
+        the_agent = Agent(cluster, pgbouncer, interval=interval, confirm=confirm, dwell=dwell, timeout=timeout,
+                          say=lambda line: click.echo(f"srht-readonly agent {pgbouncer}: {line}", err=True))
+        click.echo(f"srht-readonly agent {pgbouncer}: watching (probe every {interval:g} s, confirm {confirm:g} s, "
+                   f"dwell {dwell:g} s)", err=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            the_agent.run(stop)
+
+
+__all__ = ["EXIT_USAGE", "agent", "announce", "exporter", "parse_when"]

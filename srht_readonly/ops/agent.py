@@ -1,0 +1,374 @@
+"""``srht-readonly agent``: beside one PgBouncer, a read-only failover without an operator.
+
+The plan asks whether reads can be directed to the standby transparently when the primary
+fails. A read-only failover needs no consensus: a standby cannot diverge, so pointing one
+PgBouncer at it can never split the data. Only a promotion can, and **the agent never
+promotes**. Each agent acts on its own PgBouncer only, so one agent per PgBouncer host gives
+every PgBouncer its own, independent decision.
+
+Every ``interval`` seconds each node the agent watches is probed (``Prober``: a thread per node,
+a connection of its own kept open, with a bounded connect timeout and TCP keepalives and user
+timeout, so a node that stops answering, a killed one or one behind a black hole, is seen
+within a second), and the PgBouncer's console is looked at. ``decide`` turns what was seen into
+one of:
+
+* ``away``: the primary the agent expects has not answered for ``confirm`` seconds (and at
+  least ``MIN_FAILURES`` probes in a row failed), and the standby answers, is in recovery, and
+  was streaming when the primary was last seen: the PgBouncer is pointed at the standby, as
+  ``failover`` does for one PgBouncer (``server_login_retry`` held at 0 until its pools reach
+  the standby, the dead node's server connections dropped by the RELOAD). Services then serve
+  reads and refuse writes with the explanation, as in a planned read-only window;
+* ``back``: while away, the primary answers again *as a primary on the timeline it had* (it was
+  not replaced) for ``confirm`` seconds, and the standby is still a standby: pointed back;
+* ``adopt``: while away, the standby answers as a primary (an operator ran ``promote``): it is
+  the primary now, and the agent expects it from then on (it stays pointed at it);
+* ``hands-off``: the PgBouncer is paused, or points at a node the agent did not point it at
+  (an operator's ``switchover`` or ``failover`` under way or done): the agent changes nothing
+  until the PgBouncer is resumed and points at a primary, which it then expects.
+
+Two switches are at least ``dwell`` seconds apart (a primary that flaps cannot make the
+PgBouncer flap), and the agent only ever points at the two nodes it watches: the primary its
+PgBouncer pointed at when it started (or that an operator pointed it at since), and that
+primary's standby. Every decision is logged (stderr) and sent to the inventory's event hook
+(``[hooks]``, event ``agent``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+
+from .cluster import Cluster
+from .errors import OpsError
+from .failover import LOGIN_RETRY, FailoverPlan, run_failover
+from .fleet import BouncerState, Fleet, seconds_setting
+from .hooks import Hooks
+from .inventory import NodeSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Agent", "Look", "Prober", "Seen", "decide"]
+
+#: Defaults: seconds between probes, seconds a primary must be unreachable (or back) before the
+#: agent acts, seconds between two switches, and the probes' timeout.
+INTERVAL = 0.2
+CONFIRM = 1.0
+DWELL = 10.0
+PROBE_TIMEOUT = 1.0
+#: Failed probes in a row, at least, before a primary is taken as gone (with ``CONFIRM``).
+MIN_FAILURES = 3
+
+PROBE_SQL = """
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_insert_lsn()) END,
+       (SELECT status FROM pg_stat_wal_receiver)
+"""
+
+
+@dataclass(frozen=True)
+class Look:
+    """One probe of a node: ``role`` ``primary``/``standby``, or None when it did not answer (``error``)."""
+
+    at: float
+    role: str | None
+    timeline: int | None = None
+    streaming: bool = False
+    error: str | None = None
+
+
+class Prober:
+    """Probes ``spec`` every ``interval`` seconds in a thread of its own; ``seen()`` is what it knows."""
+
+    def __init__(self, spec: NodeSpec, *, interval: float = INTERVAL, timeout: float = PROBE_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec, self.interval, self.timeout, self.clock = spec, interval, timeout, clock
+        self._lock = threading.Lock()
+        self._seen = Seen()
+        self._conn: Any = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"agent-probe-{spec.name}", daemon=True)
+
+    def start(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.timeout + 5)
+        self.close()
+
+    def seen(self) -> Seen:
+        with self._lock:
+            return self._seen
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            look = self.look()
+            with self._lock:
+                self._seen = self._seen.add(look)
+            self._stop.wait(self.interval)
+
+    def look(self) -> Look:
+        """One probe (reconnecting when the last one failed)."""
+        started = self.clock()
+        try:
+            if self._conn is None or self._conn.closed:
+                ms = int(self.timeout * 1000)
+                # connect_timeout rounds up to whole seconds (libpq: at least 2); tcp_user_timeout bounds
+                # a query sent into a black hole; the keepalives a connection that went quiet.
+                self._conn = psycopg2.connect(self.spec.dsn, connect_timeout=max(2, round(self.timeout)),
+                                              application_name="srht-readonly agent", keepalives=1,
+                                              keepalives_idle=1, keepalives_interval=1, keepalives_count=2,
+                                              tcp_user_timeout=ms, options=f"-c statement_timeout={ms}")
+                self._conn.autocommit = True
+            with self._conn.cursor() as cur:
+                cur.execute(PROBE_SQL)
+                in_recovery, walfile, receiver = cur.fetchone()
+        except psycopg2.Error as exc:
+            self.close()
+            return Look(started, None, error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+        if in_recovery:
+            return Look(started, "standby", streaming=receiver == "streaming")
+        return Look(started, "primary", timeline=int(walfile[:8], 16))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self._conn.close()
+            self._conn = None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the probes of one node said: the last look, the last good one, failures in a row, when it
+    last answered as a streaming standby, and since when it has answered as it does now."""
+
+    last: Look | None = None
+    last_ok: Look | None = None
+    failures: int = 0
+    streamed_at: float | None = None
+    same_since: float | None = None
+
+    def add(self, look: Look) -> Seen:
+        same = self.last is not None and (self.last.role, self.last.timeline) == (look.role, look.timeline)
+        return Seen(look, look if look.role else self.last_ok, 0 if look.role else self.failures + 1,
+                    look.at if look.streaming else self.streamed_at,
+                    self.same_since if same and self.same_since is not None else look.at)
+
+
+@dataclass
+class Expected:
+    """What the agent expects: the primary, its timeline, the standby, and whether the PgBouncer is on the
+    standby because of the agent (``away``)."""
+
+    primary: str
+    timeline: int | None
+    standby: str
+    away: bool = False
+    hands_off: str | None = None  # why the agent is leaving the PgBouncer alone, or None
+    switched_at: float | None = None
+    retry_at: float = 0.0  # hands off: when to look again whether the PgBouncer is on a primary
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "stay", "away", "back", "adopt", "hands-off", "resume"
+    why: str
+    quiet: bool = False  # a "stay" of the normal course (the primary answers): not logged
+
+
+def decide(expected: Expected, primary: Seen, standby: Seen, bouncer: BouncerState, now: float, *,
+           confirm: float = CONFIRM, dwell: float = DWELL, min_failures: int = MIN_FAILURES) -> Decision:
+    """What to do now, from what was seen (pure: ``Agent.step`` carries it out)."""
+    home = expected.standby if expected.away else expected.primary
+    if not bouncer.reachable:
+        return Decision("stay", f"the PgBouncer does not answer: {bouncer.error}")
+    if bouncer.paused or bouncer.target not in (home,):
+        why = ("the PgBouncer is paused (a procedure under way?)" if bouncer.paused else
+               f"the PgBouncer points at {bouncer.target or 'an unknown node'}, not {home}: an operator moved it")
+        if expected.hands_off and not bouncer.paused and bouncer.target is not None:
+            return Decision("resume", why)  # Agent.step checks the new target is a primary before resuming
+        if expected.hands_off == why:
+            return Decision("stay", why, quiet=True)
+        return Decision("hands-off", why)
+    if expected.hands_off:
+        return Decision("resume", f"the PgBouncer points at {home} again and is not paused")
+    settled = expected.switched_at is None or now - expected.switched_at >= dwell
+    if not expected.away:
+        gone = (primary.failures >= min_failures
+                and now - (primary.last_ok.at if primary.last_ok else float("-inf")) >= confirm)
+        if not gone:
+            return Decision("stay", "the primary answers", quiet=True)
+        s = standby.last
+        if s is None or s.role != "standby":
+            return Decision("stay", f"the primary is gone but the standby {expected.standby} "
+                                    f"{'does not answer' if s is None or s.role is None else 'is not a standby'}: "
+                                    "nowhere safe to point at")
+        last_seen = primary.last_ok.at if primary.last_ok else None
+        if standby.streamed_at is None or (last_seen is not None and standby.streamed_at < last_seen - confirm):
+            return Decision("stay", f"the primary is gone but {expected.standby} was not streaming from it: "
+                                    "it may lack recent writes, and reads would go back in time")
+        if not settled:
+            return Decision("stay", f"the primary is gone, but the last switch was under {dwell:g} s ago")
+        return Decision("away", f"{expected.primary} has not answered for {confirm:g} s "
+                                f"({primary.failures} probes failed: {primary.last.error if primary.last else '?'}); "
+                                f"{expected.standby} streamed from it")
+    s, p = standby.last, primary.last
+    if s is not None and s.role == "primary":
+        return Decision("adopt", f"{expected.standby} answers as a primary (promoted)")
+    back = (p is not None and p.role == "primary" and p.timeline == expected.timeline
+            and primary.same_since is not None and now - primary.same_since >= confirm)
+    if not back:
+        return Decision("stay", "away: the primary has not come back as it was", quiet=True)
+    if not settled:
+        return Decision("stay", f"{expected.primary} is back, but the last switch was under {dwell:g} s ago")
+    return Decision("back", f"{expected.primary} answers again as the primary on timeline {expected.timeline} "
+                            f"for {confirm:g} s")
+
+
+@dataclass
+class Agent:
+    """The loop of one agent: probers for the two nodes, the PgBouncer's console, ``decide``, the repoint."""
+
+    cluster: Cluster
+    pgbouncer: str
+    interval: float = INTERVAL
+    confirm: float = CONFIRM
+    dwell: float = DWELL
+    timeout: float = PROBE_TIMEOUT
+    say: Callable[[str], None] = logger.warning
+    expected: Expected | None = None
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.pgbouncer not in self.cluster.inventory.pgbouncers:
+            raise OpsError(f"no [pgbouncer {self.pgbouncer}] in {self.cluster.inventory.path}; known: "
+                           f"{', '.join(self.cluster.inventory.pgbouncers) or 'none'}")
+        self.fleet = Fleet(self.cluster, [self.pgbouncer])
+        self.hooks = Hooks(self.cluster.inventory.hooks.command, command_name=f"agent --pgbouncer {self.pgbouncer}",
+                           inventory=str(self.cluster.inventory.path))
+        self.probers: dict[str, Prober] = {}
+        self._stayed: str | None = None  # the last reason to stay that was logged
+
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop`` is set: learn what to expect, then probe and decide every ``interval``."""
+        try:
+            while not stop.is_set() and self.expected is None:
+                try:
+                    self.expected = self.learn()
+                except OpsError as exc:
+                    self.say(f"waiting: {exc}")
+                    stop.wait(max(1.0, self.interval))
+            while not stop.is_set():
+                self.step()
+                stop.wait(self.interval)
+        finally:
+            for prober in self.probers.values():
+                prober.stop()
+            self.fleet.close()
+            self.hooks.close()
+
+    def learn(self, target: str | None = None) -> Expected:
+        """Expect the primary the PgBouncer points at (it must answer as one) and that primary's standby."""
+        bouncer = self._bouncer()
+        target = target or bouncer.target
+        if target is None:
+            raise OpsError(f"{self.pgbouncer} points at no node of the inventory")
+        once = Prober(self.cluster.node(target), timeout=self.timeout)
+        try:
+            look = once.look()
+        finally:
+            once.close()
+        if look.role != "primary":
+            raise OpsError(f"{self.pgbouncer} points at {target}, which is not a primary "
+                           f"({look.error or look.role}): the agent starts only beside a PgBouncer on the primary")
+        standbys = [n for n in self.cluster.inventory.nodes if n != target]
+        if len(standbys) != 1:
+            raise OpsError(f"the agent watches one primary and one standby; the inventory has {len(standbys) + 1} "
+                           "nodes")
+        expected = Expected(target, look.timeline, standbys[0])
+        for prober in self.probers.values():
+            prober.stop()
+        self.probers = {n: Prober(self.cluster.node(n), interval=self.interval, timeout=self.timeout).start()
+                        for n in (expected.primary, expected.standby)}
+        self._record("expect", f"{self.pgbouncer} on {target} (primary, timeline {look.timeline}); "
+                               f"standby {expected.standby}")
+        return expected
+
+    def step(self) -> Decision:
+        """Look once, decide, act."""
+        assert self.expected is not None
+        e = self.expected
+        bouncer = self._bouncer()
+        d = decide(e, self.probers[e.primary].seen(), self.probers[e.standby].seen(), bouncer, time.monotonic(),
+                   confirm=self.confirm, dwell=self.dwell)
+        if d.action != "stay" or d.quiet:
+            self._stayed = None
+        if d.action == "away":
+            self._repoint(e.standby, d.why, back=False)
+        elif d.action == "back":
+            self._repoint(e.primary, d.why, back=True)
+        elif d.action == "adopt":
+            self._record("adopt", d.why)
+            self.expected = self.learn(e.standby)
+        elif d.action == "hands-off":
+            e.hands_off = d.why
+            self._record("hands-off", d.why)
+        elif d.action == "stay" and not d.quiet and d.why != self._stayed:
+            self._record("stay", d.why)  # a refusal to act, once per reason
+            self._stayed = d.why
+        elif d.action == "resume" and time.monotonic() >= e.retry_at:
+            try:
+                self.expected = self.learn()
+                self._record("resume", d.why)
+            except OpsError as exc:  # still not on a primary: stay hands off, look again in a second
+                e.retry_at = time.monotonic() + 1.0
+                if e.hands_off != str(exc):
+                    e.hands_off = str(exc)
+                    self._record("hands-off", str(exc))
+        return d
+
+    def _bouncer(self) -> BouncerState:
+        """The PgBouncer as its console shows it now; a console that failed is opened again (once per step)."""
+        m = self.fleet.members[self.pgbouncer]
+        if m.console is not None and m.error is None:
+            state = self.fleet.observe()[self.pgbouncer]
+            if state.reachable:
+                return state
+        self.fleet.close()
+        self.fleet = Fleet(self.cluster, [self.pgbouncer])
+        errors = self.fleet.open(timeout=max(1.0, self.timeout))
+        if errors:
+            return BouncerState(self.pgbouncer, False, error=errors[self.pgbouncer])
+        return self.fleet.observe()[self.pgbouncer]
+
+    def _repoint(self, to: str, why: str, *, back: bool) -> None:
+        assert self.expected is not None
+        started = time.monotonic()
+        spec = self.cluster.node(to)
+        m = self.fleet.members[self.pgbouncer]
+        retry = ({self.pgbouncer: m.config.get("server_login_retry", "?")}
+                 if seconds_setting(m.config.get("server_login_retry")) > LOGIN_RETRY else {})
+        plan = FailoverPlan(to, "primary" if back else "standby", self.fleet.plan_repoint(spec), {}, retry)
+        try:
+            run_failover(self.cluster, self.fleet, plan, keep_pools=back)
+        except OpsError as exc:
+            self._record("failed", f"pointing {self.pgbouncer} at {to} failed: {exc}")
+            self.fleet.close()
+            return
+        self.expected.away = not back
+        self.expected.switched_at = time.monotonic()
+        self._record("back" if back else "away",
+                     f"{self.pgbouncer} -> {to} in {time.monotonic() - started:.3f} s: {why}")
+
+    def _record(self, action: str, message: str) -> None:
+        self.decisions.append({"action": action, "message": message, "at": time.time()})
+        self.say(f"{action}: {message}")
+        self.hooks.emit("agent", action=action, message=message, pgbouncer=self.pgbouncer)

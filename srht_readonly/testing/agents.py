@@ -1,0 +1,107 @@
+"""``srht-readonly agent`` processes beside a ``LabFleet``'s PgBouncers, for tests and benchmarks.
+
+``Agents(fleet, directory, *args)`` starts one agent per PgBouncer of the fleet's inventory (the
+installed console script, as an operator's unit file runs it), each logging to
+``directory/NAME.log``; ``wait_for(text)`` waits until every log says ``text``; ``stop()`` sends
+SIGTERM and checks each exited 0. ``reads_restored(probe, since)``: per PgBouncer, how long after
+``since`` reads worked again after stopping; ``start_again(node)`` starts a killed node.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..ops.inventory import load
+from .deployment import LabFleet
+from .load import ReadProbe
+from .servers import LabNode
+
+__all__ = ["Agents", "reads_restored", "start_again"]
+
+
+class Agents:
+    """One ``srht-readonly agent --pgbouncer NAME`` process per PgBouncer of ``fleet``."""
+
+    def __init__(self, fleet: LabFleet, directory: Path, *args: str) -> None:
+        self.fleet, self.directory = fleet, Path(directory)
+        self.names = list(load(fleet.inventory).pgbouncers)
+        script = Path(sys.executable).with_name("srht-readonly")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for name in self.names:
+            with (self.directory / f"{name}.log").open("w") as log:
+                self.procs[name] = subprocess.Popen([str(script), "agent", "--pgbouncer", name, *args],
+                                                    env=fleet.env(), stdout=subprocess.DEVNULL, stderr=log)
+
+    def log(self, name: str) -> str:
+        return (self.directory / f"{name}.log").read_text()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{self.log(n)}" for n in self.names)
+
+    def count(self, text: str) -> dict[str, int]:
+        return {n: self.log(n).count(text) for n in self.names}
+
+    def wait_for(self, text: str, *, timeout: float, times: int = 1) -> None:
+        """Until every agent's log holds ``text`` at least ``times`` times; ``AssertionError`` with the logs
+        after ``timeout`` seconds, or when an agent exited."""
+        deadline = time.monotonic() + timeout
+        while min(self.count(text).values()) < times:
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+            if dead:
+                raise AssertionError(f"agents exited {dead}:\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not every agent said {text!r} {times} time(s) within {timeout} s:\n"
+                                     f"{self.logs()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = {}
+        for n, p in self.procs.items():
+            try:
+                codes[n] = p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[n] = p.wait()
+        if any(codes.values()):
+            raise AssertionError(f"agents exited {codes}:\n{self.logs()}")
+
+    def __enter__(self) -> Agents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def reads_restored(probe: ReadProbe, since: float) -> list[float | None]:
+    """Per DSN of ``probe``: seconds from ``since`` to the end of the longest stretch without a good read
+    that ends after ``since`` (reads fail, or wait in PgBouncer for a server, then work again); None
+    when no read worked after ``since``.
+
+    Measured at the end of that stretch, so a read that a dying server still answered just after
+    ``since`` does not count as "back"."""
+    out: list[float | None] = []
+    for oks in probe.ok_times:
+        times = sorted(oks)
+        gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False) if b >= since]
+        out.append(max(gaps)[1] - since if gaps else None)
+    return out
+
+
+def start_again(node: LabNode, *, timeout: float = 30) -> None:
+    """Start ``node`` after a ``kill -9``: once its old postmaster is reaped (PostgreSQL refuses to
+    start while the pid in ``postmaster.pid`` exists, a zombie included, and here the container's
+    init reaps orphans a few seconds late)."""
+    pid = node.server.postmaster_pid()
+    deadline = time.monotonic() + timeout
+    while pid is not None and Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"postmaster {pid} of {node.name} still not reaped {timeout} s after it was killed")
+        time.sleep(0.05)
+    node.start()

@@ -1,0 +1,169 @@
+"""``srht-readonly agent``: one per PgBouncer, a read-only failover without an operator.
+
+Against real servers (a primary, its streaming standby, three PgBouncers, one of them reached
+over a real sshd, an agent process beside each): the primary ``kill -9``'d, reads through every
+PgBouncer again within 2 s, nothing promoted; the primary back as it was, every PgBouncer back on
+it. A standby that was not streaming is never pointed at; an operator's switchover is left alone.
+``decide`` (pure) is tested on its own for each rule.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg2
+import pytest
+
+from srht_readonly.ops.agent import Expected, Look, Seen, decide
+from srht_readonly.ops.fleet import BouncerState
+from srht_readonly.testing.agents import Agents, reads_restored, start_again
+from srht_readonly.testing.deployment import fleet_fixture
+from srht_readonly.testing.load import TABLE, ReadProbe, WriteLoad
+from tests._fleet import out, q, roles, status
+
+fleet = fleet_fixture("function")
+
+def _targets(fleet) -> dict[str, str]:
+    return {b["name"]: b["target"] for b in status(fleet)["pgbouncers"]}
+
+
+def test_the_primary_killed_reads_back_through_every_pgbouncer_within_2_s_then_back_on_it(fleet, tmp_path):
+    lab = fleet.lab
+    remilia = lab.nodes["remilia"]
+    WriteLoad.create_table(remilia.dsn)
+    events = tmp_path / "events.jsonl"
+    with fleet.inventory.open("a") as inventory:  # every decision also goes to the event hook
+        inventory.write(f"\n[hooks]\ncommand = cat >> {events}\n")
+    with Agents(fleet, tmp_path, "--dwell", "2") as agents:
+        agents.wait_for("expect:", timeout=30)
+        with ReadProbe([b.dsn for b in lab.bouncers]) as reads:
+            time.sleep(0.5)
+            killed = time.monotonic()
+            remilia.kill()
+            agents.wait_for("away:", timeout=6)
+            time.sleep(0.5)
+            restored = reads_restored(reads, killed)
+        print(f"\nagent: kill -9 to reads through each PgBouncer: {restored} s")
+        assert all(r is not None and r < 2.0 for r in restored), (restored, agents.logs())
+        assert set(_targets(fleet).values()) == {"konpaku"}
+        assert roles(fleet)["konpaku"] == "standby", "the agent promoted: it never may"
+        # Writes through a PgBouncer meet the read-only state (SQLSTATE 25006: the services explain it).
+        with pytest.raises(psycopg2.Error) as refused:
+            q(lab.bouncers[0].dsn, f"INSERT INTO {TABLE} (client, seq) VALUES (0, 0)")
+        assert refused.value.pgcode == "25006", refused.value
+        # The primary comes back without having been replaced: every PgBouncer goes back to it.
+        start_again(remilia)
+        agents.wait_for("back:", timeout=20)
+        assert set(_targets(fleet).values()) == {"remilia"}
+        assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}
+        for bouncer in lab.bouncers:  # writable again through every PgBouncer
+            q(bouncer.dsn, f"INSERT INTO {TABLE} (client, seq) VALUES (0, %s)", (lab.bouncers.index(bouncer),))
+    assert agents.count("away:") == dict.fromkeys(agents.names, 1), agents.logs()
+    assert agents.count("back:") == dict.fromkeys(agents.names, 1), agents.logs()
+    hooked = [json.loads(line) for line in events.read_text().splitlines()]
+    assert {(e["event"], e["pgbouncer"], e["action"]) for e in hooked} >= {
+        ("agent", n, a) for n in agents.names for a in ("expect", "away", "back")}, hooked
+    assert all(e["command"] == f"agent --pgbouncer {e['pgbouncer']}" for e in hooked), hooked
+
+
+def _streaming(dsn: str) -> bool:
+    return q(dsn, "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'")[0][0] == 1
+
+
+def test_a_standby_that_was_not_streaming_is_never_pointed_at(fleet, tmp_path):
+    lab = fleet.lab
+    konpaku = lab.nodes["konpaku"]
+    with Agents(fleet, tmp_path, "--dwell", "0") as agents:
+        agents.wait_for("expect:", timeout=30)
+        # The standby stops streaming (its upstream unreachable for it alone), then the primary dies.
+        q(konpaku.admin_dsn, "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+        q(konpaku.admin_dsn, "SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 15
+        while _streaming(konpaku.admin_dsn):
+            assert time.monotonic() < deadline, "the standby kept streaming"
+            time.sleep(0.2)
+        time.sleep(2.5)  # longer than --confirm: its streaming is well in the past when the primary dies
+        lab.nodes["remilia"].kill()
+        agents.wait_for("was not streaming", timeout=10)
+        time.sleep(1.0)
+        assert set(_targets(fleet).values()) == {"remilia"}, agents.logs()
+    assert "away:" not in agents.logs()
+
+
+def test_an_operators_switchover_is_left_alone_and_the_new_primary_expected(fleet, tmp_path):
+    with Agents(fleet, tmp_path, "--dwell", "0") as agents:
+        agents.wait_for("expect:", timeout=30)
+        proc = fleet.cli("switchover", "--to", "konpaku", "--yes")
+        assert proc.returncode == 0, out(proc)
+        agents.wait_for("expect:", timeout=15, times=2)  # each learned the new primary
+        assert all("on konpaku (primary" in agents.log(n).split("expect:")[-1] for n in agents.names), agents.logs()
+        assert set(_targets(fleet).values()) == {"konpaku"}
+    logs = agents.logs()
+    assert "hands-off:" in logs and "away:" not in logs and "back:" not in logs, logs
+
+
+# --- decide, on its own ------------------------------------------------------------------------------
+
+
+def _seen(*looks: Look) -> Seen:
+    seen = Seen()
+    for look in looks:
+        seen = seen.add(look)
+    return seen
+
+
+def _bouncer(target: str = "remilia", *, paused: bool = False) -> BouncerState:
+    return BouncerState("git.sr.ht", True, target=target, paused=paused)
+
+
+ALIVE = _seen(Look(0.0, "primary", timeline=1), Look(0.2, "primary", timeline=1))
+STREAMING = _seen(Look(0.0, "standby", streaming=True), Look(1.0, "standby", streaming=False))
+
+
+def _dead(since: float, n: int) -> Seen:
+    return _seen(Look(since - 0.2, "primary", timeline=1), *[Look(since + i * 0.2, None, error="refused")
+                                                            for i in range(n)])
+
+
+def test_decide_waits_for_both_the_confirmation_time_and_enough_failed_probes():
+    e = Expected("remilia", 1, "konpaku")
+    assert decide(e, ALIVE, STREAMING, _bouncer(), 0.5).action == "stay"
+    assert decide(e, _dead(1.0, 2), STREAMING, _bouncer(), 5.0).action == "stay"  # 2 failures only
+    assert decide(e, _dead(1.0, 3), STREAMING, _bouncer(), 1.5).action == "stay"  # 0.7 s only
+    d = decide(e, _dead(1.0, 3), STREAMING, _bouncer(), 1.9)
+    assert d.action == "away" and "konpaku streamed from it" in d.why
+
+
+def test_decide_never_points_at_a_standby_that_was_not_streaming_or_not_a_standby():
+    e = Expected("remilia", 1, "konpaku")
+    stale = _seen(Look(0.0, "standby", streaming=True), Look(0.2, "standby", streaming=False))
+    assert "was not streaming" in decide(e, _dead(3.0, 5), stale, _bouncer(), 5.0).why
+    down = _seen(Look(0.0, "standby", streaming=True), Look(3.0, None, error="refused"))
+    assert decide(e, _dead(1.0, 5), down, _bouncer(), 3.0).action == "stay"
+    promoted = _seen(Look(0.9, "primary", timeline=2))
+    assert "is not a standby" in decide(e, _dead(1.0, 5), promoted, _bouncer(), 3.0).why
+
+
+def test_decide_goes_back_only_to_the_same_primary_on_its_timeline_after_the_dwell():
+    e = Expected("remilia", 1, "konpaku", away=True, switched_at=0.0)
+    back = _seen(Look(5.0, None), Look(5.2, "primary", timeline=1), Look(6.4, "primary", timeline=1))
+    on_standby = _bouncer("konpaku")
+    assert decide(e, back, STREAMING, on_standby, 6.0).action == "stay"  # back for 0.8 s only
+    assert decide(e, back, STREAMING, on_standby, 6.5, dwell=10).action == "stay"  # dwell
+    assert decide(e, back, STREAMING, on_standby, 6.5, dwell=2).action == "back"
+    replaced = _seen(Look(5.2, "primary", timeline=2), Look(6.4, "primary", timeline=2))
+    assert decide(e, replaced, STREAMING, on_standby, 7.0, dwell=0).action == "stay"
+    assert decide(e, back, _seen(Look(6.0, "primary", timeline=2)), on_standby, 7.0).action == "adopt"
+
+
+def test_decide_leaves_a_paused_or_moved_pgbouncer_alone_then_resumes():
+    e = Expected("remilia", 1, "konpaku")
+    assert decide(e, _dead(1.0, 9), STREAMING, _bouncer(paused=True), 9.0).action == "hands-off"
+    moved = decide(e, ALIVE, STREAMING, _bouncer("konpaku"), 1.0)
+    assert moved.action == "hands-off" and "an operator moved it" in moved.why
+    e.hands_off = moved.why
+    assert decide(e, ALIVE, STREAMING, _bouncer("konpaku"), 1.2).action == "resume"
+    e.hands_off = "the PgBouncer is paused (a procedure under way?)"
+    assert decide(e, ALIVE, STREAMING, _bouncer(paused=True), 1.2).action == "stay"
+    assert decide(e, ALIVE, STREAMING, _bouncer(), 1.4).action == "resume"
