@@ -19,6 +19,7 @@ from srht_readonly.ops.agent import Expected, Look, Seen, decide
 from srht_readonly.ops.fleet import BouncerState
 from srht_readonly.testing.agents import Agents, reads_restored, start_again
 from srht_readonly.testing.deployment import fleet_fixture
+from srht_readonly.testing.lab import APP_DB
 from srht_readonly.testing.load import TABLE, ReadProbe, WriteLoad
 from tests._fleet import out, q, roles, status
 
@@ -91,6 +92,44 @@ def test_a_standby_that_was_not_streaming_is_never_pointed_at(fleet, tmp_path):
     assert "away:" not in agents.logs()
 
 
+def test_a_paused_pgbouncer_is_left_alone_even_with_its_primary_gone_until_resumed(fleet, tmp_path):
+    """A procedure under way (its PAUSE, per database as every PgBouncer version shows it), and the
+    primary dies meanwhile: no agent moves its PgBouncer until it is resumed; then each does."""
+    lab = fleet.lab
+    with Agents(fleet, tmp_path, "--dwell", "0", "--confirm", "0.2") as agents:
+        agents.wait_for("expect:", timeout=30)
+        consoles = [psycopg2.connect(b.admin_dsn) for b in lab.bouncers]
+        try:
+            for console in consoles:
+                console.autocommit = True
+                console.cursor().execute(f"PAUSE {APP_DB}")
+            agents.wait_for("hands-off:", timeout=5)
+            lab.nodes["remilia"].kill()
+            time.sleep(2.0)  # ten times --confirm
+            assert "away:" not in agents.logs(), agents.logs()
+            assert set(_targets(fleet).values()) == {"remilia"}
+            for console in consoles:
+                console.cursor().execute(f"RESUME {APP_DB}")
+        finally:
+            for console in consoles:
+                console.close()
+        agents.wait_for("away:", timeout=10)
+        assert set(_targets(fleet).values()) == {"konpaku"}, agents.logs()
+    assert agents.count("resume:") == dict.fromkeys(agents.names, 1), agents.logs()
+
+
+def test_an_agent_started_beside_a_pgbouncer_on_the_standby_waits_and_says_so(fleet, tmp_path):
+    """A maintenance window (or a failover the agent made before it was restarted): an operator decides."""
+    proc = fleet.cli("failover", "--to", "konpaku", "--yes")
+    assert proc.returncode == 0, out(proc)
+    with Agents(fleet, tmp_path) as agents:
+        agents.wait_for("waiting:", timeout=30)
+        time.sleep(1.0)
+        assert set(_targets(fleet).values()) == {"konpaku"}
+    logs = agents.logs()
+    assert "which is not a primary" in logs and "expect:" not in logs and logs.count("waiting:") == 3, logs
+
+
 def test_an_operators_switchover_is_left_alone_and_the_new_primary_expected(fleet, tmp_path):
     with Agents(fleet, tmp_path, "--dwell", "0") as agents:
         agents.wait_for("expect:", timeout=30)
@@ -118,7 +157,12 @@ def _bouncer(target: str = "remilia", *, paused: bool = False) -> BouncerState:
 
 
 ALIVE = _seen(Look(0.0, "primary", timeline=1), Look(0.2, "primary", timeline=1))
-STREAMING = _seen(Look(0.0, "standby", streaming=True), Look(1.0, "standby", streaming=False))
+
+
+def _standby(now: float, *, streamed: float | None = None) -> Seen:
+    """A standby answering at ``now`` (fresh), last seen streaming at ``streamed`` (default: just now)."""
+    streamed = now - 0.1 if streamed is None else streamed
+    return _seen(Look(streamed, "standby", streaming=True), Look(now - 0.05, "standby", streaming=False))
 
 
 def _dead(since: float, n: int) -> Seen:
@@ -128,42 +172,58 @@ def _dead(since: float, n: int) -> Seen:
 
 def test_decide_waits_for_both_the_confirmation_time_and_enough_failed_probes():
     e = Expected("remilia", 1, "konpaku")
-    assert decide(e, ALIVE, STREAMING, _bouncer(), 0.5).action == "stay"
-    assert decide(e, _dead(1.0, 2), STREAMING, _bouncer(), 5.0).action == "stay"  # 2 failures only
-    assert decide(e, _dead(1.0, 3), STREAMING, _bouncer(), 1.5).action == "stay"  # 0.7 s only
-    d = decide(e, _dead(1.0, 3), STREAMING, _bouncer(), 1.9)
+    assert decide(e, ALIVE, _standby(0.5), _bouncer(), 0.5).action == "stay"
+    # 1.05 s without an answer, but only 2 failed probes, the last one recent: not yet.
+    assert decide(e, _dead(1.0, 2), _standby(1.85, streamed=0.7), _bouncer(), 1.85).action == "stay"
+    assert decide(e, _dead(1.0, 3), _standby(1.5, streamed=0.7), _bouncer(), 1.5).action == "stay"  # 0.7 s only
+    d = decide(e, _dead(1.0, 5), _standby(1.9, streamed=0.7), _bouncer(), 1.9)
     assert d.action == "away" and "konpaku streamed from it" in d.why
 
 
-def test_decide_never_points_at_a_standby_that_was_not_streaming_or_not_a_standby():
+def test_decide_takes_a_probe_stuck_for_the_confirmation_time_as_a_dead_primary():
     e = Expected("remilia", 1, "konpaku")
-    stale = _seen(Look(0.0, "standby", streaming=True), Look(0.2, "standby", streaming=False))
+    hung = _seen(Look(0.0, "primary", timeline=1))  # its next probe never came back: no failure counted
+    assert decide(e, hung, _standby(0.9), _bouncer(), 0.9).action == "stay"
+    assert decide(e, hung, _standby(1.2, streamed=0.1), _bouncer(), 1.2).action == "away"
+
+
+def test_decide_never_points_at_a_standby_that_was_not_streaming_not_fresh_or_not_a_standby():
+    e = Expected("remilia", 1, "konpaku")
+    stale = _seen(Look(0.0, "standby", streaming=True), Look(4.9, "standby", streaming=False))
     assert "was not streaming" in decide(e, _dead(3.0, 5), stale, _bouncer(), 5.0).why
     down = _seen(Look(0.0, "standby", streaming=True), Look(3.0, None, error="refused"))
-    assert decide(e, _dead(1.0, 5), down, _bouncer(), 3.0).action == "stay"
-    promoted = _seen(Look(0.9, "primary", timeline=2))
+    assert "does not answer" in decide(e, _dead(1.0, 5), down, _bouncer(), 3.0).why
+    old = _seen(Look(0.5, "standby", streaming=True))  # its last answer is 2.5 s old: not known now
+    assert "does not answer" in decide(e, _dead(1.0, 5), old, _bouncer(), 3.0).why
+    promoted = _seen(Look(2.9, "primary", timeline=2))
     assert "is not a standby" in decide(e, _dead(1.0, 5), promoted, _bouncer(), 3.0).why
+    split = decide(e, ALIVE, _seen(Look(0.1, "primary", timeline=2)), _bouncer(), 0.3)
+    assert split.action == "stay" and "split brain" in split.why
 
 
-def test_decide_goes_back_only_to_the_same_primary_on_its_timeline_after_the_dwell():
+def test_decide_goes_back_only_to_the_same_primary_while_the_standby_is_still_one_after_the_dwell():
     e = Expected("remilia", 1, "konpaku", away=True, switched_at=0.0)
     back = _seen(Look(5.0, None), Look(5.2, "primary", timeline=1), Look(6.4, "primary", timeline=1))
     on_standby = _bouncer("konpaku")
-    assert decide(e, back, STREAMING, on_standby, 6.0).action == "stay"  # back for 0.8 s only
-    assert decide(e, back, STREAMING, on_standby, 6.5, dwell=10).action == "stay"  # dwell
-    assert decide(e, back, STREAMING, on_standby, 6.5, dwell=2).action == "back"
+    assert decide(e, back, _standby(6.0), on_standby, 6.0).action == "stay"  # back for 0.8 s only
+    assert decide(e, back, _standby(6.5), on_standby, 6.5, dwell=10).action == "stay"  # dwell
+    d = decide(e, back, _standby(6.5), on_standby, 6.5, dwell=2)
+    assert d.action == "back" and "konpaku is still a standby" in d.why
     replaced = _seen(Look(5.2, "primary", timeline=2), Look(6.4, "primary", timeline=2))
-    assert decide(e, replaced, STREAMING, on_standby, 7.0, dwell=0).action == "stay"
-    assert decide(e, back, _seen(Look(6.0, "primary", timeline=2)), on_standby, 7.0).action == "adopt"
+    assert decide(e, replaced, _standby(7.0), on_standby, 7.0, dwell=0).action == "stay"
+    # The standby not seen now (it may have been promoted meanwhile): never back.
+    silent = _seen(Look(6.0, "standby"), Look(6.4, None, error="timeout"))
+    assert "may have been promoted" in decide(e, back, silent, on_standby, 6.5, dwell=0).why
+    assert decide(e, back, _seen(Look(6.0, "primary", timeline=2)), on_standby, 6.5).action == "adopt"
 
 
 def test_decide_leaves_a_paused_or_moved_pgbouncer_alone_then_resumes():
     e = Expected("remilia", 1, "konpaku")
-    assert decide(e, _dead(1.0, 9), STREAMING, _bouncer(paused=True), 9.0).action == "hands-off"
-    moved = decide(e, ALIVE, STREAMING, _bouncer("konpaku"), 1.0)
+    assert decide(e, _dead(1.0, 9), _standby(9.0), _bouncer(paused=True), 9.0).action == "hands-off"
+    moved = decide(e, ALIVE, _standby(1.0), _bouncer("konpaku"), 1.0)
     assert moved.action == "hands-off" and "an operator moved it" in moved.why
-    e.hands_off = moved.why
-    assert decide(e, ALIVE, STREAMING, _bouncer("konpaku"), 1.2).action == "resume"
+    e.hands_off = moved.why  # moved elsewhere: what to expect is learned again from where it points
+    assert decide(e, ALIVE, _standby(1.2), _bouncer("konpaku"), 1.2).action == "relearn"
     e.hands_off = "the PgBouncer is paused (a procedure under way?)"
-    assert decide(e, ALIVE, STREAMING, _bouncer(paused=True), 1.2).action == "stay"
-    assert decide(e, ALIVE, STREAMING, _bouncer(), 1.4).action == "resume"
+    assert decide(e, ALIVE, _standby(1.2), _bouncer(paused=True), 1.2).action == "stay"
+    assert decide(e, ALIVE, _standby(1.4), _bouncer(), 1.4).action == "resume"

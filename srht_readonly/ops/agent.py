@@ -102,7 +102,8 @@ class Prober:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.timeout + 5)
-        self.close()
+        if not self._thread.is_alive():  # else a probe still blocked on it: the daemon thread keeps it
+            self.close()
 
     def seen(self) -> Seen:
         with self._lock:
@@ -131,7 +132,7 @@ class Prober:
             with self._conn.cursor() as cur:
                 cur.execute(PROBE_SQL)
                 in_recovery, walfile, receiver = cur.fetchone()
-        except psycopg2.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the node did not answer as it should
             self.close()
             return Look(started, None, error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
         if in_recovery:
@@ -179,7 +180,7 @@ class Expected:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "stay", "away", "back", "adopt", "hands-off", "resume"
+    action: str  # "stay", "away", "back", "adopt", "hands-off", "resume", "relearn"
     why: str
     quiet: bool = False  # a "stay" of the normal course (the primary answers): not logged
 
@@ -194,43 +195,49 @@ def decide(expected: Expected, primary: Seen, standby: Seen, bouncer: BouncerSta
         why = ("the PgBouncer is paused (a procedure under way?)" if bouncer.paused else
                f"the PgBouncer points at {bouncer.target or 'an unknown node'}, not {home}: an operator moved it")
         if expected.hands_off and not bouncer.paused and bouncer.target is not None:
-            return Decision("resume", why)  # Agent.step checks the new target is a primary before resuming
+            return Decision("relearn", why)  # Agent.step checks the new target is a primary before resuming
         if expected.hands_off == why:
             return Decision("stay", why, quiet=True)
         return Decision("hands-off", why)
-    if expected.hands_off:
+    if expected.hands_off:  # back as the agent left it: carry on with what it expected
         return Decision("resume", f"the PgBouncer points at {home} again and is not paused")
     settled = expected.switched_at is None or now - expected.switched_at >= dwell
+    s = standby.last if standby.last is not None and now - standby.last.at <= confirm else None  # fresh only
     if not expected.away:
-        gone = (primary.failures >= min_failures
-                and now - (primary.last_ok.at if primary.last_ok else float("-inf")) >= confirm)
-        if not gone:
+        last_ok = primary.last_ok.at if primary.last_ok else float("-inf")
+        # Gone: nothing good for ``confirm`` s, and either probes failing or one stuck (no answer at all).
+        stuck = primary.last is not None and now - primary.last.at >= confirm
+        if not (now - last_ok >= confirm and (primary.failures >= min_failures or stuck)):
+            if s is not None and s.role == "primary":
+                return Decision("stay", f"both {expected.primary} and {expected.standby} answer as primaries "
+                                        "(a split brain?): the agent changes nothing")
             return Decision("stay", "the primary answers", quiet=True)
-        s = standby.last
         if s is None or s.role != "standby":
             return Decision("stay", f"the primary is gone but the standby {expected.standby} "
                                     f"{'does not answer' if s is None or s.role is None else 'is not a standby'}: "
                                     "nowhere safe to point at")
-        last_seen = primary.last_ok.at if primary.last_ok else None
-        if standby.streamed_at is None or (last_seen is not None and standby.streamed_at < last_seen - confirm):
+        if standby.streamed_at is None or (primary.last_ok is not None and standby.streamed_at < last_ok - confirm):
             return Decision("stay", f"the primary is gone but {expected.standby} was not streaming from it: "
                                     "it may lack recent writes, and reads would go back in time")
         if not settled:
             return Decision("stay", f"the primary is gone, but the last switch was under {dwell:g} s ago")
+        failed = primary.last.error if primary.last and primary.last.error else "no answer"
         return Decision("away", f"{expected.primary} has not answered for {confirm:g} s "
-                                f"({primary.failures} probes failed: {primary.last.error if primary.last else '?'}); "
-                                f"{expected.standby} streamed from it")
-    s, p = standby.last, primary.last
-    if s is not None and s.role == "primary":
+                                f"({primary.failures} probes failed: {failed}); {expected.standby} streamed from it")
+    if standby.last is not None and standby.last.role == "primary":
         return Decision("adopt", f"{expected.standby} answers as a primary (promoted)")
+    p = primary.last if primary.last is not None and now - primary.last.at <= confirm else None
     back = (p is not None and p.role == "primary" and p.timeline == expected.timeline
             and primary.same_since is not None and now - primary.same_since >= confirm)
-    if not back:
+    if not back or p is None:
         return Decision("stay", "away: the primary has not come back as it was", quiet=True)
+    if s is None or s.role != "standby":
+        return Decision("stay", f"{expected.primary} is back, but {expected.standby} is not seen as a standby now: "
+                                "it may have been promoted; pointing back could split writes")
     if not settled:
         return Decision("stay", f"{expected.primary} is back, but the last switch was under {dwell:g} s ago")
-    return Decision("back", f"{expected.primary} answers again as the primary on timeline {expected.timeline} "
-                            f"for {confirm:g} s")
+    return Decision("back", f"{expected.primary} answers again as the primary on timeline {p.timeline} "
+                            f"for {confirm:g} s, and {expected.standby} is still a standby")
 
 
 @dataclass
@@ -260,11 +267,14 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set: learn what to expect, then probe and decide every ``interval``."""
         try:
+            waiting = None
             while not stop.is_set() and self.expected is None:
                 try:
                     self.expected = self.learn()
-                except OpsError as exc:
-                    self.say(f"waiting: {exc}")
+                except OpsError as exc:  # e.g. restarted while its PgBouncer was away: an operator decides
+                    if str(exc) != waiting:
+                        waiting = str(exc)
+                        self._record("waiting", waiting)
                     stop.wait(max(1.0, self.interval))
             while not stop.is_set():
                 self.step()
@@ -276,7 +286,10 @@ class Agent:
             self.hooks.close()
 
     def learn(self, target: str | None = None) -> Expected:
-        """Expect the primary the PgBouncer points at (it must answer as one) and that primary's standby."""
+        """Expect the primary the PgBouncer points at (it must answer as one) and that primary's standby.
+
+        The PgBouncer's config is read again first (an operator may have changed it since)."""
+        self._reopen()
         bouncer = self._bouncer()
         target = target or bouncer.target
         if target is None:
@@ -311,20 +324,29 @@ class Agent:
                    confirm=self.confirm, dwell=self.dwell)
         if d.action != "stay" or d.quiet:
             self._stayed = None
-        if d.action == "away":
+        if d.action in ("away", "back") and time.monotonic() < e.retry_at:
+            pass  # the last repoint failed: try again a little later
+        elif d.action == "away":
             self._repoint(e.standby, d.why, back=False)
         elif d.action == "back":
             self._repoint(e.primary, d.why, back=True)
         elif d.action == "adopt":
             self._record("adopt", d.why)
-            self.expected = self.learn(e.standby)
+            try:
+                self.expected = self.learn(e.standby)
+            except OpsError as exc:
+                e.hands_off = str(exc)
+                self._record("hands-off", str(exc))
         elif d.action == "hands-off":
             e.hands_off = d.why
             self._record("hands-off", d.why)
         elif d.action == "stay" and not d.quiet and d.why != self._stayed:
             self._record("stay", d.why)  # a refusal to act, once per reason
             self._stayed = d.why
-        elif d.action == "resume" and time.monotonic() >= e.retry_at:
+        elif d.action == "resume":
+            e.hands_off = None
+            self._record("resume", d.why)
+        elif d.action == "relearn" and time.monotonic() >= e.retry_at:
             try:
                 self.expected = self.learn()
                 self._record("resume", d.why)
@@ -342,12 +364,16 @@ class Agent:
             state = self.fleet.observe()[self.pgbouncer]
             if state.reachable:
                 return state
-        self.fleet.close()
-        self.fleet = Fleet(self.cluster, [self.pgbouncer])
+        self._reopen()
         errors = self.fleet.open(timeout=max(1.0, self.timeout))
         if errors:
             return BouncerState(self.pgbouncer, False, error=errors[self.pgbouncer])
         return self.fleet.observe()[self.pgbouncer]
+
+    def _reopen(self) -> None:
+        """A fresh ``Fleet`` of one (its config file read again on the next ``open``)."""
+        self.fleet.close()
+        self.fleet = Fleet(self.cluster, [self.pgbouncer])
 
     def _repoint(self, to: str, why: str, *, back: bool) -> None:
         assert self.expected is not None
@@ -361,8 +387,13 @@ class Agent:
             run_failover(self.cluster, self.fleet, plan, keep_pools=back)
         except OpsError as exc:
             self._record("failed", f"pointing {self.pgbouncer} at {to} failed: {exc}")
-            self.fleet.close()
-            return
+            self._reopen()
+            if self._bouncer().target != to:  # not switched: retry in a moment
+                self.expected.retry_at = time.monotonic() + 2.0
+                return
+            why = f"{why} (switched, though the repoint reported the failure above)"
+        else:
+            self._reopen()  # the next repoint starts from the file as written now
         self.expected.away = not back
         self.expected.switched_at = time.monotonic()
         self._record("back" if back else "away",
