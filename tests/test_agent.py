@@ -19,6 +19,7 @@ from srht_readonly.ops.agent import Expected, Look, Seen, decide
 from srht_readonly.ops.fleet import BouncerState
 from srht_readonly.testing.agents import Agents, reads_restored, start_again
 from srht_readonly.testing.deployment import fleet_fixture
+from srht_readonly.testing.etcd import EtcdCluster
 from srht_readonly.testing.lab import APP_DB
 from srht_readonly.testing.load import TABLE, ReadProbe, WriteLoad
 from tests._fleet import out, q, roles, status
@@ -70,6 +71,49 @@ def test_the_primary_killed_reads_back_through_every_pgbouncer_within_2_s_then_b
 
 def _streaming(dsn: str) -> bool:
     return q(dsn, "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'")[0][0] == 1
+
+
+def _status_json(fleet) -> dict:
+    proc = fleet.cli("status", "--json")
+    assert proc.returncode in (0, 1), out(proc)
+    return json.loads(proc.stdout)
+
+
+def test_with_etcd_each_agent_beats_and_status_shows_every_agent_its_failover_and_etcd_lost(fleet, tmp_path):
+    lab = fleet.lab
+    with EtcdCluster(tmp_path / "etcd") as etcd:
+        with fleet.inventory.open("a") as inventory:
+            inventory.write(f"\n[etcd]\nendpoints = {', '.join(etcd.endpoints)}\n")
+        with Agents(fleet, tmp_path, "--dwell", "0") as agents:
+            agents.wait_for("expect:", timeout=30)
+            deadline = time.monotonic() + 10
+            while len(_status_json(fleet)["agents"] or {}) < 3:
+                assert time.monotonic() < deadline, "not every agent's heartbeat reached etcd"
+                time.sleep(0.3)
+            doc = _status_json(fleet)
+            assert doc["etcd"] == [{"endpoint": etcd.endpoints[0], "answers": True, "healthy": True, "error": None}]
+            assert set(doc["agents"]) == set(agents.names)
+            for beat in doc["agents"].values():
+                assert beat["state"] == "home" and beat["points_at"] == "remilia" and beat["age"] < 3, beat
+                assert beat["sees"] == {"remilia": "primary", "konpaku": "standby"}, beat
+            text = fleet.cli("status").stdout
+            assert "AGENT" in text and "etcd: 1 of 1 endpoint(s) healthy" in text, text
+            lab.nodes["remilia"].kill()
+            agents.wait_for("away:", timeout=10)
+            time.sleep(0.5)
+            doc = _status_json(fleet)
+            assert {b["state"] for b in doc["agents"].values()} == {"away"}, doc["agents"]
+            assert {b["points_at"] for b in doc["agents"].values()} == {"konpaku"}, doc["agents"]
+            moved = [p for p in doc["problems"] if p["subject"].startswith("agent ") and "moved" in p["message"]]
+            assert len(moved) == 3 and all(p["severity"] == "warning" for p in moved), doc["problems"]
+            # etcd lost: status says so (critical), and the agents carry on.
+            etcd.stop()
+            doc = _status_json(fleet)
+            assert [p["severity"] for p in doc["problems"] if p["subject"] == "etcd"][0] == "critical", doc["problems"]
+            assert doc["agents"] is None
+            time.sleep(1.5)
+            assert all(p.poll() is None for p in agents.procs.values()), agents.logs()
+    assert "heartbeat to etcd failed" in agents.logs()
 
 
 def test_a_standby_that_was_not_streaming_is_never_pointed_at(fleet, tmp_path):

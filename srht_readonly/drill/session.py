@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg2.extensions
 
 from ..ops.cluster import Cluster
+from ..ops.etcd import FleetLock
 from ..ops.inventory import load
 from ..ops.lock import OperatorLock, lock_path
 from .config import drill_config
@@ -96,7 +97,11 @@ def deployment(path: str | Path, *, ssh_config: str | Path | None = None,
     lock = OperatorLock(lock_path(inventory.path), "drill")
     lock.acquire()
     try:
-        with Cluster(inventory, ssh_config=ssh_config) as cluster:
+        with contextlib.ExitStack() as held:
+            if inventory.etcd is not None:  # the fleet-wide lock too: the drill changes the fleet
+                held.enter_context(FleetLock(inventory.etcd, "drill"))
+            cluster = held.enter_context(Cluster(inventory, ssh_config=ssh_config))
+
             def ledger_dsn(node: str) -> str:
                 return psycopg2.extensions.make_dsn(cluster.node(node).dsn, dbname=config.database)
 

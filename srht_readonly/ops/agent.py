@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,7 @@ import psycopg2
 
 from .cluster import Cluster
 from .errors import OpsError
+from .etcd import Heartbeat
 from .failover import LOGIN_RETRY, FailoverPlan, run_failover
 from .fleet import BouncerState, Fleet, seconds_setting
 from .hooks import Hooks
@@ -263,6 +266,10 @@ class Agent:
                            inventory=str(self.cluster.inventory.path))
         self.probers: dict[str, Prober] = {}
         self._stayed: str | None = None  # the last reason to stay that was logged
+        etcd = self.cluster.inventory.etcd
+        self.heartbeat = Heartbeat(etcd, self.pgbouncer) if etcd is not None else None
+        self._next_beat = 0.0
+        self._target: str | None = None  # where the PgBouncer pointed at the last look
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set: learn what to expect, then probe and decide every ``interval``."""
@@ -275,15 +282,40 @@ class Agent:
                     if str(exc) != waiting:
                         waiting = str(exc)
                         self._record("waiting", waiting)
+                    self._beat({"state": "waiting", "why": waiting}, force=True)
                     stop.wait(max(1.0, self.interval))
             while not stop.is_set():
-                self.step()
+                d = self.step()
+                self._beat(self._state(d), force=d.action != "stay")
                 stop.wait(self.interval)
         finally:
             for prober in self.probers.values():
                 prober.stop()
             self.fleet.close()
             self.hooks.close()
+            if self.heartbeat is not None:
+                self.heartbeat.close()
+
+    def _beat(self, state: dict[str, Any], *, force: bool = False) -> None:
+        """The heartbeat in etcd (``[etcd]``): every second, and at once after each decision."""
+        if self.heartbeat is None or (not force and time.monotonic() < self._next_beat):
+            return
+        self._next_beat = time.monotonic() + 1.0
+        self.heartbeat.beat({"pgbouncer": self.pgbouncer, "host": socket.gethostname(), "pid": os.getpid(),
+                             **state})
+
+    def _state(self, d: Decision) -> dict[str, Any]:
+        """What the heartbeat says: the agent's state, where the PgBouncer points, what the probes see."""
+        e = self.expected
+        assert e is not None
+
+        def seen(node: str) -> str:
+            last = self.probers[node].seen().last
+            return "not probed yet" if last is None else last.role or f"down: {last.error}"
+        return {"state": "hands-off" if e.hands_off else "away" if e.away else "home", "points_at": self._target,
+                "primary": e.primary, "timeline": e.timeline, "standby": e.standby,
+                "sees": {e.primary: seen(e.primary), e.standby: seen(e.standby)},
+                "why": e.hands_off or d.why}
 
     def learn(self, target: str | None = None) -> Expected:
         """Expect the primary the PgBouncer points at (it must answer as one) and that primary's standby.
@@ -320,6 +352,7 @@ class Agent:
         assert self.expected is not None
         e = self.expected
         bouncer = self._bouncer()
+        self._target = bouncer.target
         d = decide(e, self.probers[e.primary].seen(), self.probers[e.standby].seen(), bouncer, time.monotonic(),
                    confirm=self.confirm, dwell=self.dwell)
         if d.action != "stay" or d.quiet:

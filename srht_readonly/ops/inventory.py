@@ -39,6 +39,11 @@ time a command runs. The format (docs/cli.md)::
     [status]                         ; optional: thresholds of ``status`` (and of the exporter's problems)
     slow-commit = 0.1                ; seconds a tiny commit on the primary may take (median of 3)
 
+    [etcd]                           ; optional: the fleet-wide operator lock (``ops.etcd``)
+    endpoints = http://10.0.0.5:2379, http://10.0.0.6:2379, http://10.0.0.7:2379
+    prefix = /srht-readonly          ; optional: the keys' prefix
+    lock-ttl = 10                    ; optional: seconds the lock outlives a holder that died
+
 Lines starting with ``;`` or ``#`` are comments; so is `` ;...`` or `` #...`` after a value, except
 in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``) and in ``[hooks]``,
 whose values are shell commands and regular expressions kept whole (``command = cd /srv/x ; git push``).
@@ -69,6 +74,7 @@ REPLICATION_KEYS = {"user": False, "password-file": False}
 SERVICE_KEYS = {"announcement": True, "ssh": False}
 HOOKS_KEYS = {"command": True}
 STATUS_KEYS = {"slow-commit": False}
+ETCD_KEYS = {"endpoints": True, "prefix": False, "lock-ttl": False}
 BACKUP_KEYS = {"config": True, "server": True, "barman": False, "ssh": False, "past-dir": False, "bin": False}
 # Sections the procedures ignore and the drill reads (srht_readonly/drill/config.py): kind -> takes a name.
 OTHER_SECTIONS = {"drill": False, "probe": True}
@@ -177,6 +183,16 @@ class StatusSpec:
 
 
 @dataclass(frozen=True)
+class EtcdSpec:
+    """``[etcd]``: the etcd cluster holding the fleet-wide operator lock (``ops.etcd``)."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = "/srht-readonly"
+    lock_ttl: int = 10
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class HooksSpec:
     """``[hooks]``: a shell command run at each procedure step with a JSON event on stdin."""
 
@@ -197,6 +213,7 @@ class Inventory:
     hooks: HooksSpec = field(default_factory=HooksSpec)
     backup: BackupSpec | None = None
     status: StatusSpec = field(default_factory=StatusSpec)
+    etcd: EtcdSpec | None = None
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; ``InventoryError`` listing the known ones otherwise."""
@@ -274,6 +291,7 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
     hooks = HooksSpec()
     backup: BackupSpec | None = None
     status = StatusSpec()
+    etcd: EtcdSpec | None = None
     others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = {}
     for kind, name, number, entries in sections:
         if kind in OTHER_SECTIONS:
@@ -294,6 +312,8 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             backup = _backup(number, entries, path)
         elif kind == "status":
             status = _status(number, entries, path)
+        elif kind == "etcd":
+            etcd = _etcd(number, entries, path)
         else:
             _check_keys(entries, REPLICATION_KEYS, "[replication]", number, path)
             replication = ReplicationSpec(
@@ -309,12 +329,12 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             raise InventoryError(path, node.line, f"nodes {targets[key]} and {node.name} have the same target "
                                                   f"{node.address}:{node.port}; set target = to tell them apart")
         targets[key] = node.name
-    return Inventory(path, nodes, bouncers, replication, others, services, hooks, backup, status)
+    return Inventory(path, nodes, bouncers, replication, others, services, hooks, backup, status, etcd)
 
 
 def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]:
     parts = header.split()
-    if parts in (["replication"], ["hooks"], ["backup"], ["status"]):
+    if parts in (["replication"], ["hooks"], ["backup"], ["status"], ["etcd"]):
         return parts[0], None
     if parts and parts[0] in OTHER_SECTIONS and len(parts) == (2 if OTHER_SECTIONS[parts[0]] else 1):
         return parts[0], (parts[1] if len(parts) == 2 else None)
@@ -323,8 +343,8 @@ def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]
     if len(parts) == 1 and parts[0] in ("node", "pgbouncer", "service"):
         raise InventoryError(path, number, f"[{header}] needs a name, e.g. [{parts[0]} remilia]")
     raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME], "
-                                       f"[service NAME], [replication], [hooks], [backup] or [status] (the drill "
-                                       f"also reads [drill] and [probe NAME])")
+                                       f"[service NAME], [replication], [hooks], [backup], [status] or [etcd] "
+                                       f"(the drill also reads [drill] and [probe NAME])")
 
 
 def _check_keys(entries: dict[str, tuple[str, int]], allowed: dict[str, bool], section: str, number: int,
@@ -436,6 +456,28 @@ def _backup(number: int, entries: dict[str, tuple[str, int]], path: str) -> Back
     return BackupSpec(config=entries["config"][0], server=server, barman=_opt(entries, "barman") or "barman",
                       ssh=_ssh(entries, path), past_dir=_opt(entries, "past-dir") or BackupSpec.past_dir,
                       bin=_opt(entries, "bin"), line=number)
+
+
+def _etcd(number: int, entries: dict[str, tuple[str, int]], path: str) -> EtcdSpec:
+    _check_keys(entries, ETCD_KEYS, "[etcd]", number, path)
+    value, line = entries["endpoints"]
+    endpoints = tuple(e.strip().rstrip("/") for e in value.split(",") if e.strip())
+    for e in endpoints:
+        if not re.fullmatch(r"https?://[^/\s:]+(:\d+)?", e):
+            raise InventoryError(path, line, f"endpoint {e!r} is not http(s)://HOST:PORT (etcd's client URL)")
+    if not endpoints:
+        raise InventoryError(path, line, "endpoints needs at least one etcd client URL, e.g. http://10.0.0.5:2379")
+    prefix = _opt(entries, "prefix") or EtcdSpec.prefix
+    if not prefix.startswith("/") or prefix.endswith("/"):
+        raise InventoryError(path, entries["prefix"][1], f"prefix must start with '/' and not end with one, "
+                                                         f"not {prefix!r}")
+    ttl = EtcdSpec.lock_ttl
+    if "lock-ttl" in entries:
+        text, at = entries["lock-ttl"]
+        if not text.isdigit() or not 2 <= int(text) <= 600:
+            raise InventoryError(path, at, f"lock-ttl must be whole seconds from 2 to 600, not {text!r}")
+        ttl = int(text)
+    return EtcdSpec(endpoints, prefix, ttl, number)
 
 
 def _status(number: int, entries: dict[str, tuple[str, int]], path: str) -> StatusSpec:

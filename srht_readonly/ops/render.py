@@ -73,6 +73,16 @@ def status_text(status: Status) -> str:
         lines += [f"a tiny commit on the primary: {status.commit_seconds * 1000:.1f} ms", ""]
     if status.past.get("text"):
         lines += [f"past data: {status.past['text']}", ""]
+    if status.etcd is not None:
+        healthy = sum(1 for e in status.etcd if e["healthy"])
+        lines += [f"etcd: {healthy} of {len(status.etcd)} endpoint(s) healthy", ""]
+    if status.agents:
+        rows = [["AGENT", "STATE", "POINTS AT", "SEES", "HEARTBEAT", "HOST"]]
+        for name, a in sorted(status.agents.items()):
+            sees = ", ".join(f"{n} {s}" for n, s in (a.get("sees") or {}).items()) or "-"
+            rows.append([name, a.get("state", "?"), a.get("points_at") or "-", sees, f"{a.get('age', '?')} s ago",
+                         a.get("host", "?")])
+        lines += [*table(rows), ""]
     if status.announcement:
         a = status.announcement
         window = " ".join(f"{k} {a[k]}" for k in ("starts", "ends") if a[k])

@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import announce
+from . import announce, etcd
 from .backup import Barman
 from .cluster import Cluster
 from .errors import OpsError
 from .fleet import BouncerState, Fleet, seconds_setting
+from .inventory import EtcdSpec
 from .observe import NodeState, observe_nodes, primaries
 from .sql import COMMIT_TRIES, time_commit
 
@@ -69,6 +70,10 @@ class Status:
     past: dict[str, Any] = field(default_factory=dict)
     #: A tiny commit on the primary, in seconds (median of ``sql.COMMIT_TRIES``); None when not timed.
     commit_seconds: float | None = None
+    #: With ``[etcd]``: each endpoint's health (``etcd.health``) and every agent's last heartbeat, by
+    #: PgBouncer (``etcd.agents``: ``state``, ``points_at``, ``sees``, ``age``...); None without ``[etcd]``.
+    etcd: list[dict[str, Any]] | None = None
+    agents: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``status --json`` document (``nodes[].role``, ``pgbouncers[].target``... see docs/cli.md)."""
@@ -97,6 +102,9 @@ def collect(cluster: Cluster) -> Status:
     status.problems += found
     status.commit_seconds, found = primary_commit(cluster, status.nodes)
     status.problems += found
+    if cluster.inventory.etcd is not None:
+        status.etcd, status.agents, found = fleet_in_etcd(cluster.inventory.etcd, list(bouncers))
+        status.problems += found
     status.problems.sort(key=lambda p: ("critical", "warning", "info").index(p.severity))
     return status
 
@@ -113,6 +121,43 @@ def primary_commit(cluster: Cluster, nodes: list[NodeState]) -> tuple[float | No
     except OpsError as exc:
         return None, [Problem("warning", f"node {node.name}", f"a tiny commit could not be timed: {exc}")]
     return seconds, commit_problems(node.name, seconds, cluster.inventory.status.slow_commit)
+
+
+Beats = dict[str, dict[str, Any]]
+
+
+def fleet_in_etcd(spec: EtcdSpec, pgbouncers: list[str]) -> tuple[list[dict[str, Any]], Beats | None, list[Problem]]:
+    """etcd's health and the agents' heartbeats (``ops.etcd``), and what needs an operator in them."""
+    found: list[Problem] = []
+    try:
+        endpoints = etcd.health(spec)
+    except ImportError as exc:
+        return [], None, [Problem("warning", "etcd", f"[etcd] is set but its client is not installed "
+                                                     f"(pip install 'srht-readonly[etcd]'): {exc}")]
+    if not any(e["healthy"] for e in endpoints):
+        found.append(Problem("critical", "etcd", "no endpoint has a healthy cluster behind it (down, or its quorum "
+                                                 "lost): every changing command is refused (the fleet lock), and the "
+                                                 "agents cannot report; they keep deciding alone"))
+    for e in endpoints:
+        if not e["healthy"] and any(x["healthy"] for x in endpoints):
+            found.append(Problem("warning", "etcd", f"{e['endpoint']} is not healthy: {e['error']}"))
+    try:
+        beats = etcd.agents(spec)
+    except OpsError as exc:
+        return endpoints, None, [*found, Problem("warning", "etcd", str(exc))]
+    for name, beat in sorted(beats.items()):
+        if beat.get("state") == "away":
+            found.append(Problem("warning", f"agent {name}", f"moved its PgBouncer to {beat.get('points_at')} "
+                                                             f"(read-only): {beat.get('why')}; promote it "
+                                                             f"(srht-readonly promote) or wait for the primary"))
+        elif beat.get("state") in ("waiting", "hands-off"):
+            found.append(Problem("info", f"agent {name}", f"{beat['state']}: {beat.get('why')}"))
+    if beats:  # agents run here: a PgBouncer without one is not watched
+        for name in pgbouncers:
+            if name not in beats:
+                found.append(Problem("warning", f"agent {name}", "no heartbeat: its agent is not running, or cannot "
+                                                                 "reach etcd; that PgBouncer fails over only by hand"))
+    return endpoints, beats, found
 
 
 def commit_problems(node: str, seconds: float, threshold: float) -> list[Problem]:

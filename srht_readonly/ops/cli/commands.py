@@ -16,6 +16,7 @@ import click
 from .. import interrupts, render
 from ..cluster import Cluster
 from ..demote import check_demote, run_demote
+from ..etcd import FleetLock
 from ..failover import check_failover, run_failover
 from ..fleet import Fleet
 from ..hooks import Hooks
@@ -35,12 +36,22 @@ def session(ctx: click.Context, command: str | None, as_json: bool) -> Iterator[
     with failures(as_json):
         inventory = load(resolve_path(ctx.obj["config"]))
         lock = OperatorLock(lock_path(inventory.path), command) if command else None
+        fleet_lock = FleetLock(inventory.etcd, command) if command and inventory.etcd else None
         if lock is not None:
             lock.acquire()
+        try:
+            if fleet_lock is not None:  # every operator, whichever machine they run on (ops.etcd)
+                fleet_lock.acquire()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
     try:
         with Cluster(inventory, ssh_config=ctx.obj["ssh_config"]) as cluster:
             yield cluster
     finally:
+        if fleet_lock is not None:
+            fleet_lock.release()
         if lock is not None:
             lock.release()
 
