@@ -429,6 +429,7 @@ class Agent:
             self._reopen()  # the next repoint starts from the file as written now
         self.expected.away = not back
         self.expected.switched_at = time.monotonic()
+        self._target = to
         self._record("back" if back else "away",
                      f"{self.pgbouncer} -> {to} in {time.monotonic() - started:.3f} s: {why}")
 

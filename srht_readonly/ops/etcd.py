@@ -44,8 +44,14 @@ REQUEST_TIMEOUT = 3.0
 HEARTBEAT_TTL = 5
 
 
-def client(spec: EtcdSpec) -> Any:
-    """An ``etcd3gw`` client of the first endpoint that answers; ``Refused`` naming each failure."""
+def why(exc: BaseException) -> str:
+    """An etcd3gw exception as text (its connection and timeout errors keep theirs in ``detail_text``)."""
+    return str(exc).strip() or str(getattr(exc, "detail_text", "") or "").strip()[:300] or type(exc).__name__
+
+
+def client(spec: EtcdSpec, *, endpoints: tuple[str, ...] | None = None, timeout: float = REQUEST_TIMEOUT) -> Any:
+    """An ``etcd3gw`` client of the first of ``endpoints`` (default: the inventory's) that answers;
+    ``Refused`` naming each failure."""
     try:
         import etcd3gw
         from etcd3gw import exceptions
@@ -53,26 +59,35 @@ def client(spec: EtcdSpec) -> Any:
         raise Refused(f"the inventory has [etcd] but etcd3gw is not installed: pip install 'srht-readonly[etcd]' "
                       f"({exc}); nothing was changed") from exc
     failures = []
-    for endpoint in spec.endpoints:
+    for endpoint in endpoints or spec.endpoints:
         scheme, _, rest = endpoint.partition("://")
-        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "2379")
-        candidate = etcd3gw.Etcd3Client(host=host.strip("[]"), port=int(port), protocol=scheme,
-                                        timeout=REQUEST_TIMEOUT, api_path="/v3/")
+        host, _, port = rest.rpartition(":")
+        candidate = etcd3gw.Etcd3Client(host=host.strip("[]"), port=int(port), protocol=scheme, timeout=timeout,
+                                        api_path="/v3/")
         try:
             candidate.status()
             return candidate
         except (exceptions.Etcd3Exception, OSError) as exc:
-            failures.append(f"{endpoint}: {str(exc).strip() or type(exc).__name__}")
+            failures.append(f"{endpoint}: {why(exc)}")
     raise Refused("cannot reach etcd for the fleet lock; nothing was changed (" + "; ".join(failures) + ")")
 
 
 class FleetLock:
-    """``with FleetLock(spec, "switchover --to konpaku"):`` or ``Refused`` naming the holder."""
+    """``with FleetLock(spec, "switchover --to konpaku"):`` or ``Refused`` naming the holder.
+
+    While held, a thread refreshes the lease four times per ttl, each request bounded to a quarter
+    of it, moving to another endpoint when one fails. If the lease expires all the same (etcd
+    unreachable for a whole ttl), the lock is **lost**: ``lost`` is set and an error is logged
+    (stderr), because another operator may now proceed; the command is not stopped half-way
+    (a procedure interrupted between two steps is worse), and its result says so
+    (``release`` logs it again).
+    """
 
     def __init__(self, spec: EtcdSpec, command: str) -> None:
         self.spec = spec
         self.command = command
         self.key = f"{spec.prefix}/lock"
+        self.lost: str | None = None  # why the lock was lost while held, or None
         self._lease: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,22 +100,30 @@ class FleetLock:
         self.release()
 
     def acquire(self) -> None:
-        """Create the key on a new lease, or ``Refused`` naming who holds it (or why etcd said no)."""
+        """Create the key on a new lease, or ``Refused`` naming who holds it (or why etcd said no).
+        Whatever fails, the lease taken for it is revoked (with it, a key a timed-out request did create)."""
         from etcd3gw import exceptions
 
-        etcd = client(self.spec)
+        etcd = client(self.spec, timeout=min(REQUEST_TIMEOUT, self.spec.lock_ttl / 4))
         holder = {"user": _user(), "host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        lease = None
         try:
             lease = etcd.lease(self.spec.lock_ttl)
-            if not etcd.create(self.key, json.dumps(holder), lease=lease):
-                lease.revoke()
-                raise Refused(f"another operator holds the fleet lock in etcd: {_describe(etcd.get(self.key))}; "
-                              f"nothing was changed. Wait for it to finish and check `srht-readonly status` before "
-                              f"trying again (key {self.key}; released {self.spec.lock_ttl} s after its holder dies)")
+            created = etcd.create(self.key, json.dumps(holder), lease=lease)
+            held_by = None if created else _describe(etcd.get(self.key))
         except (exceptions.Etcd3Exception, OSError) as exc:
-            raise Refused(f"etcd did not grant the fleet lock ({str(exc).strip() or type(exc).__name__}): a "
-                          f"cluster without its quorum cannot; nothing was changed") from exc
+            _revoke(lease)
+            raise Refused(f"etcd did not grant the fleet lock ({why(exc)}): a cluster without its quorum cannot; "
+                          f"nothing was changed") from exc
+        except BaseException:
+            _revoke(lease)
+            raise
+        if held_by is not None:
+            _revoke(lease)
+            raise Refused(f"another operator holds the fleet lock in etcd: {held_by}; nothing was changed. Wait for "
+                          f"it to finish and check `srht-readonly status` before trying again (key {self.key}; "
+                          f"released {self.spec.lock_ttl} s after its holder dies)")
         self._lease = lease
         self._thread = threading.Thread(target=self._keep, name="srht-readonly-fleet-lock", daemon=True)
         self._thread.start()
@@ -116,22 +139,50 @@ class FleetLock:
             return
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=REQUEST_TIMEOUT + 1)
-        try:
-            self._lease.revoke()
-        except Exception as exc:  # noqa: BLE001 - the lease then expires by itself
-            logger.warning("could not release the fleet lock %s (%s); etcd drops it within %d s",
-                           self.key, exc, self.spec.lock_ttl)
+            self._thread.join(timeout=self.spec.lock_ttl)
+        if self.lost:
+            logger.error("the fleet lock %s was lost while `%s` ran (%s): another operator may have acted meanwhile; "
+                         "check `srht-readonly status`", self.key, self.command, self.lost)
+        else:
+            _revoke(self._lease, warn=f"could not release the fleet lock {self.key}; etcd drops it within "
+                                      f"{self.spec.lock_ttl} s")
         self._lease = None
 
     def _keep(self) -> None:
-        """Refresh the lease every third of its ttl; a failure is logged (the procedure is not interrupted:
-        stopping half-way would be worse), and retried."""
-        while not self._stop.wait(self.spec.lock_ttl / 3):
+        """Refresh the lease every quarter of its ttl (each request bounded to that), from another endpoint
+        when the one in use fails; an expired lease is a lost lock."""
+        from etcd3gw.lease import Lease
+
+        step = self.spec.lock_ttl / 4
+        lease, last_ok = self._lease, time.monotonic()
+        while not self._stop.wait(step):
             try:
-                self._lease.refresh()
-            except Exception as exc:  # noqa: BLE001 - etcd unreachable for a moment
-                logger.warning("could not keep the fleet lock %s alive: %s", self.key, exc)
+                ttl = lease.refresh()
+            except Exception as exc:  # noqa: BLE001 - that endpoint failed: try the others next time
+                logger.warning("could not keep the fleet lock %s alive: %s", self.key, why(exc))
+                try:
+                    lease = Lease(lease.id, client(self.spec, timeout=step))
+                except Refused as unreachable:
+                    logger.warning("%s", unreachable)
+                ttl = None
+            if ttl is not None and ttl > 0:
+                last_ok = time.monotonic()
+            elif ttl is not None or time.monotonic() - last_ok > self.spec.lock_ttl:
+                self.lost = ("etcd says its lease expired" if ttl is not None else
+                             f"not refreshed for {time.monotonic() - last_ok:.1f} s, over its ttl")
+                logger.error("LOST the fleet lock %s while `%s` runs: %s; another operator may now proceed",
+                             self.key, self.command, self.lost)
+                return
+
+
+def _revoke(lease: Any, *, warn: str | None = None) -> None:
+    if lease is None:
+        return
+    try:
+        lease.revoke()
+    except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+        if warn:
+            logger.warning("%s: %s", warn, why(exc))
 
 
 def _describe(values: list[Any]) -> str:
@@ -219,18 +270,18 @@ class Heartbeat:
             self._lease = None
 
 
-def agents(spec: EtcdSpec) -> dict[str, dict[str, Any]]:
-    """Every agent's last heartbeat, by PgBouncer name, with ``age`` (seconds since it beat);
+def agents(spec: EtcdSpec, *, endpoints: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """Every agent's last heartbeat, by PgBouncer name, with ``age`` (seconds since it beat, by this
+    machine's clock; a heartbeat is gone ``HEARTBEAT_TTL`` s after its agent stopped beating);
     ``Refused`` when etcd cannot be read."""
     from etcd3gw import exceptions
 
-    etcd = client(spec)
+    etcd = client(spec, endpoints=endpoints)
     prefix = f"{spec.prefix}/agents/"
     try:
         values = etcd.get_prefix(prefix)
     except (exceptions.Etcd3Exception, OSError) as exc:
-        why = str(exc).strip() or type(exc).__name__
-        raise Refused(f"cannot read the agents' heartbeats from etcd: {why}") from exc
+        raise Refused(f"cannot read the agents' heartbeats from etcd: {why(exc)}") from exc
     out: dict[str, dict[str, Any]] = {}
     now = time.time()
     for value, meta in values:
@@ -244,18 +295,21 @@ def agents(spec: EtcdSpec) -> dict[str, dict[str, Any]]:
     return out
 
 
-def health(spec: EtcdSpec) -> list[dict[str, Any]]:
-    """Each endpoint: ``{"endpoint", "answers", "healthy", "error"}``; ``healthy``: it has a leader and
-    the cluster can commit (etcd's own ``/health``)."""
+def health(spec: EtcdSpec, *, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Each endpoint, asked at the same time (at most ``timeout`` s): ``{"endpoint", "answers", "healthy",
+    "error"}``; ``healthy``: it has a leader and the cluster can commit (etcd's own ``/health``)."""
+    import concurrent.futures
+
     import requests
 
-    out = []
-    for endpoint in spec.endpoints:
+    def ask(endpoint: str) -> dict[str, Any]:
         try:
-            resp = requests.get(f"{endpoint}/health", timeout=REQUEST_TIMEOUT)
+            resp = requests.get(f"{endpoint}/health", timeout=timeout)
             healthy = resp.ok and str(resp.json().get("health")) == "true"
-            out.append({"endpoint": endpoint, "answers": True, "healthy": healthy,
-                        "error": None if healthy else f"HTTP {resp.status_code}: {resp.text.strip()[:200]}"})
+            return {"endpoint": endpoint, "answers": True, "healthy": healthy,
+                    "error": None if healthy else f"HTTP {resp.status_code}: {resp.text.strip()[:200]}"}
         except (requests.RequestException, ValueError) as exc:
-            out.append({"endpoint": endpoint, "answers": False, "healthy": False, "error": str(exc)[:200]})
-    return out
+            return {"endpoint": endpoint, "answers": False, "healthy": False, "error": str(exc)[:200]}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(spec.endpoints)) as pool:
+        return list(pool.map(ask, spec.endpoints))

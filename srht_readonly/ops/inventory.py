@@ -42,7 +42,7 @@ time a command runs. The format (docs/cli.md)::
     [etcd]                           ; optional: the fleet-wide operator lock (``ops.etcd``)
     endpoints = http://10.0.0.5:2379, http://10.0.0.6:2379, http://10.0.0.7:2379
     prefix = /srht-readonly          ; optional: the keys' prefix
-    lock-ttl = 10                    ; optional: seconds the lock outlives a holder that died
+    lock-ttl = 10                    ; optional: seconds the lock outlives a holder that died (5-600)
 
 Lines starting with ``;`` or ``#`` are comments; so is `` ;...`` or `` #...`` after a value, except
 in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``) and in ``[hooks]``,
@@ -463,7 +463,7 @@ def _etcd(number: int, entries: dict[str, tuple[str, int]], path: str) -> EtcdSp
     value, line = entries["endpoints"]
     endpoints = tuple(e.strip().rstrip("/") for e in value.split(",") if e.strip())
     for e in endpoints:
-        if not re.fullmatch(r"https?://[^/\s:]+(:\d+)?", e):
+        if not re.fullmatch(r"https?://[^/\s:]+:\d+", e):
             raise InventoryError(path, line, f"endpoint {e!r} is not http(s)://HOST:PORT (etcd's client URL)")
     if not endpoints:
         raise InventoryError(path, line, "endpoints needs at least one etcd client URL, e.g. http://10.0.0.5:2379")
@@ -474,8 +474,8 @@ def _etcd(number: int, entries: dict[str, tuple[str, int]], path: str) -> EtcdSp
     ttl = EtcdSpec.lock_ttl
     if "lock-ttl" in entries:
         text, at = entries["lock-ttl"]
-        if not text.isdigit() or not 2 <= int(text) <= 600:
-            raise InventoryError(path, at, f"lock-ttl must be whole seconds from 2 to 600, not {text!r}")
+        if not text.isdigit() or not 5 <= int(text) <= 600:
+            raise InventoryError(path, at, f"lock-ttl must be whole seconds from 5 to 600, not {text!r}")
         ttl = int(text)
     return EtcdSpec(endpoints, prefix, ttl, number)
 

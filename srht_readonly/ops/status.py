@@ -141,9 +141,12 @@ def fleet_in_etcd(spec: EtcdSpec, pgbouncers: list[str]) -> tuple[list[dict[str,
     for e in endpoints:
         if not e["healthy"] and any(x["healthy"] for x in endpoints):
             found.append(Problem("warning", "etcd", f"{e['endpoint']} is not healthy: {e['error']}"))
+    healthy = tuple(e["endpoint"] for e in endpoints if e["healthy"])
+    if not healthy:
+        return endpoints, None, found
     try:
-        beats = etcd.agents(spec)
-    except OpsError as exc:
+        beats = etcd.agents(spec, endpoints=healthy)
+    except (OpsError, ImportError) as exc:
         return endpoints, None, [*found, Problem("warning", "etcd", str(exc))]
     for name, beat in sorted(beats.items()):
         if beat.get("state") == "away":
@@ -152,7 +155,10 @@ def fleet_in_etcd(spec: EtcdSpec, pgbouncers: list[str]) -> tuple[list[dict[str,
                                                              f"(srht-readonly promote) or wait for the primary"))
         elif beat.get("state") in ("waiting", "hands-off"):
             found.append(Problem("info", f"agent {name}", f"{beat['state']}: {beat.get('why')}"))
-    if beats:  # agents run here: a PgBouncer without one is not watched
+    if not beats:
+        found.append(Problem("info", "agents", "no agent heartbeat in etcd: no agent runs (or none reaches etcd); "
+                                               "PgBouncers fail over only by hand"))
+    else:  # agents run here: a PgBouncer without one is not watched
         for name in pgbouncers:
             if name not in beats:
                 found.append(Problem("warning", f"agent {name}", "no heartbeat: its agent is not running, or cannot "
