@@ -146,6 +146,22 @@ def test_soft_outage_is_left_out_against_remote_nodes_and_fails_clearly_when_nam
         InventoryProcedures(cluster).throttle("remilia")
 
 
+def test_unattended_crash_the_agents_fail_every_pgbouncer_over_and_reads_are_back_within_2_s_of_the_kill(tmp_path):
+    proc = drill("--scenario", "unattended-crash", "--duration", "2", "--json", cwd=tmp_path)
+    report = json.loads(proc.stdout)
+    (scenario,) = report["scenarios"]
+    failed = [e for e in scenario["expectations"] if not e["passed"]]
+    assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
+    (reads,) = [e for e in scenario["expectations"] if e["text"].startswith("reads restored within 2 s of the kill")]
+    assert reads["passed"] and float(reads["observed"].split()[0]) < 2.0, reads
+    assert set(scenario["services"]) >= SERVICES
+    moved = scenario["facts"]["agents"]
+    assert moved and all(len(lines) == 1 and "away:" in lines[0] for lines in moved.values()), moved
+    assert scenario["facts"]["promoted_at"] > scenario["facts"]["failover_at"] > scenario["facts"]["crash_at"]
+    _nothing_left(report)
+    assert not _running("agent --pgbouncer"), "an agent outlived the drill"
+
+
 def test_local_drill_holds_under_excessive_load(tmp_path):
     # The read-only failover is the scenario an overloaded 2-core machine hurts most: four web and
     # celery loops with no pauses, two SSH loops per kind, 16 ledger writers and 16 readers.

@@ -12,6 +12,7 @@ from srht_readonly.drill import verdicts
 from srht_readonly.drill.coverage import Coverage
 from srht_readonly.drill.ledger import LedgerResult
 from srht_readonly.drill.recorder import Event, Outcome, Recorder, State
+from srht_readonly.drill.scenarios import Fact
 
 OK, DROPPED, EXPLAINED, ERROR = Outcome.OK, Outcome.DROPPED, Outcome.EXPLAINED, Outcome.ERROR
 RO, W, DOWN = State.READ_ONLY, State.WRITABLE, State.UNAVAILABLE
@@ -571,3 +572,27 @@ def test_the_worked_goal_holds_a_baseline_of_every_kind():
     events = [ev("push", 0.0, 3.0), ev("fetch", 0.0, 1.0, ERROR)]
     missing = verdicts.kinds_missing(events, {"ssh": ("push", "fetch")}, "worked", {})
     assert missing == ["ssh fetch"]
+
+
+def _reads(*spans: tuple[float, float], every: float = 0.1) -> list[Event]:
+    """Database reads every ``every`` s over each ``(start, end)`` span (none in between)."""
+    out = []
+    for lo, hi in spans:
+        t = lo
+        while t < hi:
+            out.append(ev("read", t, t + 0.01, service="database"))
+            t += every
+    return out
+
+
+@pytest.mark.parametrize("spans, passed, observed", [
+    (((0.0, 10.0), (11.2, 30.0)), True, "1.2"),     # the agents' failover 1.2 s after the kill at 10 s
+    (((0.0, 10.05), (12.5, 30.0)), False, "2.5"),   # a read the dying primary answered is no "back"
+    (((0.0, 10.0),), False, "never"),               # no read ever again
+])
+def test_unattended_reads_are_judged_from_the_kill_to_the_end_of_the_longest_stretch_without_one(
+        spans, passed, observed):
+    facts = {Fact.CRASH_AT: 10.0, Fact.FAILOVER_AT: 11.0, Fact.PROMOTED_AT: 20.0, Fact.STANDBY_RECEIVED: None}
+    checks = verdicts.database("unattended-crash", _recorder(_reads(*spans)), facts, LedgerResult(10, []))
+    (reads,) = [c for c in checks if c.text.startswith("reads restored within 2 s of the kill")]
+    assert reads.passed is passed and reads.observed.startswith(observed), reads.observed

@@ -125,7 +125,7 @@ class CeleryTraffic(Traffic):
         checks = verdicts.common(self.name, scenario, events, facts, kinds=self.kinds)
         self.metrics.finish(recorder)
         checks.append(self.metrics.expectation(scenario, events, facts, policy="celery", outcome="failed"))
-        if scenario in (*verdicts.READ_ONLY_WINDOW, "primary-crash"):
+        if scenario in (*verdicts.READ_ONLY_WINDOW, *verdicts.CRASHES):
             retried = self._retries["stop"] - self._retries["start"]
             checks.append(Expectation("celery: no delivery was retried (no retry storm)", retried == 0,
                                       f"{retried} retries in the worker's log"))

@@ -68,7 +68,7 @@ NICE = 10
 #: Where the workers share the read-only state (a hint: the drill works without it).
 REDIS_URL = "redis://localhost:6379/0"
 #: Scenarios whose web front is judged on re-runs and on learning the change together.
-TOGETHER = ("primary-crash", "readonly-failover")
+TOGETHER = (*verdicts.CRASHES, "readonly-failover")
 #: Seconds the other workers get to hear what the first one learned (through Redis: p99 a few
 #: ms here, benchmarks/shared_state.py; the issue's goal is 0.1 s), plus a busy 2-core machine.
 LEARN_ALLOWANCE = 0.25

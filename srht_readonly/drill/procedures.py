@@ -9,9 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -176,6 +180,29 @@ class InventoryProcedures:
             except OpsError as exc:
                 out[name] = {"version": None, "role": "down", "error": str(exc)}
         return out
+
+    # --- the agents (unattended-crash) -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def agents(self) -> Iterator[Any]:
+        """An ``srht-readonly agent`` process beside every PgBouncer of the inventory while the block runs
+        (``testing.agents.Agents``: ``wait_for``, ``lines``), each once it expects the primary; all
+        stopped at the end, whatever happened."""
+        from ..testing.agents import Agents
+
+        directory = Path(tempfile.mkdtemp(prefix="srht-drill-agents-"))
+        env = dict(os.environ)
+        if self.cluster.ssh_config:
+            env["SRHT_READONLY_SSH_CONFIG"] = str(self.cluster.ssh_config)
+        try:
+            running = Agents(Path(self.cluster.inventory.path), directory, "--dwell", "2", env=env)
+            try:
+                running.wait_for("expect:", timeout=30)
+                yield running
+            finally:
+                running.stop()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     # --- soft outage -------------------------------------------------------------------------
 

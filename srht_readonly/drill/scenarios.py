@@ -67,6 +67,7 @@ class Fact(StrEnum):
     SLOW_PRIMARY = "slow_primary"
     COMMITS = "commits"
     PROMTOOL = "promtool"
+    AGENTS = "agents"  # unattended-crash: what each agent logged when it moved its PgBouncer
 
 
 #: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
@@ -102,6 +103,7 @@ class Procedures(Protocol):
     def throttle(self, node: str) -> contextlib.AbstractContextManager[dict[str, Any]]: ...
     def timed_commits(self, node: str) -> contextlib.AbstractContextManager[Callable[[], float]]: ...
     def observe_slow_primary(self) -> dict[str, Any]: ...
+    def agents(self) -> contextlib.AbstractContextManager[Any]: ...
 
 
 class Progress(Protocol):
@@ -250,6 +252,24 @@ def primary_crash(s: Step) -> None:
     s.enter(State.READ_ONLY, noted=Fact.FAILOVER_AT)
     s.hold(0.5)
     _promote_then_rejoin(s, old, new, promoted=Fact.PROMOTED_AT, rejoin=f"rejoin {old} (pg_rewind)")
+
+
+def unattended_crash(s: Step) -> None:
+    """kill -9 the primary with an agent beside every PgBouncer (``srht-readonly agent``) and no operator
+    step: the agents point every PgBouncer at the standby (read-only) by themselves; then the operator
+    promotes it (the agents adopt it) and the old primary rejoins with pg_rewind."""
+    p = s.procedures
+    old, new = p.primary(), p.standby()
+    with p.agents() as agents:
+        s.hold()
+        s.enter(State.UNAVAILABLE, noted=Fact.CRASH_AT)
+        s.do(f"kill -9 {old} (no operator from here to the promotion)", lambda: p.kill(old))
+        s.facts[Fact.STANDBY_RECEIVED] = p.receive_lsn(new)
+        s.do("the agents point every PgBouncer at the standby", lambda: agents.wait_for("away:", timeout=15))
+        s.enter(State.READ_ONLY, noted=Fact.FAILOVER_AT)
+        s.facts[Fact.AGENTS] = agents.lines("away:")
+        s.hold_until("met-read-only")
+        _promote_then_rejoin(s, old, new, promoted=Fact.PROMOTED_AT, rejoin=f"rejoin {old} (pg_rewind)")
 
 
 def standby_crash(s: Step) -> None:
@@ -408,6 +428,11 @@ SCENARIOS = [
     Scenario("primary-crash", "Primary killed without warning",
              "kill -9 the primary, read-only failover, promotion, old primary rejoined with pg_rewind.",
              False, primary_crash),
+    Scenario("unattended-crash", "Primary killed, the agents fail over by themselves",
+             "An agent beside every PgBouncer (srht-readonly agent); kill -9 of the primary and no operator step: "
+             "the agents point every PgBouncer at the standby (read-only) within about a second; then promote "
+             "(the agents adopt the new primary) and the old primary rejoins with pg_rewind.",
+             False, unattended_crash, default=False),
     Scenario("standby-crash", "Standby killed, brought back up to date",
              "kill -9 the standby; it restarts and catches up while the primary serves.", False, standby_crash),
     Scenario("host-os-upgrade", "Host OS upgrade, one node after the other (the plan's Alpine upgrade)",

@@ -58,7 +58,7 @@ from .ledger import LedgerResult
 from .recorder import Event, Outcome, Recorder, State
 from .scenarios import BY_NAME, Expectation, Fact
 
-__all__ = ["GRACE", "PLANNED_SWITCHES", "READ_ONLY_WINDOW", "UNDISTURBED",
+__all__ = ["CRASHES", "GRACE", "PLANNED_SWITCHES", "READ_ONLY_WINDOW", "UNDISTURBED",
            "after", "all_are", "common", "database", "each_kind", "first", "judged_read_only",
            "kinds_missing", "met", "met_read_only", "of_service", "reached", "read_only_window", "sample",
            "soft_outage", "state_at"]
@@ -70,6 +70,9 @@ GRACE = 2.0
 UNDISTURBED = ("switchover", "standby-crash", "host-os-upgrade", "rolling-restart", "past-data", "soft-outage")
 #: Scenarios that switch the primary with the writes paused, not refused: judged on the write gap.
 PLANNED_SWITCHES = ("switchover", "host-os-upgrade", "rolling-restart")
+#: Scenarios in which the primary is killed, the fleet fails over to the standby, which is then promoted:
+#: by an operator's commands, or by the agents (``unattended-crash``: no operator until the promotion).
+CRASHES = ("primary-crash", "unattended-crash")
 #: Scenarios with a planned read-only window (the fleet on the standby), then writable again.
 READ_ONLY_WINDOW = ("readonly-failover", "major-upgrade")
 
@@ -249,7 +252,7 @@ def common(service: str, scenario: str, events: list[Event], facts: dict[str, An
         checks.append(each_kind(f"{service}: every kind of operation met the read-only state", events, kinds,
                                 lambda e: met(e, facts) is State.READ_ONLY))
         checks += works_again(service, events, kinds, facts[Fact.READ_ONLY_UNTIL] + GRACE)
-    elif scenario == "primary-crash":
+    elif scenario in CRASHES:
         if missing := _missing(facts, Fact.CRASH_AT, Fact.FAILOVER_AT, Fact.PROMOTED_AT):
             return [*checks, _not_reached(service, missing)]
         lo, hi = facts[Fact.CRASH_AT], facts[Fact.FAILOVER_AT] + GRACE
@@ -296,11 +299,15 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
                               (Outcome.EXPLAINED,)))
         checks.append(each_kind("database: reads and writes met the read-only state", events, LEDGER_KINDS,
                                 lambda e: met(e, facts) is State.READ_ONLY))
-    if scenario == "primary-crash":
-        if missing := _missing(facts, Fact.FAILOVER_AT, Fact.PROMOTED_AT):
+    if scenario in CRASHES:
+        if missing := _missing(facts, Fact.CRASH_AT, Fact.FAILOVER_AT, Fact.PROMOTED_AT):
             return [*checks, _not_reached("database", missing)]
-        for what, write, since, step in (("reads", False, Fact.FAILOVER_AT, "failover"),
-                                         ("writes", True, Fact.PROMOTED_AT, "promotion")):
+        steps = [("writes", True, Fact.PROMOTED_AT, "promotion")]
+        if scenario == "primary-crash":
+            steps.insert(0, ("reads", False, Fact.FAILOVER_AT, "failover"))
+        else:  # unattended: nobody runs the failover, so reads are judged from the kill itself
+            checks.append(_reads_back_after_the_kill(events, facts))
+        for what, write, since, step in steps:
             back = first(events, lambda e, w=write, t=facts[since]: e.t >= t and e.write == w  # type: ignore[misc]
                          and e.outcome is Outcome.OK)
             took = None if back is None else back.t - facts[since]
@@ -316,6 +323,21 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
                                   catch_up is not None and catch_up < 30,
                                   f"{catch_up:.2f} s" if catch_up is not None else "not reached"))
     return checks
+
+
+def _reads_back_after_the_kill(events: list[Event], facts: dict[str, Any]) -> Expectation:
+    """``unattended-crash``: from the kill to the end of the longest stretch without a good read that began
+    before the agents' failover was seen, ended by a read begun after the kill (a read the dying primary
+    still answered just after it ends no such stretch: it is no "back")."""
+    crash, failover = facts[Fact.CRASH_AT], facts[Fact.FAILOVER_AT]
+    reads = sorted((e for e in events if not e.write and e.outcome is Outcome.OK), key=lambda e: e.t)
+    gaps = [(b.t - a.t, i + 1) for i, (a, b) in enumerate(zip(reads, reads[1:], strict=False))
+            if b.started >= crash and a.t <= failover]
+    back = reads[max(gaps)[1]] if gaps else None
+    took = None if back is None else back.t - crash
+    return Expectation(f"reads restored within {GRACE:g} s of the kill, with no operator (the agents' failover)",
+                       took is not None and took <= GRACE, "never" if took is None else f"{took:.2f} s",
+                       [back] if back else [])
 
 
 def _p95(lane: dict[str, dict[str, Any]], phase: str) -> float | None:

@@ -9,10 +9,12 @@ SIGTERM and checks each exited 0. ``reads_restored(probe, since)``: per PgBounce
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..ops.inventory import load
@@ -24,17 +26,26 @@ __all__ = ["Agents", "reads_restored", "start_again"]
 
 
 class Agents:
-    """One ``srht-readonly agent --pgbouncer NAME`` process per PgBouncer of ``fleet``."""
+    """One ``srht-readonly agent --pgbouncer NAME`` process per PgBouncer of ``fleet`` (a ``LabFleet``, or
+    an inventory file: then ``env`` is the processes' environment, default this one's)."""
 
-    def __init__(self, fleet: LabFleet, directory: Path, *args: str) -> None:
-        self.fleet, self.directory = fleet, Path(directory)
-        self.names = list(load(fleet.inventory).pgbouncers)
+    def __init__(self, fleet: LabFleet | Path, directory: Path, *args: str,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.directory = Path(directory)
+        inventory = fleet.inventory if isinstance(fleet, LabFleet) else Path(fleet)
+        environment = fleet.env() if isinstance(fleet, LabFleet) else dict(os.environ if env is None else env)
+        self.names = list(load(inventory).pgbouncers)
         script = Path(sys.executable).with_name("srht-readonly")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        for name in self.names:
-            with (self.directory / f"{name}.log").open("w") as log:
-                self.procs[name] = subprocess.Popen([str(script), "agent", "--pgbouncer", name, *args],
-                                                    env=fleet.env(), stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            for name in self.names:
+                with (self.directory / f"{name}.log").open("w") as log:
+                    self.procs[name] = subprocess.Popen(
+                        [str(script), "--config", str(inventory), "agent", "--pgbouncer", name, *args],
+                        env=environment, stdout=subprocess.DEVNULL, stderr=log)
+        except BaseException:
+            self.stop()
+            raise
 
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text()
@@ -44,6 +55,10 @@ class Agents:
 
     def count(self, text: str) -> dict[str, int]:
         return {n: self.log(n).count(text) for n in self.names}
+
+    def lines(self, text: str) -> dict[str, list[str]]:
+        """Each agent's log lines holding ``text``."""
+        return {n: [line for line in self.log(n).splitlines() if text in line] for n in self.names}
 
     def wait_for(self, text: str, *, timeout: float, times: int = 1) -> None:
         """Until every agent's log holds ``text`` at least ``times`` times; ``AssertionError`` with the logs
