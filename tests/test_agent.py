@@ -271,3 +271,13 @@ def test_decide_leaves_a_paused_or_moved_pgbouncer_alone_then_resumes():
     e.hands_off = "the PgBouncer is paused (a procedure under way?)"
     assert decide(e, ALIVE, _standby(1.2), _bouncer(paused=True), 1.2).action == "stay"
     assert decide(e, ALIVE, _standby(1.4), _bouncer(), 1.4).action == "resume"
+
+
+def test_decide_with_a_short_confirm_never_takes_a_probe_in_flight_for_a_dead_primary():
+    """--confirm 0.2 with probes every 0.2 s: the last answers are a few tenths old at any moment."""
+    e = Expected("remilia", 1, "konpaku")
+    healthy = _seen(Look(0.0, "primary", timeline=1), Look(0.2, "primary", timeline=1))
+    assert decide(e, healthy, _standby(0.6), _bouncer(), 0.6, confirm=0.2).action == "stay"  # next probe under way
+    gone = _dead(0.4, 3)  # ok at 0.2, failed at 0.4, 0.6, 0.8
+    standby = _seen(Look(0.1, "standby", streaming=True), Look(0.5, "standby"))  # answered 0.5 s ago: still now
+    assert decide(e, gone, standby, _bouncer(), 1.0, confirm=0.2).action == "away"

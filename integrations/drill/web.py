@@ -18,8 +18,9 @@ settings form, a new repository by form and one by the JSON API. What the user s
 
 Each worker logs every view it runs and every change of its read-only monitor to
 ``web/views.log`` (``integrations.gitsrht.viewlog``). Besides what every service owes
-(``verdicts.common``), the web front is judged in ``primary-crash`` and ``readonly-failover`` on
-what transparent re-runs and the shared state promise (docs/drill.md, "The web front"):
+(``verdicts.common``), the web front is judged in ``primary-crash``, ``unattended-crash`` and
+``readonly-failover`` on what transparent re-runs and the shared state promise (docs/drill.md,
+"The web front"):
 
 * every page (GET) answered: 200, or a 503 with ``Retry-After`` only where the database stayed
   unreachable for the whole re-run budget (answered before the read-only failover was done);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from ..ops.status import collect
 from ..ops.switchover import check_switchover, run_switchover
 from ..ops.upgrade import check_major_upgrade, run_major_upgrade
 from .sabotage import with_setting
+
+logger = logging.getLogger(__name__)
 
 
 class InventoryProcedures:
@@ -195,12 +198,17 @@ class InventoryProcedures:
         if self.cluster.ssh_config:
             env["SRHT_READONLY_SSH_CONFIG"] = str(self.cluster.ssh_config)
         try:
-            running = Agents(Path(self.cluster.inventory.path), directory, "--dwell", "2", env=env)
+            running = Agents(Path(self.cluster.inventory.path), directory, env=env)
             try:
                 running.wait_for("expect:", timeout=30)
                 yield running
-            finally:
-                running.stop()
+            except BaseException:  # the scenario's own error (or Ctrl-C) is what the report must show
+                try:
+                    running.stop()
+                except AssertionError as exc:
+                    logger.warning("stopping the agents after a failure: %s", exc)
+                raise
+            running.stop()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 

@@ -257,19 +257,26 @@ def primary_crash(s: Step) -> None:
 def unattended_crash(s: Step) -> None:
     """kill -9 the primary with an agent beside every PgBouncer (``srht-readonly agent``) and no operator
     step: the agents point every PgBouncer at the standby (read-only) by themselves; then the operator
-    promotes it (the agents adopt it) and the old primary rejoins with pg_rewind."""
+    promotes it (the agents adopt it). The agents are stopped before the old primary rejoins with
+    pg_rewind: that is the end of the unattended part, and nothing of the rejoin is judged on them."""
     p = s.procedures
     old, new = p.primary(), p.standby()
     with p.agents() as agents:
         s.hold()
         s.enter(State.UNAVAILABLE, noted=Fact.CRASH_AT)
         s.do(f"kill -9 {old} (no operator from here to the promotion)", lambda: p.kill(old))
+        time.sleep(0.5)  # as primary-crash: the standby's receive position once its WAL receiver saw the end
         s.facts[Fact.STANDBY_RECEIVED] = p.receive_lsn(new)
         s.do("the agents point every PgBouncer at the standby", lambda: agents.wait_for("away:", timeout=15))
         s.enter(State.READ_ONLY, noted=Fact.FAILOVER_AT)
         s.facts[Fact.AGENTS] = agents.lines("away:")
         s.hold_until("met-read-only")
-        _promote_then_rejoin(s, old, new, promoted=Fact.PROMOTED_AT, rejoin=f"rejoin {old} (pg_rewind)")
+        s.enter(None)
+        s.do(f"promote {new}", lambda: p.promote(new))
+        s.note(Fact.PROMOTED_AT, Fact.BACK_AT)
+        s.hold_until("worked-again")
+    s.do(f"rejoin {old} (pg_rewind)", lambda: p.demote(old, new))
+    s.hold(0.5)
 
 
 def standby_crash(s: Step) -> None:

@@ -24,9 +24,10 @@ fetch that worked), the state at its start. Two sets follow from that:
   judged as read-only was refused with the explanation or dropped; every kind met the
   read-only state; from ``GRACE`` after the promotion (or the fleet's return to the upgraded
   primary) everything works again, every kind at least once, with no restart;
-* ``primary-crash``: errors only from operations under way while the primary was dead and
-  PgBouncer still pointed at it (``crash_at`` to ``failover_at`` + ``GRACE``); from
-  ``promoted_at`` + ``GRACE`` on, everything works again, every kind at least once.
+* ``primary-crash`` and ``unattended-crash`` (``CRASHES``; in the second the agents do the
+  failover): errors only from operations under way while the primary was dead and PgBouncer
+  still pointed at it (``crash_at`` to ``failover_at`` + ``GRACE``); from ``promoted_at`` +
+  ``GRACE`` on, everything works again, every kind at least once.
 
 Operations still in flight longer than ``GRACE`` when the traffic stops are errors (the
 recorder's ``close``), so hung work fails every one of these. ``database(...)`` judges the
@@ -327,13 +328,15 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
 
 def _reads_back_after_the_kill(events: list[Event], facts: dict[str, Any]) -> Expectation:
     """``unattended-crash``: from the kill to the end of the longest stretch without a good read that began
-    before the agents' failover was seen, ended by a read begun after the kill (a read the dying primary
-    still answered just after it ends no such stretch: it is no "back")."""
+    before the agents' failover was seen and ended after the kill (so a read the dying primary still
+    answered just after it is no "back": the outage after it is longer), and only if a read begun after
+    the failover worked (else reads never came back)."""
     crash, failover = facts[Fact.CRASH_AT], facts[Fact.FAILOVER_AT]
     reads = sorted((e for e in events if not e.write and e.outcome is Outcome.OK), key=lambda e: e.t)
     gaps = [(b.t - a.t, i + 1) for i, (a, b) in enumerate(zip(reads, reads[1:], strict=False))
-            if b.started >= crash and a.t <= failover]
-    back = reads[max(gaps)[1]] if gaps else None
+            if b.t >= crash and a.t <= failover]
+    on_the_standby = any(e.started >= failover for e in reads)
+    back = reads[max(gaps)[1]] if gaps and on_the_standby else None
     took = None if back is None else back.t - crash
     return Expectation(f"reads restored within {GRACE:g} s of the kill, with no operator (the agents' failover)",
                        took is not None and took <= GRACE, "never" if took is None else f"{took:.2f} s",

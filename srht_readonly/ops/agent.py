@@ -67,6 +67,10 @@ DWELL = 10.0
 PROBE_TIMEOUT = 1.0
 #: Failed probes in a row, at least, before a primary is taken as gone (with ``CONFIRM``).
 MIN_FAILURES = 3
+#: A probe's answer counts as "now" for this long (or ``confirm``, if longer), and one under way that
+#: long is stuck: several probe intervals, so a short ``--confirm`` never takes a probe in flight for a
+#: dead node, nor a standby answering at its normal pace for a silent one.
+FRESH = 1.0
 
 PROBE_SQL = """
 SELECT pg_is_in_recovery(),
@@ -205,11 +209,12 @@ def decide(expected: Expected, primary: Seen, standby: Seen, bouncer: BouncerSta
     if expected.hands_off:  # back as the agent left it: carry on with what it expected
         return Decision("resume", f"the PgBouncer points at {home} again and is not paused")
     settled = expected.switched_at is None or now - expected.switched_at >= dwell
-    s = standby.last if standby.last is not None and now - standby.last.at <= confirm else None  # fresh only
+    fresh = max(confirm, FRESH)
+    s = standby.last if standby.last is not None and now - standby.last.at <= fresh else None  # fresh only
     if not expected.away:
         last_ok = primary.last_ok.at if primary.last_ok else float("-inf")
         # Gone: nothing good for ``confirm`` s, and either probes failing or one stuck (no answer at all).
-        stuck = primary.last is not None and now - primary.last.at >= confirm
+        stuck = primary.last is not None and now - primary.last.at >= fresh
         if not (now - last_ok >= confirm and (primary.failures >= min_failures or stuck)):
             if s is not None and s.role == "primary":
                 return Decision("stay", f"both {expected.primary} and {expected.standby} answer as primaries "
@@ -229,7 +234,7 @@ def decide(expected: Expected, primary: Seen, standby: Seen, bouncer: BouncerSta
                                 f"({primary.failures} probes failed: {failed}); {expected.standby} streamed from it")
     if standby.last is not None and standby.last.role == "primary":
         return Decision("adopt", f"{expected.standby} answers as a primary (promoted)")
-    p = primary.last if primary.last is not None and now - primary.last.at <= confirm else None
+    p = primary.last if primary.last is not None and now - primary.last.at <= fresh else None
     back = (p is not None and p.role == "primary" and p.timeline == expected.timeline
             and primary.same_since is not None and now - primary.same_since >= confirm)
     if not back or p is None:

@@ -10,6 +10,7 @@ SIGTERM and checks each exited 0. ``reads_restored(probe, since)``: per PgBounce
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,8 @@ class Agents:
         inventory = fleet.inventory if isinstance(fleet, LabFleet) else Path(fleet)
         environment = fleet.env() if isinstance(fleet, LabFleet) else dict(os.environ if env is None else env)
         self.names = list(load(inventory).pgbouncers)
-        script = Path(sys.executable).with_name("srht-readonly")
+        beside = Path(sys.executable).with_name("srht-readonly")  # this virtualenv's, else the one on $PATH
+        script = beside if beside.exists() else Path(shutil.which("srht-readonly") or beside)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
             for name in self.names:
