@@ -33,6 +33,7 @@ from typing import Any
 
 from .errors import Refused
 from .inventory import EtcdSpec
+from .lock import _user
 
 logger = logging.getLogger(__name__)
 
@@ -194,10 +195,6 @@ def _describe(values: list[Any]) -> str:
         return "someone (the key has no readable holder)"
 
 
-def _user() -> str:
-    from .lock import _user as user
-
-    return user()
 
 
 class Heartbeat:
