@@ -106,7 +106,7 @@ def test_with_etcd_each_agent_beats_and_status_shows_every_agent_its_failover_an
             assert {b["points_at"] for b in doc["agents"].values()} == {"konpaku"}, doc["agents"]
             moved = [p for p in doc["problems"] if p["subject"].startswith("agent ") and "moved" in p["message"]]
             assert len(moved) == 3 and all(p["severity"] == "warning" for p in moved), doc["problems"]
-            # etcd lost: status says so (critical), and the agents carry on.
+            # etcd lost: status says so (critical); the agents keep running (frozen).
             etcd.stop()
             doc = _status_json(fleet)
             assert [p["severity"] for p in doc["problems"] if p["subject"] == "etcd"][0] == "critical", doc["problems"]
@@ -114,6 +114,45 @@ def test_with_etcd_each_agent_beats_and_status_shows_every_agent_its_failover_an
             time.sleep(1.5)
             assert all(p.poll() is None for p in agents.procs.values()), agents.logs()
     assert "heartbeat to etcd failed" in agents.logs()
+
+
+def test_etcd_one_member_of_three_lost_changes_nothing_the_quorum_lost_freezes_every_agent(fleet, tmp_path):
+    """Three etcd members. The first endpoint (the one every client tries first) killed: the primary's
+    kill is still met within 2 s. A second one killed (no quorum): every agent freezes and ``status``
+    says so; the primary back unchanged, no agent points back while frozen; the quorum back, each
+    thaws and does."""
+    lab = fleet.lab
+    remilia = lab.nodes["remilia"]
+    with EtcdCluster(tmp_path / "etcd", members=3) as etcd:
+        with fleet.inventory.open("a") as inventory:
+            inventory.write(f"\n[etcd]\nendpoints = {', '.join(etcd.endpoints)}\n")
+        with Agents(fleet, tmp_path, "--dwell", "0") as agents:
+            agents.wait_for("expect:", timeout=30)
+            etcd.kill(0)
+            with ReadProbe([b.dsn for b in lab.bouncers]) as reads:
+                time.sleep(1.5)
+                killed = time.monotonic()
+                remilia.kill()
+                agents.wait_for("away:", timeout=6)
+                time.sleep(0.5)
+                restored = reads_restored(reads, killed)
+            print(f"\nagent, one etcd member of three down: kill -9 to reads through each PgBouncer: {restored} s")
+            assert all(r is not None and r < 2.0 for r in restored), (restored, agents.logs())
+            assert "frozen:" not in agents.logs()
+            etcd.kill(1)
+            agents.wait_for("frozen:", timeout=15)
+            doc = _status_json(fleet)
+            critical = [p["message"] for p in doc["problems"] if p["subject"] == "etcd" and p["severity"] == "critical"]
+            assert critical and "every agent is frozen" in critical[0], doc["problems"]
+            start_again(remilia)
+            time.sleep(4.0)  # --confirm (1 s) four times over, the probes reconnected long since
+            assert set(_targets(fleet).values()) == {"konpaku"}, agents.logs()
+            assert "back:" not in agents.logs()
+            etcd.start(1)
+            agents.wait_for("thawed:", timeout=20)
+            agents.wait_for("back:", timeout=15)
+            assert set(_targets(fleet).values()) == {"remilia"}
+    assert agents.count("frozen:") == dict.fromkeys(agents.names, 1), agents.logs()
 
 
 def test_a_standby_that_was_not_streaming_is_never_pointed_at(fleet, tmp_path):

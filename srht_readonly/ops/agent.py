@@ -26,6 +26,12 @@ one of:
   (an operator's ``switchover`` or ``failover`` under way or done): the agent changes nothing
   until the PgBouncer is resumed and points at a primary, which it then expects.
 
+With an inventory ``[etcd]`` section the agent beats (``etcd.Heartbeat``) every second, and when
+etcd has taken none for ``FREEZE_AFTER`` seconds (its quorum lost, or etcd unreachable from this
+host) the agent **freezes**: it changes nothing, whatever its probes see, until etcd takes its
+heartbeats again. The fleet's state is kept in etcd; an agent cut off from it may be the one cut
+off from everything, and a fleet that lost its consensus store is one for an operator.
+
 Two switches are at least ``dwell`` seconds apart (a primary that flaps cannot make the
 PgBouncer flap), and the agent only ever points at the two nodes it watches: the primary its
 PgBouncer pointed at when it started (or that an operator pointed it at since), and that
@@ -67,6 +73,9 @@ DWELL = 10.0
 PROBE_TIMEOUT = 1.0
 #: Failed probes in a row, at least, before a primary is taken as gone (with ``CONFIRM``).
 MIN_FAILURES = 3
+#: With ``[etcd]``: seconds without etcd taking a heartbeat (a put needs the quorum) after which the agent
+#: freezes. An agent beats every second, and losing one member of three costs one beat at most.
+FREEZE_AFTER = 3.0
 #: A probe's answer counts as "now" for this long (or ``confirm``, if longer), and one under way that
 #: long is stuck: several probe intervals, so a short ``--confirm`` never takes a probe in flight for a
 #: dead node, nor a standby answering at its normal pace for a silent one.
@@ -275,6 +284,7 @@ class Agent:
         self.heartbeat = Heartbeat(etcd, self.pgbouncer) if etcd is not None else None
         self._next_beat = 0.0
         self._target: str | None = None  # where the PgBouncer pointed at the last look
+        self.frozen: str | None = None  # why the agent changes nothing now (etcd takes no heartbeat), or None
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set: learn what to expect, then probe and decide every ``interval``."""
@@ -358,6 +368,9 @@ class Agent:
         e = self.expected
         bouncer = self._bouncer()
         self._target = bouncer.target
+        frozen = self._freeze()
+        if frozen is not None:
+            return Decision("stay", frozen, quiet=True)
         d = decide(e, self.probers[e.primary].seen(), self.probers[e.standby].seen(), bouncer, time.monotonic(),
                    confirm=self.confirm, dwell=self.dwell)
         if d.action != "stay" or d.quiet:
@@ -394,6 +407,23 @@ class Agent:
                     e.hands_off = str(exc)
                     self._record("hands-off", str(exc))
         return d
+
+    def _freeze(self) -> str | None:
+        """Why the agent must change nothing now (``FREEZE_AFTER`` s without etcd taking a heartbeat), or
+        None; entering and leaving the freeze are logged."""
+        silent = self.heartbeat.silent_for() if self.heartbeat is not None else 0.0
+        if silent < FREEZE_AFTER:
+            if self.frozen is not None:
+                self.frozen = None
+                self._record("thawed", "etcd takes the heartbeats again: the agent decides again")
+            return None
+        if self.frozen is None:
+            assert self.heartbeat is not None
+            failing = self.heartbeat.failing or "the last one still waits for an answer"
+            self.frozen = (f"etcd has taken no heartbeat for {FREEZE_AFTER:g} s ({failing}): its quorum is lost or "
+                           "it is unreachable from here; the agent changes nothing until it takes them again")
+            self._record("frozen", self.frozen)
+        return self.frozen
 
     def _bouncer(self) -> BouncerState:
         """The PgBouncer as its console shows it now; a console that failed is opened again (once per step)."""

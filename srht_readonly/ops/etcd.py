@@ -216,10 +216,23 @@ class Heartbeat:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.published = 0  # how many states etcd took
+        self._since: float | None = None  # when etcd last took one (monotonic), or the first was handed over
+
+    def silent_for(self) -> float:
+        """Seconds since etcd last took a heartbeat (or, none taken yet, since the first was handed over):
+        a put needs the cluster's quorum, so this is how long this agent has not seen one."""
+        return 0.0 if self._since is None else time.monotonic() - self._since
+
+    @property
+    def failing(self) -> str | None:
+        """The last publication's error, or None when it went through."""
+        return self._failing
 
     def beat(self, state: dict[str, Any]) -> None:
         """Publish ``state`` (plus ``time``) soon, replacing one not yet published; returns at once."""
         with self._cond:
+            if self._since is None:
+                self._since = time.monotonic()
             self._next = {**state, "time": time.time()}
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="srht-readonly-heartbeat", daemon=True)
@@ -250,6 +263,7 @@ class Heartbeat:
                 logger.warning("agent heartbeat to etcd failed (retrying): %s", exc)
             return
         self._failing = None
+        self._since = time.monotonic()
         self.published += 1
 
     def close(self) -> None:

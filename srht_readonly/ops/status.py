@@ -136,8 +136,9 @@ def fleet_in_etcd(spec: EtcdSpec, pgbouncers: list[str]) -> tuple[list[dict[str,
                                                      f"(pip install 'srht-readonly[etcd]'): {exc}")]
     if not any(e["healthy"] for e in endpoints):
         found.append(Problem("critical", "etcd", "no endpoint has a healthy cluster behind it (down, or its quorum "
-                                                 "lost): every changing command is refused (the fleet lock), and the "
-                                                 "agents cannot report; they keep deciding alone"))
+                                                 "lost): every changing command is refused (the fleet lock), and "
+                                                 "every agent is frozen: none moves its PgBouncer, whatever "
+                                                 "happens to the primary, until etcd is back"))
     for e in endpoints:
         if not e["healthy"] and any(x["healthy"] for x in endpoints):
             found.append(Problem("warning", "etcd", f"{e['endpoint']} is not healthy: {e['error']}"))

@@ -2,7 +2,7 @@
 
 ``EtcdCluster(directory, members=1)`` starts ``etcd`` (Debian's ``etcd-server``, 3.4) for each
 member, waits until the cluster answers, and ``stop()``s them all (``kill(i)`` one, as a crash
-would). ``endpoints`` are the client URLs, in the inventory's ``[etcd] endpoints`` format::
+would; ``start(i)`` brings it back). ``endpoints`` are the client URLs, in the inventory's ``[etcd] endpoints`` format::
 
     with EtcdCluster(tmp_path / "etcd") as etcd:
         inventory.write_text(... + f"[etcd]\\nendpoints = {', '.join(etcd.endpoints)}\\n")
@@ -39,25 +39,31 @@ class EtcdCluster:
         self.client_ports = [free_port() for _ in self.names]
         self.peer_ports = [free_port() for _ in self.names]
         self.endpoints = [f"http://{HOST}:{p}" for p in self.client_ports]
-        cluster = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports, strict=True))
-        self.procs: list[subprocess.Popen[bytes] | None] = []
+        self.binary = binary
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * members
         try:
-            for name, client, peer in zip(self.names, self.client_ports, self.peer_ports, strict=True):
-                with (self.directory / f"{name}.log").open("w") as log:
-                    self.procs.append(subprocess.Popen(
-                        [binary, "--name", name, "--data-dir", str(self.directory / name),
-                         "--listen-client-urls", f"http://{HOST}:{client}",
-                         "--advertise-client-urls", f"http://{HOST}:{client}",
-                         "--listen-peer-urls", f"http://{HOST}:{peer}",
-                         "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
-                         "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                         "--initial-cluster-token", self.directory.name,
-                         "--heartbeat-interval", "50", "--election-timeout", "500"],
-                        stdout=log, stderr=subprocess.STDOUT))
+            for i in range(members):
+                self.start(i)
             self.wait_healthy(timeout=timeout)
         except BaseException:
             self.stop()
             raise
+
+    def start(self, index: int) -> None:
+        """Start member ``index`` (again, after ``kill``: its data directory makes it rejoin as it was)."""
+        name, client, peer = self.names[index], self.client_ports[index], self.peer_ports[index]
+        cluster = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports, strict=True))
+        with (self.directory / f"{name}.log").open("a") as log:
+            self.procs[index] = subprocess.Popen(
+                [self.binary, "--name", name, "--data-dir", str(self.directory / name),
+                 "--listen-client-urls", f"http://{HOST}:{client}",
+                 "--advertise-client-urls", f"http://{HOST}:{client}",
+                 "--listen-peer-urls", f"http://{HOST}:{peer}",
+                 "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                 "--initial-cluster-token", self.directory.name,
+                 "--heartbeat-interval", "50", "--election-timeout", "500"],
+                stdout=log, stderr=subprocess.STDOUT)
 
     def healthy(self, index: int = 0) -> bool:
         """Whether member ``index`` says the cluster is healthy (it has a leader and can commit)."""
