@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg2
 
 from srht_readonly.ops.inventory import load
+from srht_readonly.testing.lab import Lab
 from tests._majors import new_major_bin
 
 CLI = [str(Path(sys.executable).with_name("srht-readonly"))]
@@ -48,6 +50,46 @@ def test_lab_up_prints_roles_and_urls_and_down_removes_everything():
     leftovers = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True).stdout
     assert leftovers == ""  # Barman's receive-wal and pg_receivewal among them
     assert not Path(f"/dev/shm/srht-readonly-past-{directory.name}").exists()
+
+
+def test_lab_up_agents_the_agent_beats_fails_the_pgbouncer_over_and_down_stops_it_and_etcd():
+    """``--agents``: etcd and an agent beside the PgBouncer, left running; ``status`` through the printed
+    inventory shows the agent's heartbeat; the primary killed, the agent points the PgBouncer at the
+    standby; ``lab down`` leaves no process behind."""
+    directory = Path(tempfile.mkdtemp(prefix="srht-cli-lab-"))
+    try:
+        up = _cli("lab", "up", "--dir", str(directory), "--no-backup", "--agents", "--json")
+        assert up.returncode == 0, up.stderr
+        desc = json.loads(up.stdout)
+        assert set(desc["agents"]) == {"pgbouncer"} and len(desc["etcd"]) == 1, desc
+        assert load(desc["inventory"]).etcd.endpoints == tuple(desc["etcd"])
+        again = _cli("lab", "up", "--dir", str(directory), "--agents")
+        assert again.returncode == 0 and "already up" in again.stdout and "agent      beside pgbouncer" in again.stdout
+        assert json.loads((directory / "agents.json").read_text())["agents"] == desc["agents"]  # not started twice
+
+        def status() -> dict:
+            proc = _cli("--config", desc["inventory"], "status", "--json")
+            assert proc.returncode in (0, 1), proc.stderr
+            return json.loads(proc.stdout)
+
+        deadline = time.monotonic() + 10
+        while (status()["agents"] or {}).get("pgbouncer", {}).get("state") != "home":
+            assert time.monotonic() < deadline, status()
+            time.sleep(0.3)
+        Lab.attach(directory).nodes["remilia"].kill()
+        deadline = time.monotonic() + 15
+        while [b["target"] for b in status()["pgbouncers"]] != ["konpaku"]:
+            assert time.monotonic() < deadline, (directory / "agents" / "pgbouncer.log").read_text()
+            time.sleep(0.5)
+        assert "away: pgbouncer -> konpaku" in (directory / "agents" / "pgbouncer.log").read_text()
+        beat = status()["agents"]["pgbouncer"]
+        assert beat["state"] == "away" and "remilia has not answered for 1 s" in beat["why"], beat  # why it moved
+    finally:
+        down = _cli("lab", "down", "--dir", str(directory))
+    assert down.returncode == 0, down.stderr
+    assert not directory.exists()
+    leftovers = subprocess.run(["pgrep", "-af", str(directory)], capture_output=True, text=True).stdout
+    assert leftovers == "", leftovers  # etcd and the agent among them
 
 
 def test_lab_up_with_pg_bin_runs_that_postgresql_and_its_inventory_drives_the_cli():

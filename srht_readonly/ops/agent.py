@@ -191,6 +191,7 @@ class Expected:
     away: bool = False
     hands_off: str | None = None  # why the agent is leaving the PgBouncer alone, or None
     switched_at: float | None = None
+    switched_why: str | None = None  # why the agent made the last switch
     retry_at: float = 0.0  # hands off: when to look again whether the PgBouncer is on a primary
 
 
@@ -330,7 +331,7 @@ class Agent:
         return {"state": "hands-off" if e.hands_off else "away" if e.away else "home", "points_at": self._target,
                 "primary": e.primary, "timeline": e.timeline, "standby": e.standby,
                 "sees": {e.primary: seen(e.primary), e.standby: seen(e.standby)},
-                "why": e.hands_off or d.why}
+                "why": e.hands_off or self.frozen or (e.switched_why if e.away and d.quiet else d.why)}
 
     def learn(self, target: str | None = None) -> Expected:
         """Expect the primary the PgBouncer points at (it must answer as one) and that primary's standby.
@@ -464,6 +465,7 @@ class Agent:
             self._reopen()  # the next repoint starts from the file as written now
         self.expected.away = not back
         self.expected.switched_at = time.monotonic()
+        self.expected.switched_why = why
         self._target = to
         self._record("back" if back else "away",
                      f"{self.pgbouncer} -> {to} in {time.monotonic() - started:.3f} s: {why}")

@@ -28,10 +28,11 @@ __all__ = ["Agents", "reads_restored", "start_again"]
 
 class Agents:
     """One ``srht-readonly agent --pgbouncer NAME`` process per PgBouncer of ``fleet`` (a ``LabFleet``, or
-    an inventory file: then ``env`` is the processes' environment, default this one's)."""
+    an inventory file: then ``env`` is the processes' environment, default this one's); ``detach``: each in a
+    session of its own, to outlive this process (``lab up --agents``)."""
 
     def __init__(self, fleet: LabFleet | Path, directory: Path, *args: str,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, detach: bool = False) -> None:
         self.directory = Path(directory)
         inventory = fleet.inventory if isinstance(fleet, LabFleet) else Path(fleet)
         environment = fleet.env() if isinstance(fleet, LabFleet) else dict(os.environ if env is None else env)
@@ -44,7 +45,7 @@ class Agents:
                 with (self.directory / f"{name}.log").open("w") as log:
                     self.procs[name] = subprocess.Popen(
                         [str(script), "--config", str(inventory), "agent", "--pgbouncer", name, *args],
-                        env=environment, stdout=subprocess.DEVNULL, stderr=log)
+                        env=environment, stdout=subprocess.DEVNULL, stderr=log, start_new_session=detach)
         except BaseException:
             self.stop()
             raise

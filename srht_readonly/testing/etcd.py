@@ -29,7 +29,7 @@ HOST = "127.0.0.1"
 class EtcdCluster:
     """``members`` etcd processes forming one cluster on loopback."""
 
-    def __init__(self, directory: str | Path, *, members: int = 1, timeout: float = 30) -> None:
+    def __init__(self, directory: str | Path, *, members: int = 1, timeout: float = 30, detach: bool = False) -> None:
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         if not Path(binary).exists():
             raise RuntimeError("etcd is not installed (apt-get install etcd-server; scripts/bootstrap does)")
@@ -40,6 +40,7 @@ class EtcdCluster:
         self.peer_ports = [free_port() for _ in self.names]
         self.endpoints = [f"http://{HOST}:{p}" for p in self.client_ports]
         self.binary = binary
+        self.detach = detach  # each member in a session of its own: it outlives this process (``lab up``)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * members
         try:
             for i in range(members):
@@ -63,7 +64,7 @@ class EtcdCluster:
                  "--initial-cluster", cluster, "--initial-cluster-state", "new",
                  "--initial-cluster-token", self.directory.name,
                  "--heartbeat-interval", "50", "--election-timeout", "500"],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=self.detach)
 
     def healthy(self, index: int = 0) -> bool:
         """Whether member ``index`` says the cluster is healthy (it has a leader and can commit)."""
