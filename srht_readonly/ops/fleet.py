@@ -42,7 +42,7 @@ KEEP_AT_MOST = 2.0
 #: SHOW SERVERS states of a server connection that has logged in (``new`` is a login in progress).
 LOGGED_IN = ("active", "idle", "used", "tested")
 
-WATCHED = ("server_login_retry", "auth_type", "pool_mode", "query_wait_timeout", "listen_addr")
+WATCHED = ("server_login_retry", "auth_type", "pool_mode", "query_wait_timeout", "listen_addr", "tcp_user_timeout")
 
 
 @dataclass

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 LAG_WARN_BYTES = 16 * 1024 * 1024
 LOGIN_RETRY_WARN = 3.0
+#: The ``tcp_user_timeout`` (ms) recommended for every PgBouncer: a server that has not acknowledged what was
+#: sent to it for that long is gone, and the client waiting on it gets an error instead of a 15 min hang.
+TCP_USER_TIMEOUT_MS = 2000
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 #: ``status --check`` exit statuses (Nagios plugin convention).
@@ -318,6 +321,13 @@ def _bouncer_problems(b: BouncerState, nodes: dict[str, NodeState], live: list[s
         found.append(Problem("warning", subject, f"server_login_retry = {b.settings.get('server_login_retry')}: after "
                                                  f"a crash its pool stays blocked that long; set it to 1 in its "
                                                  f"config (failover also lowers it at once)"))
+    user_timeout = (b.settings.get("tcp_user_timeout") or "").strip()
+    if user_timeout in ("", "0"):
+        found.append(Problem("warning", subject, f"tcp_user_timeout = {user_timeout or '0 (unset)'}: "
+                                                 f"a node behind a black hole (a cut link, a firewall dropping its "
+                                                 f"packets) holds every query sent to it for ~15 min of TCP "
+                                                 f"retransmissions, even after a failover; set tcp_user_timeout = "
+                                                 f"{TCP_USER_TIMEOUT_MS} (ms) in its config"))
     if b.settings.get("auth_type") == "trust":
         if _loopback_only(b.settings.get("listen_addr", "")):
             found.append(Problem("info", subject, "auth_type = trust, listening on loopback only "

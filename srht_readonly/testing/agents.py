@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..ops.inventory import load
@@ -29,10 +29,12 @@ __all__ = ["Agents", "reads_restored", "start_again"]
 class Agents:
     """One ``srht-readonly agent --pgbouncer NAME`` process per PgBouncer of ``fleet`` (a ``LabFleet``, or
     an inventory file: then ``env`` is the processes' environment, default this one's); ``detach``: each in a
-    session of its own, to outlive this process (``lab up --agents``)."""
+    session of its own, to outlive this process (``lab up --agents``); ``wrap``: turns each command line into
+    the one to run (``Netns.argv``: the agent inside a network namespace)."""
 
     def __init__(self, fleet: LabFleet | Path, directory: Path, *args: str,
-                 env: Mapping[str, str] | None = None, detach: bool = False) -> None:
+                 env: Mapping[str, str] | None = None, detach: bool = False,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         self.directory = Path(directory)
         inventory = fleet.inventory if isinstance(fleet, LabFleet) else Path(fleet)
         environment = fleet.env() if isinstance(fleet, LabFleet) else dict(os.environ if env is None else env)
@@ -43,8 +45,9 @@ class Agents:
         try:
             for name in self.names:
                 with (self.directory / f"{name}.log").open("w") as log:
+                    argv = [str(script), "--config", str(inventory), "agent", "--pgbouncer", name, *args]
                     self.procs[name] = subprocess.Popen(
-                        [str(script), "--config", str(inventory), "agent", "--pgbouncer", name, *args],
+                        wrap(argv) if wrap else argv,
                         env=environment, stdout=subprocess.DEVNULL, stderr=log, start_new_session=detach)
         except BaseException:
             self.stop()

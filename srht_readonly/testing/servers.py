@@ -172,6 +172,8 @@ class LabBouncer:
             # docs/facts.md: the default 15 s turns a crash into a 15 s outage.
             "server_login_retry": 1,
             "query_wait_timeout": 30,
+            # docs/facts.md: without it, a query sent to a node behind a black hole hangs ~15 min.
+            "tcp_user_timeout": 2000,
             "ignore_startup_parameters": "extra_float_digits,options",
             "logfile": base / "pgbouncer.log",
             "pidfile": base / "pgbouncer.pid",
