@@ -53,6 +53,7 @@ from typing import Any
 
 import psycopg2
 
+from .autopromote import AutoPromoter, Candidate
 from .cluster import Cluster
 from .errors import OpsError
 from .etcd import Heartbeat
@@ -84,19 +85,23 @@ FRESH = 1.0
 PROBE_SQL = """
 SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_insert_lsn()) END,
-       (SELECT status FROM pg_stat_wal_receiver)
+       (SELECT status FROM pg_stat_wal_receiver),
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_insert_lsn() END
+        - '0/0'::pg_lsn)::bigint
 """
 
 
 @dataclass(frozen=True)
 class Look:
-    """One probe of a node: ``role`` ``primary``/``standby``, or None when it did not answer (``error``)."""
+    """One probe of a node: ``role`` ``primary``/``standby``, or None when it did not answer (``error``);
+    ``lsn``: the WAL a primary has written, or a standby received (bytes), when known."""
 
     at: float
     role: str | None
     timeline: int | None = None
     streaming: bool = False
     error: str | None = None
+    lsn: int | None = None
 
 
 class Prober:
@@ -147,13 +152,13 @@ class Prober:
                 self._conn.autocommit = True
             with self._conn.cursor() as cur:
                 cur.execute(PROBE_SQL)
-                in_recovery, walfile, receiver = cur.fetchone()
+                in_recovery, walfile, receiver, lsn = cur.fetchone()
         except Exception as exc:  # noqa: BLE001 - whatever failed, the node did not answer as it should
             self.close()
             return Look(started, None, error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
         if in_recovery:
-            return Look(started, "standby", streaming=receiver == "streaming")
-        return Look(started, "primary", timeline=int(walfile[:8], 16))
+            return Look(started, "standby", streaming=receiver == "streaming", lsn=lsn)
+        return Look(started, "primary", timeline=int(walfile[:8], 16), lsn=lsn)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -269,6 +274,7 @@ class Agent:
     dwell: float = DWELL
     timeout: float = PROBE_TIMEOUT
     say: Callable[[str], None] = logger.warning
+    auto_promote: float | None = None  # --auto-promote AFTER (ops.autopromote), or None: never promotes
     expected: Expected | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
@@ -286,6 +292,9 @@ class Agent:
         self._next_beat = 0.0
         self._target: str | None = None  # where the PgBouncer pointed at the last look
         self.frozen: str | None = None  # why the agent changes nothing now (etcd takes no heartbeat), or None
+        self.promoter: AutoPromoter | None = None
+        if self.auto_promote is not None:
+            self.promoter = AutoPromoter(self.cluster, self.pgbouncer, self.auto_promote, self._record)
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set: learn what to expect, then probe and decide every ``interval``."""
@@ -305,6 +314,8 @@ class Agent:
                 self._beat(self._state(d), force=d.action != "stay")
                 stop.wait(self.interval)
         finally:
+            if self.promoter is not None:
+                self.promoter.close()
             for prober in self.probers.values():
                 prober.stop()
             self.fleet.close()
@@ -328,9 +339,15 @@ class Agent:
         def seen(node: str) -> str:
             last = self.probers[node].seen().last
             return "not probed yet" if last is None else last.role or f"down: {last.error}"
+        # Seconds since the primary last answered, when its last probe failed or has hung for FRESH s (a
+        # black hole); None while it answers, or if it never did. ``ops.autopromote.votes`` counts these.
+        primary, now = self.probers[e.primary].seen(), time.monotonic()
+        answering = primary.last is not None and primary.last.role == "primary" and now - primary.last.at < FRESH
+        silent = None if answering or primary.last_ok is None else round(now - primary.last_ok.at, 2)
         return {"state": "hands-off" if e.hands_off else "away" if e.away else "home", "points_at": self._target,
                 "primary": e.primary, "timeline": e.timeline, "standby": e.standby,
                 "sees": {e.primary: seen(e.primary), e.standby: seen(e.standby)},
+                "primary_silent_for": silent,
                 "why": e.hands_off or self.frozen or (e.switched_why if e.away and d.quiet else d.why)}
 
     def learn(self, target: str | None = None) -> Expected:
@@ -398,6 +415,8 @@ class Agent:
         elif d.action == "resume":
             e.hands_off = None
             self._record("resume", d.why)
+        elif d.action == "stay" and d.quiet and e.away and not e.hands_off and self.promoter is not None:
+            self._consider_promotion(e)
         elif d.action == "relearn" and time.monotonic() >= e.retry_at:
             try:
                 self.expected = self.learn()
@@ -408,6 +427,16 @@ class Agent:
                     e.hands_off = str(exc)
                     self._record("hands-off", str(exc))
         return d
+
+    def _consider_promotion(self, e: Expected) -> None:
+        """Away, the primary still not back: ``--auto-promote`` may promote the standby (``ops.autopromote``)."""
+        assert self.promoter is not None
+        standby, primary = self.probers[e.standby].seen(), self.probers[e.primary].seen()
+        s = standby.last if standby.last is not None and standby.last.role == "standby" else None
+        if s is None or time.monotonic() - s.at > FRESH:
+            return
+        self.promoter.consider(Candidate(e.primary, e.standby, s.lsn,
+                                         primary.last_ok.lsn if primary.last_ok is not None else None))
 
     def _freeze(self) -> str | None:
         """Why the agent must change nothing now (``FREEZE_AFTER`` s without etcd taking a heartbeat), or

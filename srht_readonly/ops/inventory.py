@@ -44,9 +44,17 @@ time a command runs. The format (docs/cli.md)::
     prefix = /srht-readonly          ; optional: the keys' prefix
     lock-ttl = 10                    ; optional: seconds the lock outlives a holder that died (5-600)
 
+    [agent]                          ; optional: what ``agent --auto-promote`` needs (``ops.autopromote``)
+    ; the command that stops the old primary for good, $SRHT_READONLY_FENCE_NODE naming it: exit 0 = stopped
+    ; (values here are kept whole: no comment after them)
+    fence = ssh root@db-$SRHT_READONLY_FENCE_NODE systemctl kill -s KILL postgresql
+    fence-timeout = 10
+    max-lag = 16MB
+
 Lines starting with ``;`` or ``#`` are comments; so is `` ;...`` or `` #...`` after a value, except
-in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``) and in ``[hooks]``,
-whose values are shell commands and regular expressions kept whole (``command = cd /srv/x ; git push``).
+in the sections the drill reads (``[drill]``, ``[probe NAME]``: ``OTHER_SECTIONS``) and in ``[hooks]``
+and ``[agent]``, whose values are shell commands and regular expressions kept whole
+(``command = cd /srv/x ; git push``).
 
 A malformed file raises ``InventoryError`` naming the file, the line and what is wrong.
 """
@@ -75,6 +83,8 @@ SERVICE_KEYS = {"announcement": True, "ssh": False}
 HOOKS_KEYS = {"command": True}
 STATUS_KEYS = {"slow-commit": False}
 ETCD_KEYS = {"endpoints": True, "prefix": False, "lock-ttl": False}
+AGENT_KEYS = {"fence": True, "fence-timeout": False, "max-lag": False}
+_SIZE_UNITS = {"": 1, "B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3}
 BACKUP_KEYS = {"config": True, "server": True, "barman": False, "ssh": False, "past-dir": False, "bin": False}
 # Sections the procedures ignore and the drill reads (srht_readonly/drill/config.py): kind -> takes a name.
 OTHER_SECTIONS = {"drill": False, "probe": True}
@@ -193,6 +203,16 @@ class EtcdSpec:
 
 
 @dataclass(frozen=True)
+class AgentSpec:
+    """``[agent]``: how ``agent --auto-promote`` fences the old primary, and how far behind a standby may be."""
+
+    fence: str
+    fence_timeout: float = 10.0
+    max_lag: int = 16 * 1024**2
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class HooksSpec:
     """``[hooks]``: a shell command run at each procedure step with a JSON event on stdin."""
 
@@ -214,6 +234,7 @@ class Inventory:
     backup: BackupSpec | None = None
     status: StatusSpec = field(default_factory=StatusSpec)
     etcd: EtcdSpec | None = None
+    agent: AgentSpec | None = None
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; ``InventoryError`` listing the known ones otherwise."""
@@ -271,7 +292,7 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             sections.append((kind, name, number, current))
             continue
         # The drill's values are shell commands and regexes, where " ;" and " #" mean something.
-        whole = current_kind in OTHER_SECTIONS or current_kind == "hooks"
+        whole = current_kind in OTHER_SECTIONS or current_kind in ("hooks", "agent")
         e = _ENTRY.match(line if whole else _INLINE_COMMENT.sub("", line))
         if not e:
             raise InventoryError(path, number, f"expected 'key = value' or a [section], got {line!r}")
@@ -292,6 +313,7 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
     backup: BackupSpec | None = None
     status = StatusSpec()
     etcd: EtcdSpec | None = None
+    agent: AgentSpec | None = None
     others: dict[tuple[str, str | None], dict[str, tuple[str, int]]] = {}
     for kind, name, number, entries in sections:
         if kind in OTHER_SECTIONS:
@@ -314,6 +336,8 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             status = _status(number, entries, path)
         elif kind == "etcd":
             etcd = _etcd(number, entries, path)
+        elif kind == "agent":
+            agent = _agent(number, entries, path)
         else:
             _check_keys(entries, REPLICATION_KEYS, "[replication]", number, path)
             replication = ReplicationSpec(
@@ -329,12 +353,12 @@ def parse(text: str, path: str = "<inventory>") -> Inventory:
             raise InventoryError(path, node.line, f"nodes {targets[key]} and {node.name} have the same target "
                                                   f"{node.address}:{node.port}; set target = to tell them apart")
         targets[key] = node.name
-    return Inventory(path, nodes, bouncers, replication, others, services, hooks, backup, status, etcd)
+    return Inventory(path, nodes, bouncers, replication, others, services, hooks, backup, status, etcd, agent)
 
 
 def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]:
     parts = header.split()
-    if parts in (["replication"], ["hooks"], ["backup"], ["status"], ["etcd"]):
+    if parts in (["replication"], ["hooks"], ["backup"], ["status"], ["etcd"], ["agent"]):
         return parts[0], None
     if parts and parts[0] in OTHER_SECTIONS and len(parts) == (2 if OTHER_SECTIONS[parts[0]] else 1):
         return parts[0], (parts[1] if len(parts) == 2 else None)
@@ -343,7 +367,7 @@ def _section_kind(header: str, path: str, number: int) -> tuple[str, str | None]
     if len(parts) == 1 and parts[0] in ("node", "pgbouncer", "service"):
         raise InventoryError(path, number, f"[{header}] needs a name, e.g. [{parts[0]} remilia]")
     raise InventoryError(path, number, f"unknown section [{header}]; expected [node NAME], [pgbouncer NAME], "
-                                       f"[service NAME], [replication], [hooks], [backup], [status] or [etcd] "
+                                       f"[service NAME], [replication], [hooks], [backup], [status], [etcd] or [agent] "
                                        f"(the drill also reads [drill] and [probe NAME])")
 
 
@@ -478,6 +502,30 @@ def _etcd(number: int, entries: dict[str, tuple[str, int]], path: str) -> EtcdSp
             raise InventoryError(path, at, f"lock-ttl must be whole seconds from 5 to 600, not {text!r}")
         ttl = int(text)
     return EtcdSpec(endpoints, prefix, ttl, number)
+
+
+def _agent(number: int, entries: dict[str, tuple[str, int]], path: str) -> AgentSpec:
+    _check_keys(entries, AGENT_KEYS, "[agent]", number, path)
+    fence = entries["fence"][0].strip()
+    if not fence:
+        raise InventoryError(path, entries["fence"][1], "fence is empty: give the command that stops the old primary")
+    timeout = AgentSpec.fence_timeout
+    if "fence-timeout" in entries:
+        text, at = entries["fence-timeout"]
+        try:
+            timeout = float(text)
+        except ValueError:
+            timeout = -1.0
+        if not 1 <= timeout <= 300:
+            raise InventoryError(path, at, f"fence-timeout must be seconds from 1 to 300, not {text!r}")
+    max_lag = AgentSpec.max_lag
+    if "max-lag" in entries:
+        text, at = entries["max-lag"]
+        m = re.fullmatch(r"(\d+)\s*(|B|kB|MB|GB)", text.strip())
+        if m is None:
+            raise InventoryError(path, at, f"max-lag must be a size such as 16MB (B, kB, MB, GB), not {text!r}")
+        max_lag = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    return AgentSpec(fence, timeout, max_lag, number)
 
 
 def _status(number: int, entries: dict[str, tuple[str, int]], path: str) -> StatusSpec:

@@ -153,17 +153,23 @@ def exporter(ctx: click.Context, listen: str, interval: float) -> None:
               help="Act only after the primary has been unreachable (or back) for S seconds.")
 @click.option("--dwell", default=10.0, show_default=True, metavar="S", help="At least S seconds between two switches.")
 @click.option("--timeout", default=1.0, show_default=True, metavar="S", help="Bound of each probe's query.")
+@click.option("--auto-promote", "auto_promote", type=float, default=None, metavar="AFTER",
+              help="Also promote the standby once a majority of agents have seen the primary silent for AFTER "
+                   "seconds, by the agent holding the promotion lease, after the [agent] fence command stopped "
+                   "the old primary (needs [etcd] and [agent]; off by default; docs/agent.md).")
 @click.pass_context
-def agent(ctx: click.Context, pgbouncer: str, interval: float, confirm: float, dwell: float, timeout: float) -> None:
+def agent(ctx: click.Context, pgbouncer: str, interval: float, confirm: float, dwell: float, timeout: float,
+          auto_promote: float | None) -> None:
     """Beside one PgBouncer: point it at the standby (read-only) when the primary dies, and back.
 
     Probes the primary and its standby directly every S seconds. When the primary has not
     answered for --confirm seconds and the standby answers and was streaming from it, this
     PgBouncer is pointed at the standby, as `failover` does for one PgBouncer: services serve
     reads and refuse writes with the explanation. When the primary answers again as the primary
-    on its timeline (it was not replaced) for --confirm seconds, it is pointed back. It never
-    promotes (run `srht-readonly promote` for that; the agent then expects the new primary), and
-    leaves the PgBouncer alone while it is paused or an operator has pointed it elsewhere.
+    on its timeline (it was not replaced) for --confirm seconds, it is pointed back. It does not
+    promote (run `srht-readonly promote` for that; the agent then expects the new primary) unless
+    started with --auto-promote, and leaves the PgBouncer alone while it is paused or an operator
+    has pointed it elsewhere. With [etcd], it freezes while etcd has lost its quorum.
     Runs in the foreground until SIGTERM or Ctrl-C; logs each decision to stderr and sends it to
     the [hooks] command (event "agent"). One agent per PgBouncer host (docs/agent.md has a
     systemd unit and an OpenRC script).
@@ -171,6 +177,7 @@ def agent(ctx: click.Context, pgbouncer: str, interval: float, confirm: float, d
     \b
     Example:
       srht-readonly --config /etc/sr.ht/readonly.ini agent --pgbouncer bouncer-git
+      srht-readonly --config /etc/sr.ht/readonly.ini agent --pgbouncer bouncer-git --auto-promote 5
     """
     from ..agent import Agent
 
@@ -179,13 +186,18 @@ def agent(ctx: click.Context, pgbouncer: str, interval: float, confirm: float, d
             raise click.UsageError(f"{flag} must be positive")
     if dwell < 0:
         raise click.UsageError("--dwell must be 0 or more")
+    if auto_promote is not None and auto_promote < confirm:
+        raise click.UsageError(f"--auto-promote {auto_promote:g} is under --confirm {confirm:g}: the agent promotes "
+                               "only after it has taken its PgBouncer to the standby")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with session(ctx, None, False) as cluster, failures(False):
         the_agent = Agent(cluster, pgbouncer, interval=interval, confirm=confirm, dwell=dwell, timeout=timeout,
-                          say=lambda line: click.echo(f"srht-readonly agent {pgbouncer}: {line}", err=True))
+                          say=lambda line: click.echo(f"srht-readonly agent {pgbouncer}: {line}", err=True),
+                          auto_promote=auto_promote)
+        promotes = f", auto-promote after {auto_promote:g} s" if auto_promote is not None else ""
         click.echo(f"srht-readonly agent {pgbouncer}: watching (probe every {interval:g} s, confirm {confirm:g} s, "
-                   f"dwell {dwell:g} s)", err=True)
+                   f"dwell {dwell:g} s{promotes})", err=True)
         with contextlib.suppress(KeyboardInterrupt):
             the_agent.run(stop)
 

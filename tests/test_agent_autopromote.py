@@ -1,0 +1,138 @@
+"""``srht-readonly agent --auto-promote AFTER`` against real servers: a primary, its streaming standby,
+three PgBouncers (one over a real sshd) with an agent beside each, a real etcd, a fence command.
+
+The primary ``kill -9``'d: exactly one agent (the promotion leader) fences it and promotes the
+standby; writes work again through every PgBouncer within 10 s of the kill. A fence command
+that fails: nothing is promoted. ``votes`` (pure) on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from srht_readonly.ops.autopromote import HEARTBEAT_FRESH, votes
+from srht_readonly.testing.agents import Agents
+from srht_readonly.testing.deployment import fleet_fixture
+from srht_readonly.testing.etcd import EtcdCluster
+from srht_readonly.testing.load import TABLE, WriteLoad
+from tests._fleet import q, roles
+
+fleet = fleet_fixture("function")
+
+#: The lab's fence: kill -9 the node's postmaster and its children (as ``systemctl kill -s KILL`` would
+#: kill its unit), then wait until it is gone; exit 0 only then. Each call is logged.
+FENCE = """#!/bin/sh
+echo "$SRHT_READONLY_FENCE_NODE" >> {log}
+pid=$(head -1 "$SRHT_READONLY_FENCE_DATA/postmaster.pid" 2>/dev/null) || exit 0
+pkill -9 -P "$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null
+i=0
+while [ $i -lt 100 ]; do
+  state=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null) || exit 0
+  [ "$state" = Z ] && exit 0
+  sleep 0.1; i=$((i + 1))
+done
+exit 1
+"""
+
+
+def _with_etcd_and_fence(fleet, tmp_path: Path, etcd: EtcdCluster, fence: str) -> Path:
+    script = tmp_path / "fence"
+    script.write_text(fence.format(log=tmp_path / "fenced.log"))
+    script.chmod(0o755)
+    with fleet.inventory.open("a") as inventory:
+        inventory.write(f"\n[etcd]\nendpoints = {', '.join(etcd.endpoints)}\n\n[agent]\nfence = {script}\n")
+    return tmp_path / "fenced.log"
+
+
+def _writes_back(load: WriteLoad, since: float) -> float | None:
+    """Seconds from ``since`` to the end of the longest stretch without an acknowledged write that ends
+    after it, for the slowest writer (one per PgBouncer); None when one had no write after ``since``."""
+    ends = []
+    for log in load.logs:
+        times = sorted(log.ack_times)
+        gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False) if b >= since]
+        if not gaps:
+            return None
+        ends.append(max(gaps)[1] - since)
+    return max(ends)
+
+
+def test_auto_promote_fences_the_dead_primary_and_promotes_once_writes_back_within_10_s(fleet, tmp_path):
+    lab = fleet.lab
+    remilia, konpaku = lab.nodes["remilia"], lab.nodes["konpaku"]
+    WriteLoad.create_table(remilia.dsn)
+    with EtcdCluster(tmp_path / "etcd") as etcd:
+        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd, FENCE)
+        with Agents(fleet, tmp_path, "--dwell", "0", "--auto-promote", "3") as agents:
+            agents.wait_for("expect:", timeout=30)
+            time.sleep(1.5)  # every agent's heartbeat in etcd
+            with WriteLoad([b.dsn for b in lab.bouncers], clients=3, pause=0.05) as load:
+                time.sleep(1.0)
+                killed = time.monotonic()
+                remilia.kill()
+                agents.wait_for("adopt:", timeout=20)
+                time.sleep(1.0)
+            back = _writes_back(load, killed)
+    print(f"\nauto-promote 3 s: writes back through every PgBouncer {back} s after the kill")
+    logs = agents.logs()
+    assert back is not None and 3.0 < back < 10.0, (back, logs)  # not before AFTER: nothing promotes sooner
+    assert sum(agents.count("promote:").values()) == 1, logs  # one leader, one promotion
+    assert roles(fleet) == {"remilia": "down", "konpaku": "primary"}
+    assert fenced.read_text().split() == ["remilia"], logs
+    q(konpaku.dsn, f"INSERT INTO {TABLE} (client, seq) VALUES (99, 1)")
+    for bouncer in lab.bouncers:
+        q(bouncer.dsn, f"INSERT INTO {TABLE} (client, seq) VALUES (98, %s)", (lab.bouncers.index(bouncer),))
+
+
+def test_a_fence_that_fails_means_no_promotion(fleet, tmp_path):
+    lab = fleet.lab
+    with EtcdCluster(tmp_path / "etcd") as etcd:
+        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd, "#!/bin/sh\necho \"$SRHT_READONLY_FENCE_NODE\" >> {log}\n"
+                                                              "echo 'the PDU does not answer' >&2\nexit 1\n")
+        with Agents(fleet, tmp_path, "--dwell", "0", "--auto-promote", "2") as agents:
+            agents.wait_for("expect:", timeout=30)
+            time.sleep(1.5)
+            lab.nodes["remilia"].kill()
+            agents.wait_for("away:", timeout=10)
+            deadline = time.monotonic() + 15
+            while "fence-failed:" not in agents.logs():
+                assert time.monotonic() < deadline, agents.logs()
+                time.sleep(0.2)
+            time.sleep(2.0)
+            assert roles(fleet)["konpaku"] == "standby", agents.logs()
+    logs = agents.logs()
+    assert "the PDU does not answer" in logs and "promote:" not in logs, logs
+    assert fenced.read_text().split()[0] == "remilia"
+    with pytest.raises(psycopg2.Error) as refused:  # still read-only: the services explain it
+        q(lab.bouncers[0].dsn, f"CREATE TABLE {TABLE}_x (i int)")
+    assert refused.value.pgcode == "25006"
+
+
+def test_auto_promote_without_etcd_or_a_fence_is_refused_at_start(fleet, tmp_path):
+    proc = fleet.cli("agent", "--pgbouncer", fleet.lab.bouncers[0].name, "--auto-promote", "5", timeout=30)
+    assert proc.returncode != 0 and "--auto-promote needs an [etcd] section" in proc.stderr, proc.stderr
+    proc = fleet.cli("agent", "--pgbouncer", fleet.lab.bouncers[0].name, "--auto-promote", "0.5", timeout=30)
+    assert proc.returncode == 2 and "under --confirm" in proc.stderr, proc.stderr
+
+
+# --- votes, on its own --------------------------------------------------------------------------------
+
+
+def _beat(silent: float | None, age: float = 0.5, primary: str = "remilia") -> dict:
+    return {"primary": primary, "primary_silent_for": silent, "age": age}
+
+
+def test_votes_count_fresh_agents_of_the_same_fleet_that_saw_the_primary_silent_long_enough():
+    names = ["a", "b", "c"]
+    assert votes({n: _beat(3.5) for n in names}, names, "remilia", 3) == (3, 2)
+    assert votes({"a": _beat(2.0, age=1.0), "b": _beat(2.0)}, names, "remilia", 3) == (1, 2)  # age counts
+    assert votes({"a": _beat(9.0), "b": _beat(None)}, names, "remilia", 3) == (1, 2)  # b sees it answer
+    stale = HEARTBEAT_FRESH + 1
+    assert votes({"a": _beat(9.0), "b": _beat(9.0, age=stale)}, names, "remilia", 3) == (1, 2)
+    assert votes({"a": _beat(9.0), "b": _beat(9.0, primary="konpaku")}, names, "remilia", 3) == (1, 2)
+    # The majority is of the inventory's PgBouncers: two beating agents of four are not one.
+    assert votes({"a": _beat(9.0), "b": _beat(9.0)}, [*names, "d"], "remilia", 3) == (2, 3)
