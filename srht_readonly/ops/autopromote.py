@@ -11,8 +11,8 @@ when every one of these holds, checked in this order each time:
    One agent at a time may promote; the lease counts as held only while refreshed within the
    last half of its ttl, so a holder cut off from etcd stops counting itself leader well before
    another can take over;
-3. a majority of the inventory's PgBouncers (more than half of them, an agent that does not beat
-   counting as one that did not see the primary die) say, in a heartbeat under
+3. a majority of the PgBouncers (more than half of those in the inventory and of any other whose
+   agent beats; an agent that does not beat counts as one that did not see the primary die) say, in a heartbeat under
    ``HEARTBEAT_FRESH`` seconds old, that the primary has not answered them for ``AFTER`` seconds
    (``votes``). One host cut off from the primary is never a majority;
 4. the standby answers as a standby and has received WAL up to within ``[agent] max-lag`` of the
@@ -185,7 +185,9 @@ class AutoPromoter:
             beats = agents(self.etcd)
         except OpsError as exc:
             return self._wait(f"cannot read the agents' heartbeats: {exc}")
-        pgbouncers = list(self.cluster.inventory.pgbouncers)
+        # Every PgBouncer counts: the inventory's, and any other whose agent beats (an inventory that lacks
+        # some must not shrink the majority).
+        pgbouncers = sorted(set(self.cluster.inventory.pgbouncers) | set(beats))
         dead, needed = votes(beats, pgbouncers, candidate.primary, self.after)
         if dead < needed:
             return self._wait(f"{dead} of {len(pgbouncers)} agents have seen {candidate.primary} silent for "

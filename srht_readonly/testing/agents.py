@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ..ops.inventory import load
@@ -30,15 +30,16 @@ class Agents:
     """One ``srht-readonly agent --pgbouncer NAME`` process per PgBouncer of ``fleet`` (a ``LabFleet``, or
     an inventory file: then ``env`` is the processes' environment, default this one's); ``detach``: each in a
     session of its own, to outlive this process (``lab up --agents``); ``wrap``: turns each command line into
-    the one to run (``Netns.argv``: the agent inside a network namespace)."""
+    the one to run (``Netns.argv``: the agent inside a network namespace); ``only``: these PgBouncers' agents,
+    not every one of the inventory's."""
 
     def __init__(self, fleet: LabFleet | Path, directory: Path, *args: str,
                  env: Mapping[str, str] | None = None, detach: bool = False,
-                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+                 wrap: Callable[[list[str]], list[str]] | None = None, only: Sequence[str] | None = None) -> None:
         self.directory = Path(directory)
         inventory = fleet.inventory if isinstance(fleet, LabFleet) else Path(fleet)
         environment = fleet.env() if isinstance(fleet, LabFleet) else dict(os.environ if env is None else env)
-        self.names = list(load(inventory).pgbouncers)
+        self.names = list(only) if only is not None else list(load(inventory).pgbouncers)
         beside = Path(sys.executable).with_name("srht-readonly")  # this virtualenv's, else the one on $PATH
         script = beside if beside.exists() else Path(shutil.which("srht-readonly") or beside)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -29,7 +29,8 @@ HOST = "127.0.0.1"
 class EtcdCluster:
     """``members`` etcd processes forming one cluster on loopback."""
 
-    def __init__(self, directory: str | Path, *, members: int = 1, timeout: float = 30, detach: bool = False) -> None:
+    def __init__(self, directory: str | Path, *, members: int = 1, timeout: float = 30, detach: bool = False,
+                 host: str = HOST) -> None:
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         if not Path(binary).exists():
             raise RuntimeError("etcd is not installed (apt-get install etcd-server; scripts/bootstrap does)")
@@ -38,7 +39,8 @@ class EtcdCluster:
         self.names = [f"etcd{i}" for i in range(members)]
         self.client_ports = [free_port() for _ in self.names]
         self.peer_ports = [free_port() for _ in self.names]
-        self.endpoints = [f"http://{HOST}:{p}" for p in self.client_ports]
+        self.host = host  # where the members listen (a namespace's veth address, for partition tests)
+        self.endpoints = [f"http://{host}:{p}" for p in self.client_ports]
         self.binary = binary
         self.detach = detach  # each member in a session of its own: it outlives this process (``lab up``)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * members
@@ -53,14 +55,15 @@ class EtcdCluster:
     def start(self, index: int) -> None:
         """Start member ``index`` (again, after ``kill``: its data directory makes it rejoin as it was)."""
         name, client, peer = self.names[index], self.client_ports[index], self.peer_ports[index]
-        cluster = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports, strict=True))
+        host = self.host
+        cluster = ",".join(f"{n}=http://{host}:{p}" for n, p in zip(self.names, self.peer_ports, strict=True))
         with (self.directory / f"{name}.log").open("a") as log:
             self.procs[index] = subprocess.Popen(
                 [self.binary, "--name", name, "--data-dir", str(self.directory / name),
-                 "--listen-client-urls", f"http://{HOST}:{client}",
-                 "--advertise-client-urls", f"http://{HOST}:{client}",
-                 "--listen-peer-urls", f"http://{HOST}:{peer}",
-                 "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+                 "--listen-client-urls", f"http://{host}:{client}",
+                 "--advertise-client-urls", f"http://{host}:{client}",
+                 "--listen-peer-urls", f"http://{host}:{peer}",
+                 "--initial-advertise-peer-urls", f"http://{host}:{peer}",
                  "--initial-cluster", cluster, "--initial-cluster-state", "new",
                  "--initial-cluster-token", self.directory.name,
                  "--heartbeat-interval", "50", "--election-timeout", "500"],
