@@ -8,6 +8,7 @@ that fails: nothing is promoted. ``votes`` (pure) on its own.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import psycopg2
 import pytest
 
 from srht_readonly.ops.autopromote import HEARTBEAT_FRESH, votes
+from srht_readonly.ops.inventory import AgentSpec, InventoryError, parse
 from srht_readonly.testing.agents import Agents
 from srht_readonly.testing.deployment import fleet_fixture
 from srht_readonly.testing.etcd import EtcdCluster
@@ -136,3 +138,26 @@ def test_votes_count_fresh_agents_of_the_same_fleet_that_saw_the_primary_silent_
     assert votes({"a": _beat(9.0), "b": _beat(9.0, primary="konpaku")}, names, "remilia", 3) == (1, 2)
     # The majority is of the inventory's PgBouncers: two beating agents of four are not one.
     assert votes({"a": _beat(9.0), "b": _beat(9.0)}, [*names, "d"], "remilia", 3) == (2, 3)
+
+
+NODES = ("[node remilia]\ndsn = host=10.0.0.2 port=5432\ndata = /srv/pg\n"
+         "[node konpaku]\ndsn = host=10.0.0.3 port=5432\ndata = /srv/pg\n")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("fence-timeout = 5", "[agent] has no 'fence'; it is required"),
+    ("fence = ", "'fence' is empty"),
+    ("fence = x\nfence-timeout = 0.5", "fence-timeout must be seconds from 1 to 300"),
+    ("fence = x\nmax-lag = 16 megabytes", "max-lag must be a size such as 16MB"),
+    ("fence = x\nmaxlag = 1", "maxlag"),
+])
+def test_agent_sections_are_checked(text, message):
+    with pytest.raises(InventoryError, match=re.escape(message)):
+        parse(f"{NODES}[agent]\n{text}\n")
+
+
+def test_an_agent_section_reads_as_documented_its_fence_kept_whole():
+    inventory = parse(f"{NODES}[agent]\nfence = ssh db ; systemctl kill postgresql # now\nmax-lag = 2MB\n")
+    assert inventory.agent == AgentSpec("ssh db ; systemctl kill postgresql # now", 10.0, 2 * 1024**2, 7)
+    assert parse(NODES).agent is None
+

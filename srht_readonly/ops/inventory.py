@@ -506,9 +506,7 @@ def _etcd(number: int, entries: dict[str, tuple[str, int]], path: str) -> EtcdSp
 
 def _agent(number: int, entries: dict[str, tuple[str, int]], path: str) -> AgentSpec:
     _check_keys(entries, AGENT_KEYS, "[agent]", number, path)
-    fence = entries["fence"][0].strip()
-    if not fence:
-        raise InventoryError(path, entries["fence"][1], "fence is empty: give the command that stops the old primary")
+    fence = entries["fence"][0].strip()  # never empty: _check_keys refuses an empty value
     timeout = AgentSpec.fence_timeout
     if "fence-timeout" in entries:
         text, at = entries["fence-timeout"]
