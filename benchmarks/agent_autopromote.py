@@ -114,7 +114,6 @@ def main() -> int:
         with EtcdCluster(directory / "etcd") as etcd:
             with fleet.inventory.open("a") as f:
                 f.write(f"\n[etcd]\nendpoints = {etcd.endpoints[0]}\n\n[agent]\nfence = {fence}\n")
-            WriteLoad.create_table(lab.nodes["remilia"].dsn)
             with Agents(fleet, directory, "--dwell", "0", "--auto-promote", str(args.after)) as agents, \
                     Watcher({n: node.admin_dsn for n, node in lab.nodes.items()}) as watcher:
                 agents.wait_for("expect:", timeout=30)
@@ -122,6 +121,7 @@ def main() -> int:
                 primary, standby = lab.nodes["remilia"], lab.nodes["konpaku"]
                 for i in range(args.rounds):
                     promotions_before = sum(agents.count("promote:").values())
+                    WriteLoad.create_table(primary.dsn)  # empty: each round's writers number from 0 again
                     with WriteLoad([b.dsn for b in lab.bouncers], clients=len(lab.bouncers), pause=0.05) as load:
                         time.sleep(1.0)
                         killed = time.monotonic()
