@@ -12,9 +12,12 @@ DRILL_ARGS ?=
 drill: bootstrap
 	$(VENV)/bin/srht-readonly drill $(DRILL_ARGS)
 
+# Two passes: every test but the whole drills on two workers, then the drills (marked solo) alone,
+# since their verdicts time the services they run. PYTEST_ARGS goes to both.
 test: bootstrap
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 -m "not solo" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m solo $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
