@@ -278,8 +278,8 @@ def test_decide_never_points_at_a_standby_that_was_not_streaming_not_fresh_or_no
     assert "does not answer" in decide(e, _dead(1.0, 5), down, _bouncer(), 3.0).why
     old = _seen(Look(0.5, "standby", streaming=True))  # its last answer is 2.5 s old: not known now
     assert "does not answer" in decide(e, _dead(1.0, 5), old, _bouncer(), 3.0).why
-    promoted = _seen(Look(2.9, "primary", timeline=2))
-    assert "is not a standby" in decide(e, _dead(1.0, 5), promoted, _bouncer(), 3.0).why
+    same = _seen(Look(2.9, "primary", timeline=1))  # a primary on the old timeline: not a promoted standby
+    assert "is not a standby" in decide(e, _dead(1.0, 5), same, _bouncer(), 3.0).why
     split = decide(e, ALIVE, _seen(Look(0.1, "primary", timeline=2)), _bouncer(), 0.3)
     assert split.action == "stay" and "split brain" in split.why
 
@@ -320,3 +320,13 @@ def test_decide_with_a_short_confirm_never_takes_a_probe_in_flight_for_a_dead_pr
     gone = _dead(0.4, 3)  # ok at 0.2, failed at 0.4, 0.6, 0.8
     standby = _seen(Look(0.1, "standby", streaming=True), Look(0.5, "standby"))  # answered 0.5 s ago: still now
     assert decide(e, gone, standby, _bouncer(), 1.0, confirm=0.2).action == "away"
+
+
+def test_decide_follows_a_standby_promoted_while_the_pgbouncer_stayed_on_the_dead_primary():
+    """Not away (it was paused, frozen, or the dwell held it), the primary gone, the standby promoted."""
+    e = Expected("remilia", 1, "konpaku")
+    promoted = _seen(Look(2.9, "primary", timeline=2))
+    d = decide(e, _dead(1.0, 5), promoted, _bouncer(), 3.0)
+    assert d.action == "follow" and "timeline 2" in d.why
+    assert decide(e, ALIVE, _seen(Look(0.3, "primary", timeline=2)), _bouncer(), 0.3).action == "stay"  # split brain?
+

@@ -124,20 +124,23 @@ def test_auto_promote_without_etcd_or_a_fence_is_refused_at_start(fleet, tmp_pat
 # --- votes, on its own --------------------------------------------------------------------------------
 
 
-def _beat(silent: float | None, age: float = 0.5, primary: str = "remilia") -> dict:
-    return {"primary": primary, "primary_silent_for": silent, "age": age}
+def _beat(silent: float | None, age: float = 0.5, primary: str = "remilia", lsn: int | None = 100) -> dict:
+    return {"primary": primary, "primary_silent_for": silent, "age": age, "primary_lsn": lsn}
 
 
 def test_votes_count_fresh_agents_of_the_same_fleet_that_saw_the_primary_silent_long_enough():
     names = ["a", "b", "c"]
-    assert votes({n: _beat(3.5) for n in names}, names, "remilia", 3) == (3, 2)
-    assert votes({"a": _beat(2.0, age=1.0), "b": _beat(2.0)}, names, "remilia", 3) == (1, 2)  # age counts
-    assert votes({"a": _beat(9.0), "b": _beat(None)}, names, "remilia", 3) == (1, 2)  # b sees it answer
-    stale = HEARTBEAT_FRESH + 1
-    assert votes({"a": _beat(9.0), "b": _beat(9.0, age=stale)}, names, "remilia", 3) == (1, 2)
-    assert votes({"a": _beat(9.0), "b": _beat(9.0, primary="konpaku")}, names, "remilia", 3) == (1, 2)
-    # The majority is of the inventory's PgBouncers: two beating agents of four are not one.
-    assert votes({"a": _beat(9.0), "b": _beat(9.0)}, [*names, "d"], "remilia", 3) == (2, 3)
+    assert votes({n: _beat(3.5) for n in names}, names, "remilia", 3) == (3, 2, 100)
+    # The heartbeat's age is a freshness cutoff, never added to the silence (another host's clock).
+    assert votes({"a": _beat(2.5, age=1.0), "b": _beat(2.9)}, names, "remilia", 3) == (0, 2, None)
+    assert votes({"a": _beat(9.0, lsn=300), "b": _beat(None)}, names, "remilia", 3) == (1, 2, 300)  # b: answers
+    stale = HEARTBEAT_FRESH + 0.5
+    assert votes({"a": _beat(9.0), "b": _beat(9.0, age=stale)}, names, "remilia", 3) == (1, 2, 100)
+    assert votes({"a": _beat(9.0), "b": _beat(9.0, primary="konpaku")}, names, "remilia", 3) == (1, 2, 100)
+    # The furthest WAL position any voter saw written: the standby is measured against that.
+    assert votes({"a": _beat(9.0, lsn=100), "b": _beat(9.0, lsn=700)}, names, "remilia", 3)[2] == 700
+    # The majority is of every PgBouncer: two beating agents of four are not one.
+    assert votes({"a": _beat(9.0), "b": _beat(9.0)}, [*names, "d"], "remilia", 3) == (2, 3, 100)
 
 
 NODES = ("[node remilia]\ndsn = host=10.0.0.2 port=5432\ndata = /srv/pg\n"
@@ -154,6 +157,14 @@ NODES = ("[node remilia]\ndsn = host=10.0.0.2 port=5432\ndata = /srv/pg\n"
 def test_agent_sections_are_checked(text, message):
     with pytest.raises(InventoryError, match=re.escape(message)):
         parse(f"{NODES}[agent]\n{text}\n")
+
+
+def test_the_documented_inventory_reads_its_section_headers_with_comments_after_them():
+    text = Path(__file__).resolve().parent.parent.joinpath("docs", "cli.md").read_text()
+    example = text.split("```ini\n", 1)[1].split("```", 1)[0]
+    inventory = parse(example)
+    assert inventory.agent == AgentSpec("/usr/local/bin/fence-postgres", 10.0, 16 * 1024**2, inventory.agent.line)
+    assert inventory.etcd is not None and inventory.backup is not None
 
 
 def test_an_agent_section_reads_as_documented_its_fence_kept_whole():

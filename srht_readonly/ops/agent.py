@@ -2,9 +2,10 @@
 
 The plan asks whether reads can be directed to the standby transparently when the primary
 fails. A read-only failover needs no consensus: a standby cannot diverge, so pointing one
-PgBouncer at it can never split the data. Only a promotion can, and **the agent never
-promotes**. Each agent acts on its own PgBouncer only, so one agent per PgBouncer host gives
-every PgBouncer its own, independent decision.
+PgBouncer at it can never split the data. Only a promotion can, and **by default the agent
+never promotes** (``--auto-promote`` adds it, with consensus and fencing: ``ops.autopromote``).
+Each agent acts on its own PgBouncer only, so one agent per PgBouncer host gives every
+PgBouncer its own, independent decision.
 
 Every ``interval`` seconds each node the agent watches is probed (``Prober``: a thread per node,
 a connection of its own kept open, with a bounded connect timeout and TCP keepalives and user
@@ -22,6 +23,9 @@ one of:
   not replaced) for ``confirm`` seconds, and the standby is still a standby: pointed back;
 * ``adopt``: while away, the standby answers as a primary (an operator ran ``promote``): it is
   the primary now, and the agent expects it from then on (it stays pointed at it);
+* ``follow``: not away, the primary gone, and the standby answers as a primary on a later timeline
+  (promoted while this PgBouncer stayed on the old primary: it was paused, frozen, or had just
+  come back): pointed at it, and expected from then on;
 * ``hands-off``: the PgBouncer is paused, or points at a node the agent did not point it at
   (an operator's ``switchover`` or ``failover`` under way or done): the agent changes nothing
   until the PgBouncer is resumed and points at a primary, which it then expects.
@@ -202,7 +206,7 @@ class Expected:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "stay", "away", "back", "adopt", "hands-off", "resume", "relearn"
+    action: str  # "stay", "away", "back", "adopt", "follow", "hands-off", "resume", "relearn"
     why: str
     quiet: bool = False  # a "stay" of the normal course (the primary answers): not logged
 
@@ -235,6 +239,9 @@ def decide(expected: Expected, primary: Seen, standby: Seen, bouncer: BouncerSta
                 return Decision("stay", f"both {expected.primary} and {expected.standby} answer as primaries "
                                         "(a split brain?): the agent changes nothing")
             return Decision("stay", "the primary answers", quiet=True)
+        if s is not None and s.role == "primary" and (s.timeline or 0) > (expected.timeline or 0):
+            return Decision("follow", f"{expected.primary} is gone and {expected.standby} answers as a primary on "
+                                      f"timeline {s.timeline} (promoted while this PgBouncer stayed on the old one)")
         if s is None or s.role != "standby":
             return Decision("stay", f"the primary is gone but the standby {expected.standby} "
                                     f"{'does not answer' if s is None or s.role is None else 'is not a standby'}: "
@@ -310,8 +317,13 @@ class Agent:
                     self._beat({"state": "waiting", "why": waiting}, force=True)
                     stop.wait(max(1.0, self.interval))
             while not stop.is_set():
-                d = self.step()
-                self._beat(self._state(d), force=d.action != "stay")
+                try:
+                    d = self.step()
+                    self._beat(self._state(d), force=d.action != "stay")
+                except Exception as exc:  # noqa: BLE001 - one step failed (a query, ssh...): the agent carries on
+                    logger.exception("agent step failed")
+                    self._record("error", f"this step failed and is tried again: {exc!r}")
+                    stop.wait(1.0)
                 stop.wait(self.interval)
         finally:
             if self.promoter is not None:
@@ -348,6 +360,7 @@ class Agent:
                 "primary": e.primary, "timeline": e.timeline, "standby": e.standby,
                 "sees": {e.primary: seen(e.primary), e.standby: seen(e.standby)},
                 "primary_silent_for": silent,
+                "primary_lsn": primary.last_ok.lsn if primary.last_ok is not None else None,
                 "why": e.hands_off or self.frozen or (e.switched_why if e.away and d.quiet else d.why)}
 
     def learn(self, target: str | None = None) -> Expected:
@@ -387,6 +400,8 @@ class Agent:
         bouncer = self._bouncer()
         self._target = bouncer.target
         frozen = self._freeze()
+        if self.promoter is not None:  # the promotion lease only for an agent that could use it
+            self.promoter.want(frozen is None and e.away and not e.hands_off)
         if frozen is not None:
             return Decision("stay", frozen, quiet=True)
         d = decide(e, self.probers[e.primary].seen(), self.probers[e.standby].seen(), bouncer, time.monotonic(),
@@ -399,6 +414,10 @@ class Agent:
             self._repoint(e.standby, d.why, back=False)
         elif d.action == "back":
             self._repoint(e.primary, d.why, back=True)
+        elif d.action == "follow":
+            self._repoint(e.standby, d.why, back=False, action="follow")
+            if self._target == e.standby:
+                self._adopt(e)
         elif d.action == "adopt":
             self._record("adopt", d.why)
             try:
@@ -435,8 +454,10 @@ class Agent:
         s = standby.last if standby.last is not None and standby.last.role == "standby" else None
         if s is None or time.monotonic() - s.at > FRESH:
             return
+        now = time.monotonic()
+        answers = primary.last is not None and primary.last.role == "primary" and now - primary.last.at < FRESH
         self.promoter.consider(Candidate(e.primary, e.standby, s.lsn,
-                                         primary.last_ok.lsn if primary.last_ok is not None else None))
+                                         primary.last_ok.lsn if primary.last_ok is not None else None, answers))
 
     def _freeze(self) -> str | None:
         """Why the agent must change nothing now (``FREEZE_AFTER`` s without etcd taking a heartbeat), or
@@ -473,7 +494,15 @@ class Agent:
         self.fleet.close()
         self.fleet = Fleet(self.cluster, [self.pgbouncer])
 
-    def _repoint(self, to: str, why: str, *, back: bool) -> None:
+    def _adopt(self, e: Expected) -> None:
+        """Expect ``e.standby`` as the primary from now on (it answers as one)."""
+        try:
+            self.expected = self.learn(e.standby)
+        except OpsError as exc:
+            e.hands_off = str(exc)
+            self._record("hands-off", str(exc))
+
+    def _repoint(self, to: str, why: str, *, back: bool, action: str | None = None) -> None:
         assert self.expected is not None
         started = time.monotonic()
         spec = self.cluster.node(to)
@@ -496,7 +525,7 @@ class Agent:
         self.expected.switched_at = time.monotonic()
         self.expected.switched_why = why
         self._target = to
-        self._record("back" if back else "away",
+        self._record(action or ("back" if back else "away"),
                      f"{self.pgbouncer} -> {to} in {time.monotonic() - started:.3f} s: {why}")
 
     def _record(self, action: str, message: str) -> None:

@@ -4,36 +4,46 @@ A read-only failover cannot split data; a promotion can (two primaries, each tak
 other never sees). So an agent started with ``--auto-promote AFTER`` promotes the standby only
 when every one of these holds, checked in this order each time:
 
-1. its own PgBouncer is on the standby because the primary stopped answering (``away``) and
-   etcd takes its heartbeats (not frozen);
+1. its own PgBouncer is on the standby because the primary stopped answering (``away``), it is
+   not hands off nor frozen (etcd takes its heartbeats), and its own probe of the primary does
+   not answer now;
 2. it holds the fleet's promotion lease (``Leadership``): the key ``PREFIX/leader``, created
-   only if absent on a lease of ``LEADER_TTL`` seconds that its holder refreshes every second.
-   One agent at a time may promote; the lease counts as held only while refreshed within the
-   last half of its ttl, so a holder cut off from etcd stops counting itself leader well before
+   only if absent on a lease of ``LEADER_TTL`` seconds that its holder refreshes every second,
+   and sought only while condition 1 holds (an agent that could not promote gives it back). One
+   agent at a time may promote; the lease counts as held only while refreshed within the last
+   half of its ttl, so a holder cut off from etcd stops counting itself leader well before
    another can take over;
 3. a majority of the PgBouncers (more than half of those in the inventory and of any other whose
-   agent beats; an agent that does not beat counts as one that did not see the primary die) say, in a heartbeat under
-   ``HEARTBEAT_FRESH`` seconds old, that the primary has not answered them for ``AFTER`` seconds
-   (``votes``). One host cut off from the primary is never a majority;
+   agent beats; an agent that does not beat counts as one that did not see the primary die) say,
+   in a heartbeat under ``HEARTBEAT_FRESH`` seconds old, that the primary has not answered them
+   for ``AFTER`` seconds (``votes``). One host cut off from the primary is never a majority
+   (unless it is the only PgBouncer);
 4. the standby answers as a standby and has received WAL up to within ``[agent] max-lag`` of the
-   last position the agent saw the primary write;
-5. the old primary is **fenced**: the ``[agent] fence`` command (``$SRHT_READONLY_FENCE_NODE``
-   names the node) exits 0 within ``fence-timeout``. If it fails, nothing is promoted: the agent
-   logs it and tries again ``FENCE_RETRY`` seconds later;
-6. ``check_promote``, the operator's own check, agrees: among others, it refuses while the old
-   primary's postmaster still runs, whatever the fence command said.
+   furthest position the leader or any voter saw the primary write;
+5. the fleet lock (``etcd.FleetLock``) is free: an operator's command under way decides, not
+   the agent; it is held through the fence and the promotion;
+6. the old primary is **fenced**: the ``[agent] fence`` command (``$SRHT_READONLY_FENCE_NODE``
+   names the node) exits 0 within ``fence-timeout`` (its whole process group is killed past
+   that). If it fails, nothing is promoted: the agent logs it and tries again ``FENCE_RETRY``
+   seconds later;
+7. ``check_promote``, the operator's own check, agrees: among others, it refuses while the old
+   primary's postmaster still runs (looked at over the node's ``ssh =``, or on this machine),
+   whatever the fence command said.
 
 Then ``run_promote`` (as ``srht-readonly promote`` does), and ``PREFIX/state`` records the new
 primary and its timeline. Every agent (this one included) then sees the standby answer as a
-primary and adopts it. The old primary stays stopped until an operator rejoins it
-(``srht-readonly demote``).
+primary and adopts it (``follow`` for one whose PgBouncer had stayed on the old primary). The
+old primary stays stopped until an operator rejoins it (``srht-readonly demote``). Whatever
+fails on the way (etcd, a query, ssh) is logged and tried again later; it never ends the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -43,7 +53,7 @@ from typing import Any
 
 from .cluster import Cluster
 from .errors import OpsError
-from .etcd import REQUEST_TIMEOUT, agents, client, why
+from .etcd import REQUEST_TIMEOUT, FleetLock, agents, client, why
 from .inventory import AgentSpec, EtcdSpec
 from .promote import check_promote, run_promote
 
@@ -53,8 +63,8 @@ __all__ = ["AutoPromoter", "Candidate", "Leadership", "votes"]
 
 #: Seconds the promotion lease outlives a holder that stopped refreshing it.
 LEADER_TTL = 5
-#: A heartbeat older than this does not vote.
-HEARTBEAT_FRESH = 3.0
+#: A heartbeat older than this does not vote (agents beat every second).
+HEARTBEAT_FRESH = 2.0
 #: Seconds between two tries of a fence command that failed.
 FENCE_RETRY = 10.0
 #: Seconds between two looks at the votes (each one reads every heartbeat from etcd).
@@ -62,96 +72,125 @@ LOOK_EVERY = 0.5
 
 
 class Leadership:
-    """Holds ``PREFIX/leader`` for ``name`` when nobody else does; ``held()`` says whether it does now.
+    """Holds ``PREFIX/leader`` for ``name`` while it is wanted and nobody else holds it; ``held()`` says
+    whether it does now.
 
-    A thread tries to create the key (on a lease of ``ttl`` s) every second while it is not held,
-    and refreshes the lease every second while it is."""
+    A thread tries every second to create the key (on a lease of ``ttl`` s) while ``want(True)`` and
+    the key is free, and refreshes the lease while held; after ``want(False)`` it gives the lease back,
+    so an agent that cannot promote (not away, hands off, frozen) never keeps the others from it."""
 
     def __init__(self, spec: EtcdSpec, name: str, *, ttl: int = LEADER_TTL) -> None:
         self.spec, self.name, self.ttl = spec, name, ttl
         self.key = f"{spec.prefix}/leader"
         self._lease: Any = None
         self._ok_at: float | None = None  # when etcd last confirmed the lease (monotonic)
+        self._wanted = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="srht-readonly-leader", daemon=True)
+        self._first = 0  # the endpoint to try first: the next one after a failure
         self.holder: str | None = None  # who holds it, as last read
 
     def start(self) -> Leadership:
         self._thread.start()
         return self
 
+    def want(self, wanted: bool) -> None:
+        self._wanted = wanted
+
     def held(self) -> bool:
         return self._ok_at is not None and time.monotonic() - self._ok_at < self.ttl / 2
 
     def _run(self) -> None:
-        etcd = None
         while not self._stop.is_set():
-            try:
-                if etcd is None:
-                    etcd = client(self.spec, timeout=min(REQUEST_TIMEOUT, self.ttl / 4))
-                asked = time.monotonic()
-                if self._lease is not None and self._lease.refresh() > 0:
-                    self._ok_at = asked
-                else:
-                    self._lease, self._ok_at = etcd.lease(self.ttl), None
-                    if etcd.create(self.key, self.name, lease=self._lease):
-                        self._ok_at = asked
-                        logger.info("promotion lease %s taken by %s", self.key, self.name)
-                    else:
-                        self._lease.revoke()
-                        self._lease = None
-                        values = etcd.get(self.key)
-                        self.holder = values[0].decode() if values and isinstance(values[0], bytes) else (
-                            str(values[0]) if values else None)
-            except Exception as exc:  # noqa: BLE001 - unreachable, no quorum: not the leader until it answers
-                logger.info("promotion lease: %s", why(exc))
-                etcd, self._lease, self._ok_at = None, None, None
+            if not self._wanted:
+                self._release()
+            else:
+                try:
+                    self._hold()
+                except Exception as exc:  # noqa: BLE001 - unreachable, no quorum: not the leader until it answers
+                    logger.info("promotion lease: %s", why(exc))
+                    self._ok_at = None
+                    self._first += 1  # that endpoint failed: start from the next one
             self._stop.wait(1.0)
+
+    def _hold(self) -> None:
+        endpoints = self.spec.endpoints[self._first % len(self.spec.endpoints):] + \
+            self.spec.endpoints[:self._first % len(self.spec.endpoints)]
+        etcd = client(self.spec, endpoints=endpoints, timeout=min(REQUEST_TIMEOUT, self.ttl / 4))
+        asked = time.monotonic()
+        if self._lease is not None:
+            from etcd3gw.lease import Lease
+
+            if Lease(self._lease.id, etcd).refresh() > 0:  # through the endpoint that answers now
+                self._ok_at = asked
+                return
+            self._lease = None  # expired: try to create the key again
+        lease = etcd.lease(self.ttl)
+        if etcd.create(self.key, self.name, lease=lease):
+            self._lease, self._ok_at, self.holder = lease, asked, self.name
+            logger.info("promotion lease %s taken by %s", self.key, self.name)
+            return
+        lease.revoke()
+        self._ok_at = None
+        values = etcd.get(self.key)
+        self.holder = (values[0].decode() if isinstance(values[0], bytes) else str(values[0])) if values else None
+
+    def _release(self) -> None:
+        lease, self._lease, self._ok_at = self._lease, None, None
+        if lease is not None:
+            try:
+                lease.revoke()
+            except Exception as exc:  # noqa: BLE001 - it expires by itself
+                logger.info("could not give the promotion lease back: %s", why(exc))
 
     def stop(self) -> None:
         """Stop and give the lease back (another agent may take it at once)."""
         self._stop.set()
-        self._thread.join(timeout=REQUEST_TIMEOUT + 2)
-        if self._lease is not None:
-            try:
-                self._lease.revoke()
-            except Exception as exc:  # noqa: BLE001 - it expires by itself
-                logger.info("could not give the promotion lease back: %s", why(exc))
-        self._lease = self._ok_at = None
+        self._thread.join(timeout=len(self.spec.endpoints) * REQUEST_TIMEOUT + 5)
+        self._release()
 
 
-def votes(beats: Mapping[str, Mapping[str, Any]], pgbouncers: list[str], primary: str, after: float) -> tuple[int, int]:
-    """(how many agents say ``primary`` has not answered them for ``after`` s, how many make a majority).
+def votes(beats: Mapping[str, Mapping[str, Any]], pgbouncers: list[str], primary: str,
+          after: float) -> tuple[int, int, int | None]:
+    """(how many agents say ``primary`` has not answered them for ``after`` s, how many make a majority,
+    the furthest WAL position any of those agents saw ``primary`` write, or None).
 
-    Counted: one agent per PgBouncer of the inventory, in a heartbeat under ``HEARTBEAT_FRESH`` s old,
-    that expects ``primary`` (same fleet view), with ``primary_silent_for`` plus the heartbeat's age at
-    least ``after``. A PgBouncer without a fresh heartbeat counts against: the majority is of all of them."""
-    dead = 0
+    Counted: one agent per PgBouncer listed, in a heartbeat under ``HEARTBEAT_FRESH`` s old (by the
+    reader's clock against the agent's: a cutoff only, never added to the silence), that expects
+    ``primary`` (the same fleet view), with ``primary_silent_for`` at least ``after``. A PgBouncer
+    without a fresh heartbeat counts against: the majority is of all of them."""
+    dead, lsns = 0, []
     for name in pgbouncers:
         beat = beats.get(name)
         if not beat or float(beat.get("age", 1e9)) > HEARTBEAT_FRESH or beat.get("primary") != primary:
             continue
         silent = beat.get("primary_silent_for")
-        if silent is not None and float(silent) + max(0.0, float(beat["age"])) >= after:
+        if silent is not None and float(silent) >= after:
             dead += 1
-    return dead, len(pgbouncers) // 2 + 1
+            if beat.get("primary_lsn") is not None:
+                lsns.append(int(beat["primary_lsn"]))
+    return dead, len(pgbouncers) // 2 + 1, max(lsns) if lsns else None
 
 
 @dataclass
 class Candidate:
     """What the agent knows when it considers a promotion: the nodes, the standby's received WAL and the
-    last WAL position it saw the primary write (bytes), or None when unknown."""
+    last WAL position it saw the primary write (bytes), or None when unknown, and whether its own probe
+    of the primary answers now (then nothing is promoted, whatever the votes say)."""
 
     primary: str
     standby: str
     standby_lsn: int | None
     primary_lsn: int | None
+    primary_answers: bool = False
 
 
 class AutoPromoter:
     """``consider(candidate)`` from the agent's loop while its PgBouncer is away; promotes when it may.
 
-    ``say(action, message)`` records each decision (the agent's log and hooks)."""
+    ``want(eligible)`` each step: the promotion lease is sought only while the agent could use it.
+    ``say(action, message)`` records each decision (the agent's log and hooks). Nothing here raises:
+    whatever fails is a ``no-promotion``, ``fence-failed`` or ``promote-failed`` line, tried again later."""
 
     def __init__(self, cluster: Cluster, name: str, after: float, say: Callable[[str, str], None]) -> None:
         inventory = cluster.inventory
@@ -166,8 +205,14 @@ class AutoPromoter:
         self.spec: AgentSpec = inventory.agent
         self.leadership = Leadership(self.etcd, name).start()
         self._next_look = 0.0
-        self._fence_retry_at = 0.0
+        self._retry_at = 0.0
         self._said: str | None = None
+
+    def want(self, eligible: bool) -> None:
+        """Whether the agent could promote now (away, hands free, not frozen): only then is the lease sought."""
+        self.leadership.want(eligible)
+        if not eligible:
+            self._said = None
 
     def close(self) -> None:
         self.leadership.stop()
@@ -175,35 +220,48 @@ class AutoPromoter:
     def consider(self, candidate: Candidate) -> bool:
         """Promote ``candidate.standby`` if every condition holds now; True when it did."""
         now = time.monotonic()
-        if now < self._next_look:
+        if now < self._next_look or now < self._retry_at:
             return False
         self._next_look = now + LOOK_EVERY
+        if candidate.primary_answers:
+            return self._wait(f"{candidate.primary} answers this agent's probe again")
         if not self.leadership.held():
             return self._wait(f"not the promotion leader ({self.leadership.holder or 'nobody'} holds "
                               f"{self.leadership.key}): the leader decides")
         try:
             beats = agents(self.etcd)
-        except OpsError as exc:
-            return self._wait(f"cannot read the agents' heartbeats: {exc}")
+        except Exception as exc:  # noqa: BLE001 - unreachable, no quorum
+            return self._wait(f"cannot read the agents' heartbeats: {why(exc)}")
         # Every PgBouncer counts: the inventory's, and any other whose agent beats (an inventory that lacks
         # some must not shrink the majority).
         pgbouncers = sorted(set(self.cluster.inventory.pgbouncers) | set(beats))
-        dead, needed = votes(beats, pgbouncers, candidate.primary, self.after)
+        dead, needed, furthest = votes(beats, pgbouncers, candidate.primary, self.after)
         if dead < needed:
             return self._wait(f"{dead} of {len(pgbouncers)} agents have seen {candidate.primary} silent for "
                               f"{self.after:g} s; {needed} needed to promote")
-        if candidate.standby_lsn is None or candidate.primary_lsn is None:
+        written = max((x for x in (candidate.primary_lsn, furthest) if x is not None), default=None)
+        if candidate.standby_lsn is None or written is None:
             return self._wait(f"the WAL {candidate.standby} received, or the last {candidate.primary} wrote, is "
                               "unknown: cannot tell how much would be lost")
-        lag = candidate.primary_lsn - candidate.standby_lsn
+        lag = written - candidate.standby_lsn
         if lag > self.spec.max_lag:
-            return self._wait(f"{candidate.standby} lacks {lag} bytes of WAL the primary had written (max-lag "
-                              f"{self.spec.max_lag}): promoting it would lose them")
-        if now < self._fence_retry_at:
-            return False
+            return self._wait(f"{candidate.standby} lacks {lag} bytes of WAL the primary was seen to write "
+                              f"(max-lag {self.spec.max_lag}): promoting it would lose them")
+        try:  # an operator's command holds the fleet lock: it decides, not the agent
+            lock = FleetLock(self.etcd, f"agent {self.name}: fence {candidate.primary}, promote {candidate.standby}")
+            lock.acquire()
+        except Exception as exc:  # noqa: BLE001 - Refused (held, no quorum) or anything else: not now
+            return self._wait(f"the fleet lock is not free ({why(exc)})")
+        try:
+            return self._fence_and_promote(candidate, dead, len(pgbouncers), max(lag, 0))
+        finally:
+            lock.release()
+
+    def _fence_and_promote(self, candidate: Candidate, dead: int, of: int, lag: int) -> bool:
+        self._said = None
         fenced = self._fence(candidate.primary)
         if fenced is not None:
-            self._fence_retry_at = time.monotonic() + FENCE_RETRY
+            self._retry_at = time.monotonic() + FENCE_RETRY
             self.say("fence-failed", f"fencing {candidate.primary} failed ({fenced}): nothing promoted; trying "
                                      f"again in {FENCE_RETRY:g} s")
             return False
@@ -212,12 +270,14 @@ class AutoPromoter:
         try:
             plan = check_promote(self.cluster, candidate.standby)
             result = run_promote(self.cluster, plan)
-        except OpsError as exc:
-            self.say("promote-failed", f"promoting {candidate.standby} failed: {exc}")
-            self._fence_retry_at = time.monotonic() + FENCE_RETRY
+        except Exception as exc:  # noqa: BLE001 - a refusal, a query or ssh that failed: nothing or all done
+            self._retry_at = time.monotonic() + FENCE_RETRY
+            self.say("promote-failed", f"promoting {candidate.standby} failed: {why(exc)}; trying again in "
+                                       f"{FENCE_RETRY:g} s")
             return False
-        self.say("promote", f"{result.text()}; {dead} of {len(pgbouncers)} agents saw {candidate.primary} silent "
-                            f"for {self.after:g} s, {candidate.primary} fenced, lag {max(lag, 0)} bytes")
+        warnings = "".join(f"; warning: {w}" for w in result.warnings)
+        self.say("promote", f"{result.text()}; {dead} of {of} agents saw {candidate.primary} silent for "
+                            f"{self.after:g} s, {candidate.primary} fenced, lag {lag} bytes{warnings}")
         self._record_state(candidate.standby, result.timeline_after)
         return True
 
@@ -228,17 +288,22 @@ class AutoPromoter:
         return False
 
     def _fence(self, node: str) -> str | None:
-        """Run the fence command for ``node``; None when it exited 0, else why not."""
+        """Run the fence command for ``node`` (in a process group of its own, all of it killed on timeout);
+        None when it exited 0, else why not."""
         spec = self.cluster.inventory.node(node)
         env = {**os.environ, "SRHT_READONLY_FENCE_NODE": node, "SRHT_READONLY_FENCE_DATA": spec.data,
                "SRHT_READONLY_FENCE_SSH": spec.ssh or ""}
+        proc = subprocess.Popen(self.spec.fence, shell=True, env=env, stdout=subprocess.PIPE,  # noqa: S602
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(self.spec.fence, shell=True, env=env, capture_output=True, text=True,  # noqa: S602
-                                  timeout=self.spec.fence_timeout)
+            out, _ = proc.communicate(timeout=self.spec.fence_timeout)
         except subprocess.TimeoutExpired:
-            return f"no answer within fence-timeout = {self.spec.fence_timeout:g} s"
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return f"no answer within fence-timeout = {self.spec.fence_timeout:g} s (killed)"
         if proc.returncode != 0:
-            return f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:] or 'no output'}"
+            return f"exit {proc.returncode}: {out.strip()[-300:] or 'no output'}"
         return None
 
     def _record_state(self, primary: str, timeline: int) -> None:

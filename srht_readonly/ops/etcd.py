@@ -217,6 +217,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self.published = 0  # how many states etcd took
         self._since: float | None = None  # when etcd last took one (monotonic), or the first was handed over
+        self._first = 0  # the endpoint tried first
 
     def silent_for(self) -> float:
         """Seconds since etcd last took a heartbeat (or, none taken yet, since the first was handed over):
@@ -251,13 +252,16 @@ class Heartbeat:
 
     def _publish(self, state: dict[str, Any]) -> None:
         try:
-            if self._client is None:
-                self._client = client(self.spec)
+            if self._client is None:  # after a failure, from the next endpoint on: the one that failed may
+                n = len(self.spec.endpoints)  # still answer while cut off from its cluster's majority
+                self._client = client(self.spec, endpoints=self.spec.endpoints[self._first % n:]
+                                      + self.spec.endpoints[:self._first % n])
             if self._lease is None or self._lease.refresh() <= 0:  # none yet, or expired while etcd was away
                 self._lease = self._client.lease(self.ttl)
             self._client.put(self.key, json.dumps(state), lease=self._lease)
         except Exception as exc:  # noqa: BLE001 - unreachable, no quorum: the agent carries on without
             self._client = self._lease = None
+            self._first += 1
             if str(exc) != self._failing:
                 self._failing = str(exc)
                 logger.warning("agent heartbeat to etcd failed (retrying): %s", exc)

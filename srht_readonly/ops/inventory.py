@@ -267,7 +267,7 @@ def load(path: str | os.PathLike[str]) -> Inventory:
     return parse(text, str(path))
 
 
-_SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]$")
+_SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\](?:\s+[;#].*)?$")  # a comment may follow the header
 _ENTRY = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(.*)$")
 _INLINE_COMMENT = re.compile(r"\s+[;#].*$")
 

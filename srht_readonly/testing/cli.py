@@ -68,12 +68,15 @@ def lab_up(directory: Path, pg_bin: Path | None, no_backup: bool, agents: bool, 
     if (directory / STATE_FILE).exists():
         the_lab = Lab.attach(directory)
         if any(n.is_running() for n in the_lab.nodes.values()):
-            if agents and not lab_agents.running(directory):
-                lab_agents.stop(directory)  # what is left of an earlier --agents
-                _start_agents(the_lab, progress)
+            if agents and not lab_agents.running(the_lab.directory):
+                lab_agents.stop(the_lab.directory)  # what is left of an earlier --agents
+                try:
+                    _start_agents(the_lab, progress)
+                except RuntimeError as exc:
+                    raise click.ClickException(str(exc)) from exc
             _print_lab(_describe(the_lab), as_json, note="already up")
             return
-        lab_agents.stop(directory)
+        lab_agents.stop(the_lab.directory)
         the_lab.destroy()
     try:
         the_lab = Lab(directory, pg_bin=pg_bin, backup=not no_backup)
@@ -84,19 +87,18 @@ def lab_up(directory: Path, pg_bin: Path | None, no_backup: bool, agents: bool, 
         if agents:
             _start_agents(the_lab, progress)
     except (OpsError, OSError, RuntimeError) as exc:
-        lab_agents.stop(directory)
+        lab_agents.stop(the_lab.directory)
         the_lab.destroy()
         raise click.ClickException(str(exc)) from exc
     _print_lab(_describe(the_lab), as_json, note=f"up in {the_lab.timings['total']:.1f} s")
 
 
 def _start_agents(the_lab: Lab, progress: Callable[[str], None] | None) -> None:
+    """``lab_agents.start``; its ``RuntimeError`` (no etcd, agents that did not start) goes to the caller,
+    which stops the lab it has just started."""
     if progress:
         progress("etcd and an agent beside each PgBouncer")
-    try:
-        lab_agents.start(the_lab.directory, Path(str(_describe(the_lab, agents=False)["inventory"])))
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    lab_agents.start(the_lab.directory, Path(str(_describe(the_lab, agents=False)["inventory"])))
 
 
 @lab.command("down")
@@ -108,7 +110,7 @@ def lab_down(directory: Path) -> None:
     except OpsError as exc:
         click.echo(str(exc), err=True)
         return
-    lab_agents.stop(directory)
+    lab_agents.stop(the_lab.directory)
     the_lab.destroy()
     click.echo(f"lab in {directory} stopped and removed")
 

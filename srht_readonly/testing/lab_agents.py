@@ -92,13 +92,15 @@ def _pids(state: dict[str, Any]) -> list[int]:
 
 
 def _ours(pid: int, directory: Path) -> bool:
-    """Whether ``pid`` runs and its command line names ``directory`` (not a pid reused since)."""
+    """Whether ``pid`` runs and one of its arguments is a path inside ``directory`` (not a pid reused
+    since); ``directory`` as the lab resolved it."""
+    inside = f"{Path(directory).resolve()}/"
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return str(directory) in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return any(a.startswith(inside) for a in args) and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _signal(pid: int, sig: int) -> None:

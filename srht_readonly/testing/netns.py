@@ -6,8 +6,8 @@ addresses of the same private /24, for servers to listen on: each can be cut on 
 namespace's end ``inside``. ``run`` starts a process inside;
 ``cut(address)`` makes one host address a black hole for the namespace (a route of type
 ``blackhole``: packets vanish, nothing answers, as when a link or a firewall drops them) and
-``heal(address)`` removes it. ``close()`` deletes the namespace, which removes the veth pair and
-ends every socket in it.
+``heal(address)`` removes it. ``close()`` deletes the veth pair and the namespace (stop the
+processes started inside first: a namespace lasts while one runs in it).
 
 Traffic only goes between the namespace and this host's end of the pair: no address outside
 the /24 is routed, nothing leaves the machine::
@@ -64,6 +64,8 @@ class Netns:
         tag = self.name[-8:]
         self.host_link, self.inside_link = f"vh{tag}", f"vn{tag}"
         self._created = False
+        for leftover in (["ip", "link", "del", self.host_link], ["ip", "netns", "del", self.name]):
+            subprocess.run(leftover, capture_output=True, timeout=10)  # of a crashed run with the same pid
         try:
             _ip("netns", "add", self.name)
             self._created = True
