@@ -16,7 +16,7 @@ drill: bootstrap
 # since their verdicts time the services they run. PYTEST_ARGS goes to both.
 test: bootstrap
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -n 2 -m "not solo" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --dist worksteal -m "not solo" $(PYTEST_ARGS)
 	$(VENV)/bin/pytest -m solo $(PYTEST_ARGS)
 
 lint: bootstrap
