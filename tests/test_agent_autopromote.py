@@ -16,7 +16,8 @@ import psycopg2
 import pytest
 
 from srht_readonly.ops.autopromote import HEARTBEAT_FRESH, votes
-from srht_readonly.ops.inventory import AgentSpec, InventoryError, parse
+from srht_readonly.ops.etcd import FleetLock
+from srht_readonly.ops.inventory import AgentSpec, EtcdSpec, InventoryError, parse
 from srht_readonly.testing.agents import Agents
 from srht_readonly.testing.deployment import fleet_fixture
 from srht_readonly.testing.etcd import EtcdCluster
@@ -112,6 +113,32 @@ def test_a_fence_that_fails_means_no_promotion(fleet, tmp_path):
     with pytest.raises(psycopg2.Error) as refused:  # still read-only: the services explain it
         q(lab.bouncers[0].dsn, f"CREATE TABLE {TABLE}_x (i int)")
     assert refused.value.pgcode == "25006"
+
+
+def test_while_an_operator_holds_the_fleet_lock_nothing_is_promoted_then_it_is(fleet, tmp_path):
+    """An operator's command under way (here: the fleet lock held by this process) decides, not the agents."""
+    lab = fleet.lab
+    with EtcdCluster(tmp_path / "etcd") as etcd:
+        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd, FENCE)
+        with Agents(fleet, tmp_path, "--dwell", "0", "--auto-promote", "2") as agents:
+            agents.wait_for("expect:", timeout=30)
+            time.sleep(1.5)
+            lock = FleetLock(EtcdSpec(tuple(etcd.endpoints)), "demote remilia --primary konpaku")
+            lock.acquire()
+            try:
+                lab.nodes["remilia"].kill()
+                deadline = time.monotonic() + 15
+                while "the fleet lock is not free" not in agents.logs():
+                    assert time.monotonic() < deadline, agents.logs()
+                    time.sleep(0.2)
+                time.sleep(1.0)
+                assert roles(fleet)["konpaku"] == "standby" and not fenced.exists(), agents.logs()
+            finally:
+                lock.release()
+            agents.wait_for("adopt:", timeout=20)
+    logs = agents.logs()
+    assert "`demote remilia --primary konpaku`" in logs and sum(agents.count("promote:").values()) == 1, logs
+    assert roles(fleet)["konpaku"] == "primary"
 
 
 def test_auto_promote_without_etcd_or_a_fence_is_refused_at_start(fleet, tmp_path):
