@@ -322,6 +322,8 @@ class Agent:
                     self._beat(self._state(d), force=d.action != "stay")
                 except Exception as exc:  # noqa: BLE001 - one step failed (a query, ssh...): the agent carries on
                     logger.exception("agent step failed")
+                    if self.promoter is not None:
+                        self.promoter.want(False)
                     self._record("error", f"this step failed and is tried again: {exc!r}")
                     stop.wait(1.0)
                 stop.wait(self.interval)
@@ -400,15 +402,18 @@ class Agent:
         bouncer = self._bouncer()
         self._target = bouncer.target
         frozen = self._freeze()
-        if self.promoter is not None:  # the promotion lease only for an agent that could use it
-            self.promoter.want(frozen is None and e.away and not e.hands_off)
         if frozen is not None:
+            if self.promoter is not None:
+                self.promoter.want(False)
             return Decision("stay", frozen, quiet=True)
         d = decide(e, self.probers[e.primary].seen(), self.probers[e.standby].seen(), bouncer, time.monotonic(),
                    confirm=self.confirm, dwell=self.dwell)
         if d.action != "stay" or d.quiet:
             self._stayed = None
-        if d.action in ("away", "back") and time.monotonic() < e.retry_at:
+        promoting = d.action == "stay" and d.quiet and e.away and not e.hands_off and self.promoter is not None
+        if self.promoter is not None and not promoting:  # the lease only for an agent that could use it now
+            self.promoter.want(False)
+        if d.action in ("away", "back", "follow") and time.monotonic() < e.retry_at:
             pass  # the last repoint failed: try again a little later
         elif d.action == "away":
             self._repoint(e.standby, d.why, back=False)
@@ -434,7 +439,7 @@ class Agent:
         elif d.action == "resume":
             e.hands_off = None
             self._record("resume", d.why)
-        elif d.action == "stay" and d.quiet and e.away and not e.hands_off and self.promoter is not None:
+        elif promoting:
             self._consider_promotion(e)
         elif d.action == "relearn" and time.monotonic() >= e.retry_at:
             try:
@@ -451,13 +456,17 @@ class Agent:
         """Away, the primary still not back: ``--auto-promote`` may promote the standby (``ops.autopromote``)."""
         assert self.promoter is not None
         standby, primary = self.probers[e.standby].seen(), self.probers[e.primary].seen()
-        s = standby.last if standby.last is not None and standby.last.role == "standby" else None
-        if s is None or time.monotonic() - s.at > FRESH:
-            return
         now = time.monotonic()
+        s = standby.last if standby.last is not None and standby.last.role == "standby" else None
+        if s is None or now - s.at > FRESH:
+            self.promoter.want(False)  # the standby not seen now: nothing to promote, leave the lease to others
+            return
+        self.promoter.want(True)
         answers = primary.last is not None and primary.last.role == "primary" and now - primary.last.at < FRESH
+        silent = None if answers or primary.last_ok is None else now - primary.last_ok.at
         self.promoter.consider(Candidate(e.primary, e.standby, s.lsn,
-                                         primary.last_ok.lsn if primary.last_ok is not None else None, answers))
+                                         primary.last_ok.lsn if primary.last_ok is not None else None, answers,
+                                         silent))
 
     def _freeze(self) -> str | None:
         """Why the agent must change nothing now (``FREEZE_AFTER`` s without etcd taking a heartbeat), or

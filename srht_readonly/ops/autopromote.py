@@ -45,6 +45,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -113,20 +114,30 @@ class Leadership:
                     self._first += 1  # that endpoint failed: start from the next one
             self._stop.wait(1.0)
 
+    def endpoints(self) -> tuple[str, ...]:
+        """The inventory's endpoints, from the one this lease last worked through (after a failure: the next)."""
+        n = len(self.spec.endpoints)
+        return self.spec.endpoints[self._first % n:] + self.spec.endpoints[:self._first % n]
+
     def _hold(self) -> None:
-        endpoints = self.spec.endpoints[self._first % len(self.spec.endpoints):] + \
-            self.spec.endpoints[:self._first % len(self.spec.endpoints)]
-        etcd = client(self.spec, endpoints=endpoints, timeout=min(REQUEST_TIMEOUT, self.ttl / 4))
+        etcd = client(self.spec, endpoints=self.endpoints(), timeout=min(REQUEST_TIMEOUT, self.ttl / 4))
         asked = time.monotonic()
         if self._lease is not None:
             from etcd3gw.lease import Lease
 
-            if Lease(self._lease.id, etcd).refresh() > 0:  # through the endpoint that answers now
-                self._ok_at = asked
+            lease = Lease(self._lease.id, etcd)  # through the endpoint that answers now, revoked through it too
+            if lease.refresh() > 0:
+                self._lease, self._ok_at = lease, asked
                 return
             self._lease = None  # expired: try to create the key again
         lease = etcd.lease(self.ttl)
-        if etcd.create(self.key, self.name, lease=lease):
+        try:
+            created = etcd.create(self.key, self.name, lease=lease)
+        except BaseException:  # it may have been created all the same: the lease goes, and the key with it
+            with contextlib.suppress(Exception):
+                lease.revoke()
+            raise
+        if created:
             self._lease, self._ok_at, self.holder = lease, asked, self.name
             logger.info("promotion lease %s taken by %s", self.key, self.name)
             return
@@ -183,6 +194,7 @@ class Candidate:
     standby_lsn: int | None
     primary_lsn: int | None
     primary_answers: bool = False
+    silent_for: float | None = None  # seconds since the primary last answered this agent's probes
 
 
 class AutoPromoter:
@@ -229,9 +241,13 @@ class AutoPromoter:
             return self._wait(f"not the promotion leader ({self.leadership.holder or 'nobody'} holds "
                               f"{self.leadership.key}): the leader decides")
         try:
-            beats = agents(self.etcd)
+            beats = dict(agents(self.etcd, endpoints=self.leadership.endpoints()))
         except Exception as exc:  # noqa: BLE001 - unreachable, no quorum
             return self._wait(f"cannot read the agents' heartbeats: {why(exc)}")
+        # This agent's own vote from its probes now, not from its last heartbeat (which a slow etcd read
+        # may have aged past HEARTBEAT_FRESH).
+        beats[self.name] = {"primary": candidate.primary, "primary_silent_for": candidate.silent_for, "age": 0.0,
+                            "primary_lsn": candidate.primary_lsn}
         # Every PgBouncer counts: the inventory's, and any other whose agent beats (an inventory that lacks
         # some must not shrink the majority).
         pgbouncers = sorted(set(self.cluster.inventory.pgbouncers) | set(beats))
@@ -293,15 +309,21 @@ class AutoPromoter:
         spec = self.cluster.inventory.node(node)
         env = {**os.environ, "SRHT_READONLY_FENCE_NODE": node, "SRHT_READONLY_FENCE_DATA": spec.data,
                "SRHT_READONLY_FENCE_SSH": spec.ssh or ""}
-        proc = subprocess.Popen(self.spec.fence, shell=True, env=env, stdout=subprocess.PIPE,  # noqa: S602
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=self.spec.fence_timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return f"no answer within fence-timeout = {self.spec.fence_timeout:g} s (killed)"
+        # Its output to a file, not a pipe: a child it leaves behind (ssh -f, a daemon) must not keep the agent
+        # waiting for the end of a pipe.
+        with tempfile.TemporaryFile(mode="w+") as output:
+            proc = subprocess.Popen(self.spec.fence, shell=True, env=env, stdout=output,  # noqa: S602
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait(timeout=self.spec.fence_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+                return f"no answer within fence-timeout = {self.spec.fence_timeout:g} s (killed)"
+            output.seek(0)
+            out = output.read()
         if proc.returncode != 0:
             return f"exit {proc.returncode}: {out.strip()[-300:] or 'no output'}"
         return None

@@ -92,15 +92,18 @@ def _pids(state: dict[str, Any]) -> list[int]:
 
 
 def _ours(pid: int, directory: Path) -> bool:
-    """Whether ``pid`` runs and one of its arguments is a path inside ``directory`` (not a pid reused
-    since); ``directory`` as the lab resolved it."""
+    """Whether ``pid`` is still one ``start`` made (not a pid reused since, by one of the lab's own servers
+    among others): an agent whose ``--config`` is inside ``directory``, or an etcd whose ``--data-dir`` is;
+    ``directory`` as the lab resolved it."""
     inside = f"{Path(directory).resolve()}/"
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return any(a.startswith(inside) for a in args) and stat.rsplit(")", 1)[1].split()[0] != "Z"
+    named = any(flag in ("--config", "--data-dir") and value.startswith(inside)
+                for flag, value in zip(args, args[1:], strict=False))
+    return named and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _signal(pid: int, sig: int) -> None:
