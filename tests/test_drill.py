@@ -176,6 +176,7 @@ def test_local_drill_holds_under_excessive_load(tmp_path):
     _nothing_left(report)
 
 
+@pytest.mark.solo  # _nothing_left looks for any drill's leftovers on the machine: alone, or another's are found
 @pytest.mark.parametrize("name", list(SABOTAGES))
 def test_each_sabotage_fails_its_drill_naming_the_expectation_that_caught_it(tmp_path, name):
     sabotage = SABOTAGES[name]
@@ -317,6 +318,7 @@ def test_the_documented_probe_example_reads_as_documented():
     assert push.explained.pattern == "read-only" and push.dropped is not None and push.dropped.pattern == "webhooks"
 
 
+@pytest.mark.solo
 def test_local_drill_on_postgresql_18_holds_for_a_switchover(tmp_path):
     """The lab on the second major (--pg-bin): the drill's procedures and verdicts on 18. Database traffic only:
     the stand-ins do not depend on the server's major; pg_rewind on 18 is test_lab's and test_ops_majors'."""

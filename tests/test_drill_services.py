@@ -183,6 +183,7 @@ def test_close_stops_every_server_process_and_thread(services: LocalServices) ->
     services.close()  # twice is harmless
 
 
+@pytest.mark.solo  # it looks for any sshd of the stand-ins and any new directory in /opt: alone, or finds others'
 def test_a_constructor_failing_half_way_leaves_nothing_running(drill_lab: Lab, tmp_path: Path) -> None:
     (tmp_path / "celery").write_text("in the way")  # the last service cannot make its directory
     before = set(os.listdir("/opt")) | set(os.listdir("/var/lib"))

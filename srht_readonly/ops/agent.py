@@ -246,7 +246,9 @@ def decide(expected: Expected, primary: Seen, standby: Seen, bouncer: BouncerSta
             return Decision("stay", f"the primary is gone but the standby {expected.standby} "
                                     f"{'does not answer' if s is None or s.role is None else 'is not a standby'}: "
                                     "nowhere safe to point at")
-        if standby.streamed_at is None or (primary.last_ok is not None and standby.streamed_at < last_ok - confirm):
+        # Streaming around the primary's last answer: within ``fresh`` of it (a probe of each node every
+        # interval, but on a loaded machine one may lag the other by more than a short ``confirm``).
+        if standby.streamed_at is None or (primary.last_ok is not None and standby.streamed_at < last_ok - fresh):
             return Decision("stay", f"the primary is gone but {expected.standby} was not streaming from it: "
                                     "it may lack recent writes, and reads would go back in time")
         if not settled:
