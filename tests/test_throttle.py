@@ -18,6 +18,10 @@ from srht_readonly.ops.status import collect
 from srht_readonly.testing.lab import Lab
 from srht_readonly.testing.throttle import CGROUP_ROOT, ThrottleUnavailable, descendants, throttle
 
+# Alone (make test's second pass): it times commits on a machine it expects quiet, and compares every
+# srht-soft-* group before and after, where another test's group would show.
+pytestmark = pytest.mark.solo
+
 
 def _groups() -> list[str]:
     return sorted(p.name for c in ("cpu", "blkio") if (CGROUP_ROOT / c).is_dir()
