@@ -12,11 +12,12 @@ DRILL_ARGS ?=
 drill: bootstrap
 	$(VENV)/bin/srht-readonly drill $(DRILL_ARGS)
 
-# Two passes: every test but the whole drills on two workers, then the drills (marked solo) alone,
-# since their verdicts time the services they run. PYTEST_ARGS goes to both.
+# Two passes: every test but those marked solo on two workers (a file's tests stay together, in order),
+# then the solo ones alone: the drills, whose verdicts time the services they run, and the tests that
+# look for leftovers across the machine. PYTEST_ARGS goes to both.
 test: bootstrap
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -n 2 --dist worksteal -m "not solo" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --dist loadfile -m "not solo" $(PYTEST_ARGS)
 	$(VENV)/bin/pytest -m solo $(PYTEST_ARGS)
 
 lint: bootstrap
