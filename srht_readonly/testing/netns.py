@@ -43,7 +43,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     used = [ipaddress.ip_network(w, strict=False) for line in routes.splitlines()
             for w in line.split()[:2] if "/" in w or w.count(".") == 3]
     for i in range(os.getpid() % 200, os.getpid() % 200 + 250):
-        net = ipaddress.ip_network(f"10.213.{i % 250}.0/24")
+        net = ipaddress.IPv4Network(f"10.213.{i % 250}.0/24")
         if not any(net.overlaps(u) for u in used):
             return net
     raise RuntimeError("no free /24 in 10.213.0.0/16 for a test namespace")
