@@ -36,22 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from srht_readonly.ops import sql  # noqa: E402
 from srht_readonly.testing import Lab  # noqa: E402
-from srht_readonly.testing.agents import Agents  # noqa: E402
+from srht_readonly.testing.agents import Agents, write_fence, writes_restored  # noqa: E402
 from srht_readonly.testing.deployment import build_fleet  # noqa: E402
 from srht_readonly.testing.etcd import EtcdCluster  # noqa: E402
 from srht_readonly.testing.load import WriteLoad  # noqa: E402
-
-FENCE = """#!/bin/sh
-pid=$(head -1 "$SRHT_READONLY_FENCE_DATA/postmaster.pid" 2>/dev/null) || exit 0
-pkill -9 -P "$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null
-i=0
-while [ $i -lt 100 ]; do
-  state=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null) || exit 0
-  [ "$state" = Z ] && exit 0
-  sleep 0.1; i=$((i + 1))
-done
-exit 1
-"""
 
 
 class Watcher:
@@ -87,17 +75,6 @@ class Watcher:
         self._thread.join(10)
 
 
-def writes_back(load: WriteLoad, since: float) -> float | None:
-    ends = []
-    for log in load.logs:
-        times = sorted(log.ack_times)
-        gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False) if b >= since]
-        if not gaps:
-            return None
-        ends.append(max(gaps)[1] - since)
-    return max(ends)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -108,9 +85,7 @@ def main() -> int:
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="srht-autopromote-bench-") as tmp:
         fleet = build_fleet(lab)
         directory = Path(tmp)
-        fence = directory / "fence"
-        fence.write_text(FENCE)
-        fence.chmod(0o755)
+        fence = write_fence(directory / "fence")
         with EtcdCluster(directory / "etcd") as etcd:
             with fleet.inventory.open("a") as f:
                 f.write(f"\n[etcd]\nendpoints = {etcd.endpoints[0]}\n\n[agent]\nfence = {fence}\n")
@@ -131,7 +106,7 @@ def main() -> int:
                         except AssertionError as exc:
                             print(exc, file=sys.stderr)
                         time.sleep(1.0)
-                    back = writes_back(load, killed)
+                    back = writes_restored(load, killed)
                     promotions = sum(agents.count("promote:").values()) - promotions_before
                     rounds.append({"round": i + 1, "killed": primary.name, "writes_back_s": None if back is None
                                    else round(back, 3), "promotions": promotions, "split_samples": len(watcher.split)})

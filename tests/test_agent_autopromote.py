@@ -18,7 +18,7 @@ import pytest
 from srht_readonly.ops.autopromote import HEARTBEAT_FRESH, votes
 from srht_readonly.ops.etcd import FleetLock
 from srht_readonly.ops.inventory import AgentSpec, EtcdSpec, InventoryError, parse
-from srht_readonly.testing.agents import Agents
+from srht_readonly.testing.agents import LAB_FENCE, Agents, write_fence, writes_restored
 from srht_readonly.testing.deployment import fleet_fixture
 from srht_readonly.testing.etcd import EtcdCluster
 from srht_readonly.testing.load import TABLE, WriteLoad
@@ -26,42 +26,12 @@ from tests._fleet import q, roles
 
 fleet = fleet_fixture("function")
 
-#: The lab's fence: kill -9 the node's postmaster and its children (as ``systemctl kill -s KILL`` would
-#: kill its unit), then wait until it is gone; exit 0 only then. Each call is logged.
-FENCE = """#!/bin/sh
-echo "$SRHT_READONLY_FENCE_NODE" >> {log}
-pid=$(head -1 "$SRHT_READONLY_FENCE_DATA/postmaster.pid" 2>/dev/null) || exit 0
-pkill -9 -P "$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null
-i=0
-while [ $i -lt 100 ]; do
-  state=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null) || exit 0
-  [ "$state" = Z ] && exit 0
-  sleep 0.1; i=$((i + 1))
-done
-exit 1
-"""
-
-
-def _with_etcd_and_fence(fleet, tmp_path: Path, etcd: EtcdCluster, fence: str) -> Path:
-    script = tmp_path / "fence"
-    script.write_text(fence.format(log=tmp_path / "fenced.log"))
-    script.chmod(0o755)
+def _with_etcd_and_fence(fleet, tmp_path: Path, etcd: EtcdCluster, fence: str = LAB_FENCE) -> Path:
+    """``[etcd]`` and ``[agent] fence`` in the fleet's inventory; the file each fencing's node is logged to."""
+    script = write_fence(tmp_path / "fence", fence, log=tmp_path / "fenced.log")
     with fleet.inventory.open("a") as inventory:
         inventory.write(f"\n[etcd]\nendpoints = {', '.join(etcd.endpoints)}\n\n[agent]\nfence = {script}\n")
     return tmp_path / "fenced.log"
-
-
-def _writes_back(load: WriteLoad, since: float) -> float | None:
-    """Seconds from ``since`` to the end of the longest stretch without an acknowledged write that ends
-    after it, for the slowest writer (one per PgBouncer); None when one had no write after ``since``."""
-    ends = []
-    for log in load.logs:
-        times = sorted(log.ack_times)
-        gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False) if b >= since]
-        if not gaps:
-            return None
-        ends.append(max(gaps)[1] - since)
-    return max(ends)
 
 
 def test_auto_promote_fences_the_dead_primary_and_promotes_once_writes_back_within_10_s(fleet, tmp_path):
@@ -69,7 +39,7 @@ def test_auto_promote_fences_the_dead_primary_and_promotes_once_writes_back_with
     remilia, konpaku = lab.nodes["remilia"], lab.nodes["konpaku"]
     WriteLoad.create_table(remilia.dsn)
     with EtcdCluster(tmp_path / "etcd") as etcd:
-        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd, FENCE)
+        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd)
         with Agents(fleet, tmp_path, "--dwell", "0", "--auto-promote", "3") as agents:
             agents.wait_for("expect:", timeout=30)
             time.sleep(1.5)  # every agent's heartbeat in etcd
@@ -79,7 +49,7 @@ def test_auto_promote_fences_the_dead_primary_and_promotes_once_writes_back_with
                 remilia.kill()
                 agents.wait_for("adopt:", timeout=20)
                 time.sleep(1.0)
-            back = _writes_back(load, killed)
+            back = writes_restored(load, killed)
     print(f"\nauto-promote 3 s: writes back through every PgBouncer {back} s after the kill")
     logs = agents.logs()
     assert back is not None and 3.0 < back < 10.0, (back, logs)  # not before AFTER: nothing promotes sooner
@@ -94,8 +64,7 @@ def test_auto_promote_fences_the_dead_primary_and_promotes_once_writes_back_with
 def test_a_fence_that_fails_means_no_promotion(fleet, tmp_path):
     lab = fleet.lab
     with EtcdCluster(tmp_path / "etcd") as etcd:
-        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd, "#!/bin/sh\necho \"$SRHT_READONLY_FENCE_NODE\" >> {log}\n"
-                                                              "echo 'the PDU does not answer' >&2\nexit 1\n")
+        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd, "#!/bin/sh\necho 'the PDU does not answer' >&2\nexit 1\n")
         with Agents(fleet, tmp_path, "--dwell", "0", "--auto-promote", "2") as agents:
             agents.wait_for("expect:", timeout=30)
             time.sleep(1.5)
@@ -119,7 +88,7 @@ def test_while_an_operator_holds_the_fleet_lock_nothing_is_promoted_then_it_is(f
     """An operator's command under way (here: the fleet lock held by this process) decides, not the agents."""
     lab = fleet.lab
     with EtcdCluster(tmp_path / "etcd") as etcd:
-        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd, FENCE)
+        fenced = _with_etcd_and_fence(fleet, tmp_path, etcd)
         with Agents(fleet, tmp_path, "--dwell", "0", "--auto-promote", "2") as agents:
             agents.wait_for("expect:", timeout=30)
             time.sleep(1.5)

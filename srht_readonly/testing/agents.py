@@ -20,10 +20,10 @@ from pathlib import Path
 
 from ..ops.inventory import load
 from .deployment import LabFleet
-from .load import ReadProbe
+from .load import ReadProbe, WriteLoad
 from .servers import LabNode
 
-__all__ = ["Agents", "reads_restored", "start_again"]
+__all__ = ["LAB_FENCE", "Agents", "reads_restored", "start_again", "write_fence", "writes_restored"]
 
 
 class Agents:
@@ -101,6 +101,13 @@ class Agents:
         self.stop()
 
 
+def _back_after(times: list[float], since: float) -> float | None:
+    """Seconds from ``since`` to the end of the longest stretch between two of ``times`` that ends after it."""
+    times = sorted(times)
+    gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False) if b >= since]
+    return max(gaps)[1] - since if gaps else None
+
+
 def reads_restored(probe: ReadProbe, since: float) -> list[float | None]:
     """Per DSN of ``probe``: seconds from ``since`` to the end of the longest stretch without a good read
     that ends after ``since`` (reads fail, or wait in PgBouncer for a server, then work again); None
@@ -108,12 +115,39 @@ def reads_restored(probe: ReadProbe, since: float) -> list[float | None]:
 
     Measured at the end of that stretch, so a read that a dying server still answered just after
     ``since`` does not count as "back"."""
-    out: list[float | None] = []
-    for oks in probe.ok_times:
-        times = sorted(oks)
-        gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False) if b >= since]
-        out.append(max(gaps)[1] - since if gaps else None)
-    return out
+    return [_back_after(oks, since) for oks in probe.ok_times]
+
+
+def writes_restored(load: WriteLoad, since: float) -> float | None:
+    """As ``reads_restored``, for the acknowledged writes of ``load``'s slowest writer; None when a writer
+    had none after ``since``."""
+    ends = [_back_after(log.ack_times, since) for log in load.logs]
+    return None if None in ends else max(e for e in ends if e is not None)
+
+
+#: The lab's ``[agent] fence``: ``kill -9`` of the node's postmaster and its children (as ``systemctl kill
+#: -s KILL`` kills a unit), then exit 0 once it is gone (a zombie counts), 1 if not within 10 s.
+LAB_FENCE = """#!/bin/sh
+pid=$(head -1 "$SRHT_READONLY_FENCE_DATA/postmaster.pid" 2>/dev/null) || exit 0
+pkill -9 -P "$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null
+i=0
+while [ $i -lt 100 ]; do
+  state=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null) || exit 0
+  [ "$state" = Z ] && exit 0
+  sleep 0.1; i=$((i + 1))
+done
+exit 1
+"""
+
+
+def write_fence(path: Path, script: str = LAB_FENCE, *, log: Path | None = None) -> Path:
+    """``script`` as an executable file at ``path``, first appending the node's name to ``log`` if given."""
+    if log is not None:
+        head, _, body = script.partition("\n")
+        script = f'{head}\necho "$SRHT_READONLY_FENCE_NODE" >> {log}\n{body}'
+    path.write_text(script)
+    path.chmod(0o755)
+    return path
 
 
 def start_again(node: LabNode, *, timeout: float = 30) -> None:
