@@ -24,7 +24,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from srht_readonly.ops import deadman
 from srht_readonly.ops.console import Admin
+from srht_readonly.ops.ports import free_port
+from srht_readonly.ops.remote import LocalHost
 from srht_readonly.testing.deployment import LabFleet, fleet_fixture
 from tests._fleet import out, q, roles, running_ports, status, unchanged
 
@@ -266,6 +269,24 @@ def test_kill_9_while_paused_every_pgbouncer_answers_within_the_pause_limit(flee
     back = fleet.cli("switchover", "--to", "remilia", "--yes")
     assert back.returncode == 0, out(back)
     unchanged(fleet)
+
+
+def test_a_fired_timer_is_seen_only_by_its_own_pgbouncer_not_a_same_named_one_of_another_fleet():
+    """Two fleets on one host may both name a PgBouncer "git.sr.ht": each reads only its own timer's record."""
+    host = LocalHost()
+    port = free_port()  # nothing listens there: the timer's RESUME fails, and says so in its record
+    ours, theirs = (f"host=127.0.0.1 port={p} dbname=pgbouncer user=pgbouncer" for p in (port, port + 1))
+    timer = deadman.arm(host, "git.sr.ht", ours, ["RESUME"], 0.2)
+    try:
+        deadline = time.monotonic() + 20
+        while deadman.record(host, "git.sr.ht", ours) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "could NOT RESUME it after 0.2 s" in (deadman.record(host, "git.sr.ht", ours) or "")
+        assert deadman.record(host, "git.sr.ht", theirs) is None
+    finally:
+        fired = deadman.disarm(timer)
+    assert fired and "could NOT RESUME" in fired
+    assert deadman.record(host, "git.sr.ht", ours) is None  # disarming clears it
 
 
 def test_a_pause_limit_that_leaves_no_time_is_refused(fleet):

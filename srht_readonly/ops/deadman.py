@@ -9,7 +9,9 @@ in a directory of mode 700 that is removed when the timer is disarmed or has fir
 command line.
 
 The files live in ``/var/tmp/srht-readonly-UID/`` on each host (``UID``: the user the procedure
-runs commands as there): ``NAME.armed/`` while a timer is armed, ``NAME.resumed`` once one fired.
+runs commands as there), named after the PgBouncer and its console's address (``KEY``, e.g.
+``git.sr.ht@127.0.0.1:6432``, so that two fleets sharing a host and a PgBouncer name never read
+each other's timers): ``KEY.armed/`` while a timer is armed, ``KEY.resumed`` once one fired.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import psycopg2.extensions
 from .errors import OpsError
 from .remote import Host
 
-# $1 name, $2 limit, $3 how many of the console commands that follow run at once (then the record
+# $1 key (see key()), $2 limit, $3 how many of the console commands that follow run at once (then the record
 # is written; the rest run 2 s later); stdin: a pg_service.conf for the console. Prints the timer's
 # pid (its process group).
 _ARM = r"""set -eu
@@ -48,16 +50,16 @@ failed=
 i=0
 for command; do
     i=$((i + 1))
-    if [ "$i" = "$((now + 1))" ]; then
+    out=$(psql -X -q -w "service=srht_readonly_deadman" -c "$command" 2>&1) || failed=$(echo "$out" | head -n 1)
+    if [ "$i" = "$now" ]; then
         when=$(date -u +%Y-%m-%dT%H:%M:%SZ)
         if [ -z "$failed" ]; then
             echo "$when RESUMEd after $limit s: the procedure that PAUSEd it did not disarm its timer (it died?)"
         else
             echo "$when could NOT RESUME it after $limit s ($failed): RESUME it on its console now"
         fi >> "$record"
-        sleep 2
+        [ "$#" -gt "$now" ] && sleep 2
     fi
-    out=$(psql -X -q -w "service=srht_readonly_deadman" -c "$command" 2>&1) || failed=$(echo "$out" | head -n 1)
 done
 rm -f -- "$d/service"
 ' sh "$d" "$limit" "$base/$name.resumed" "$now" "$@" </dev/null >/dev/null 2>&1 &
@@ -65,7 +67,7 @@ echo $! > "$d/pid"
 echo $!
 """
 
-# $1 name. Stops the timer, removes the console's parameters; prints a record if it fired.
+# $1 key. Stops the timer, removes the console's parameters; prints a record if it fired.
 _DISARM = r"""
 name=$1; base=/var/tmp/srht-readonly-$(id -u); d=$base/$name.armed
 if [ -s "$d/pid" ]; then kill -- "-$(cat "$d/pid")" 2>/dev/null || true; fi
@@ -74,7 +76,7 @@ if [ -f "$base/$name.resumed" ]; then cat -- "$base/$name.resumed"; rm -f -- "$b
 exit 0
 """
 
-# $1 name. Prints what a timer recorded, if one fired and no procedure has finished since.
+# $1 key. Prints what a timer recorded, if one fired and no procedure has finished since.
 _RECORDS = r"""
 f=/var/tmp/srht-readonly-$(id -u)/$1.resumed
 [ -f "$f" ] && tail -n 1 -- "$f"
@@ -86,12 +88,20 @@ SERVICE = "srht_readonly_deadman"
 
 @dataclass
 class Timer:
-    """One armed timer: the PgBouncer it resumes, on which host, its process group."""
+    """One armed timer: the PgBouncer it resumes, on which host, its process group, its files' ``key``."""
 
     name: str
     host: Host
     pid: int
     limit: float
+    key: str
+
+
+def key(name: str, admin_conninfo: str) -> str:
+    """The timer files' name for PgBouncer ``name``: its name and its console's address."""
+    params = dict(psycopg2.extensions.parse_dsn(admin_conninfo))
+    address = f"{params.get('host', '')}:{params.get('port', '')}".replace("/", "_")
+    return f"{name}@{address}"
 
 
 def service_file(admin_conninfo: str) -> str:
@@ -110,24 +120,25 @@ def arm(host: Host, name: str, admin_conninfo: str, commands: list[str], limit: 
     and ``then`` 2 s later."""
     if limit <= 0:
         raise OpsError(f"a dead-man limit must be above 0 s (got {limit:g})")
-    argv = ["sh", "-c", _ARM, "sh", name, f"{limit:g}", str(len(commands)), *commands, *then]
+    files = key(name, admin_conninfo)
+    argv = ["sh", "-c", _ARM, "sh", files, f"{limit:g}", str(len(commands)), *commands, *then]
     proc = host.run(argv, input=service_file(admin_conninfo), check=False, timeout=30)
     if proc.returncode != 0 or not proc.stdout.strip().isdigit():
         why = (proc.stderr or proc.stdout).strip()[-300:] or f"exit {proc.returncode}"
         raise OpsError(f"cannot arm the dead-man timer of PgBouncer {name} on {host.name}: {why}")
-    return Timer(name, host, int(proc.stdout.strip()), limit)
+    return Timer(name, host, int(proc.stdout.strip()), limit, files)
 
 
 def disarm(timer: Timer) -> str | None:
     """Stop ``timer``; what it recorded if it had already fired (the PgBouncer was RESUMEd by it)."""
-    proc = timer.host.run(["sh", "-c", _DISARM, "sh", timer.name], check=False, timeout=30)
+    proc = timer.host.run(["sh", "-c", _DISARM, "sh", timer.key], check=False, timeout=30)
     if proc.returncode != 0:
         raise OpsError(f"cannot disarm the dead-man timer of {timer.name} on {timer.host.name}: "
                        f"{proc.stderr.strip()[-300:]}")
     return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else None
 
 
-def record(host: Host, name: str) -> str | None:
+def record(host: Host, name: str, admin_conninfo: str) -> str | None:
     """The last thing a timer of ``name`` on ``host`` recorded (it RESUMEd the PgBouncer), if any."""
-    proc = host.run(["sh", "-c", _RECORDS, "sh", name], check=False, timeout=30)
+    proc = host.run(["sh", "-c", _RECORDS, "sh", key(name, admin_conninfo)], check=False, timeout=30)
     return proc.stdout.strip() or None

@@ -625,7 +625,7 @@ class Fleet:
 
         def look(m: Member) -> str | None:
             try:
-                return deadman.record(m.host, m.name)
+                return deadman.record(m.host, m.name, m.spec.admin)
             except OpsError:
                 return None
 

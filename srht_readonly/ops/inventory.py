@@ -76,6 +76,7 @@ ENV_VAR = "SRHT_READONLY_CONFIG"
 
 #: A node's name is also the name of its replication slot on the other nodes.
 NODE_NAME = re.compile(r"[a-z0-9_]{1,63}")
+BOUNCER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # also names its dead-man timer's files
 NODE_KEYS = {"dsn": True, "data": True, "ssh": False, "bin": False, "os-user": False, "target": False}
 BOUNCER_KEYS = {"config": True, "admin": True, "ssh": False, "databases": False}
 REPLICATION_KEYS = {"user": False, "password-file": False}
@@ -441,6 +442,10 @@ def _node(name: str, number: int, entries: dict[str, tuple[str, int]], path: str
 
 def _bouncer(name: str, number: int, entries: dict[str, tuple[str, int]], path: str) -> BouncerSpec:
     section = f"[pgbouncer {name}]"
+    if not BOUNCER_NAME.fullmatch(name):
+        raise InventoryError(path, number, f"{section}: a PgBouncer's name also names files on its host, so it "
+                                           "must be 1 to 63 of A-Z, a-z, 0-9, '_', '.' and '-', not starting with "
+                                           "'.' or '-'")
     _check_keys(entries, BOUNCER_KEYS, section, number, path)
     admin, admin_line = entries["admin"]
     params = _conninfo(admin, "admin", admin_line, path)
