@@ -5,9 +5,12 @@ drill against an inventory plays its probes; a failing probe fails the drill."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psycopg2
@@ -23,11 +26,15 @@ SERVICES = {"database", "web", "ssh", "builds", "celery"}
 CLI = str(Path(sys.executable).with_name("srht-readonly"))
 
 
-def drill(*args: str, cwd: Path, config: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run the drill; if the test is interrupted (its timeout, Ctrl-C), stop it as Ctrl-C would, so it
-    stops what it started instead of leaving a lab and services running (a SIGKILL would)."""
+def drill(*args: str, cwd: Path, config: Path | None = None, timeout: float = 600,
+          tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the drill (with ``TMPDIR=tmpdir``: its lab and scratch directories in there); if the test is
+    interrupted (its timeout, Ctrl-C), stop it as Ctrl-C would, so it stops what it started instead of
+    leaving a lab and services running (a SIGKILL would)."""
     argv = [CLI, *(["--config", str(config)] if config else []), "drill", *args]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd) as proc:
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                          env=env) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:
@@ -45,20 +52,32 @@ def _running(pattern: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
-def _nothing_left(report: dict) -> None:
+@pytest.fixture
+def scratch():
+    """The drill's own TMPDIR, so ``_nothing_left`` looks for its leftovers only, not other tests' drills on
+    the machine: under /tmp and open to all (the lab's servers run as postgres, in a directory in it)."""
+    path = Path(tempfile.mkdtemp(prefix="srht-test-drill-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _nothing_left(report: dict, scratch: Path) -> None:
+    """The drill removed its lab and scratch directories and left no process behind that names them."""
     lab_dir = report["environment"].split("embedded lab in ")[1].split(":")[0]
+    assert Path(lab_dir).parent == scratch, lab_dir
     assert not Path(lab_dir).exists()
-    assert not _running(lab_dir)
-    assert not _running("srht-drill-")
+    assert not list(scratch.iterdir()), list(scratch.iterdir())
+    assert not _running(str(scratch))
 
 
 @pytest.mark.solo
 @pytest.mark.timeout(600)  # every default scenario: about 4 minutes on 2 idle cores
-def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
+def test_local_drill_every_scenario_holds_its_expectations(tmp_path, scratch):
     # 2 s per state: a state the verdicts judge is held longer (20 s more at most, or twice the
     # slowest operation) until every kind of operation of every service has met it, so even a
     # short drill judges no verdict on nothing.
-    proc = drill("--duration", "2", "--json", cwd=tmp_path)
+    proc = drill("--duration", "2", "--json", cwd=tmp_path, tmpdir=scratch)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report["passed"] is True
@@ -101,7 +120,7 @@ def test_local_drill_every_scenario_holds_its_expectations(tmp_path):
     # The summary and the live progress went to stderr; nothing is left running.
     assert "every expectation held" in proc.stderr
     assert page.count("operations decided it") >= 40
-    _nothing_left(report)
+    _nothing_left(report, scratch)
 
 
 SOFT_VERDICTS = ("users met a soft outage", "latency back near the baseline",
@@ -148,42 +167,57 @@ def test_soft_outage_is_left_out_against_remote_nodes_and_fails_clearly_when_nam
 
 
 @pytest.mark.solo
-def test_unattended_crash_the_agents_fail_every_pgbouncer_over_and_reads_are_back_within_2_s_of_the_kill(tmp_path):
-    proc = drill("--scenario", "unattended-crash", "--duration", "2", "--json", cwd=tmp_path)
+def test_unattended_the_agents_fail_over_within_2_s_of_the_kill_and_with_auto_promote_promote_once(tmp_path, scratch):
+    """unattended-crash (the operator promotes) and unattended-promote (nobody does), in one drill."""
+    proc = drill("--scenario", "unattended-crash", "--scenario", "unattended-promote", "--duration", "2", "--json",
+                 cwd=tmp_path, tmpdir=scratch)
     report = json.loads(proc.stdout)
-    (scenario,) = report["scenarios"]
-    failed = [e for e in scenario["expectations"] if not e["passed"]]
+    failed = [e for s in report["scenarios"] for e in s["expectations"] if not e["passed"]]
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
-    (reads,) = [e for e in scenario["expectations"] if e["text"].startswith("reads restored within 2 s of the kill")]
-    assert reads["passed"] and float(reads["observed"].split()[0]) < 2.0, reads
-    assert set(scenario["services"]) >= SERVICES
-    moved = scenario["facts"]["agents"]
-    assert moved and all(len(lines) == 1 and "away:" in lines[0] for lines in moved.values()), moved
-    assert scenario["facts"]["promoted_at"] > scenario["facts"]["failover_at"] > scenario["facts"]["crash_at"]
-    _nothing_left(report)
-    assert not [a for a in _running("agent --pgbouncer") if "srht-drill-" in a], "an agent outlived the drill"
+    crash, promote = report["scenarios"]
+    assert (crash["name"], promote["name"]) == ("unattended-crash", "unattended-promote")
+    for scenario in (crash, promote):
+        expectations = scenario["expectations"]
+        (reads,) = [e for e in expectations if e["text"].startswith("reads restored within 2 s of the kill")]
+        assert reads["passed"] and float(reads["observed"].split()[0]) < 2.0, reads
+        assert set(scenario["services"]) >= SERVICES
+        moved = scenario["facts"]["agents"]
+        assert moved and all(len(lines) == 1 and "away:" in lines[0] for lines in moved.values()), moved
+        facts = scenario["facts"]
+        assert facts["promoted_at"] > facts["failover_at"] > facts["crash_at"]
+    # With --auto-promote: the promotion was an agent's, once, and no operator step between the kill and it.
+    (promoted,) = promote["facts"]["promotions"].values()
+    assert len(promoted) == 1 and "promote:" in promoted[0], promoted
+    (writes,) = [e for e in promote["expectations"] if e["text"].startswith("writes restored within 10 s of the kill")]
+    assert writes["passed"] and float(writes["observed"].split()[0]) < 10.0, writes
+    steps = list(promote["facts"]["step_seconds"])
+    kill = next(i for i, label in enumerate(steps) if label.startswith("kill -9"))
+    assert [label.split()[0] for label in steps[kill + 1:kill + 3]] == ["the", "an"], steps  # the agents' own steps
+    _nothing_left(report, scratch)
+    assert not [a for a in _running("agent --pgbouncer") if str(scratch) in a], "an agent outlived the drill"
+    assert not [a for a in _running("etcd --name") if str(scratch) in a], "the drill's etcd outlived it"
 
 
 @pytest.mark.solo
-def test_local_drill_holds_under_excessive_load(tmp_path):
+def test_local_drill_holds_under_excessive_load(tmp_path, scratch):
     # The read-only failover is the scenario an overloaded 2-core machine hurts most: four web and
     # celery loops with no pauses, two SSH loops per kind, 16 ledger writers and 16 readers.
-    proc = drill("--load", "excessive", "--scenario", "readonly-failover", "--duration", "3", "--json", cwd=tmp_path)
+    proc = drill("--load", "excessive", "--scenario", "readonly-failover", "--duration", "3", "--json", cwd=tmp_path,
+                 tmpdir=scratch)
     report = json.loads(proc.stdout)
     failed = [e for s in report["scenarios"] for e in s["expectations"] if not e["passed"]]
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
     assert report["load"] == "excessive"
-    _nothing_left(report)
+    _nothing_left(report, scratch)
 
 
-@pytest.mark.solo  # _nothing_left looks for any drill's leftovers on the machine: alone, or another's are found
 @pytest.mark.parametrize("name", list(SABOTAGES))
-def test_each_sabotage_fails_its_drill_naming_the_expectation_that_caught_it(tmp_path, name):
+def test_each_sabotage_fails_its_drill_naming_the_expectation_that_caught_it(tmp_path, scratch, name):
     sabotage = SABOTAGES[name]
     # A sabotage of the fleet (not of a stand-in) is caught on the ledger's own traffic: played without
     # the stand-ins, its scenario holds only as long as database operations need, not pushes.
     narrow = [] if sabotage.services else ["--no-services"]
-    proc = drill("--sabotage", name, "--duration", "2", "--json", *narrow, cwd=tmp_path)
+    proc = drill("--sabotage", name, "--duration", "2", "--json", *narrow, cwd=tmp_path, tmpdir=scratch)
     assert proc.returncode == 1, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert [s["name"] for s in report["scenarios"]] == [sabotage.scenario]
@@ -192,7 +226,7 @@ def test_each_sabotage_fails_its_drill_naming_the_expectation_that_caught_it(tmp
     assert not caught["passed"]
     assert f"sabotage {name}" in proc.stderr and f"caught by '{sabotage.caught_by}" in proc.stderr, proc.stderr
     assert "Sabotaged on purpose" in (tmp_path / "drill-report" / "index.html").read_text()
-    _nothing_left(report)
+    _nothing_left(report, scratch)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -318,15 +352,14 @@ def test_the_documented_probe_example_reads_as_documented():
     assert push.explained.pattern == "read-only" and push.dropped is not None and push.dropped.pattern == "webhooks"
 
 
-@pytest.mark.solo
-def test_local_drill_on_postgresql_18_holds_for_a_switchover(tmp_path):
+def test_local_drill_on_postgresql_18_holds_for_a_switchover(tmp_path, scratch):
     """The lab on the second major (--pg-bin): the drill's procedures and verdicts on 18. Database traffic only:
     the stand-ins do not depend on the server's major; pg_rewind on 18 is test_lab's and test_ops_majors'."""
     proc = drill("--pg-bin", str(new_major_bin()), "--scenario", "switchover",
-                 "--no-services", "--duration", "2", "--json", cwd=tmp_path)
+                 "--no-services", "--duration", "2", "--json", cwd=tmp_path, tmpdir=scratch)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert "(PostgreSQL) 18." in report["environment"], report["environment"]
     assert [s["name"] for s in report["scenarios"]] == ["switchover"]
     assert all(s["passed"] for s in report["scenarios"])
-    _nothing_left(report)
+    _nothing_left(report, scratch)

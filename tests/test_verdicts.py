@@ -603,3 +603,25 @@ def test_unattended_a_read_held_in_pgbouncer_across_the_kill_ends_the_outage_whe
     checks = verdicts.database("unattended-crash", _recorder(reads), facts, LedgerResult(10, []))
     (back,) = [c for c in checks if c.text.startswith("reads restored within 2 s of the kill")]
     assert back.passed and back.observed == "1.10 s", back.observed
+
+
+@pytest.mark.parametrize("promotions, writes_from, passed", [
+    ({"git.sr.ht": ["promote: konpaku promoted"]}, 14.1, {"exactly one": True, "writes": True}),
+    ({"git.sr.ht": ["promote: a"], "meta.sr.ht": ["promote: b"]}, 14.1, {"exactly one": False, "writes": True}),
+    ({}, 14.1, {"exactly one": False, "writes": True}),                              # no agent said it promoted
+    ({"git.sr.ht": ["promote: konpaku promoted"]}, 20.5, {"exactly one": True, "writes": False}),  # 10.5 s
+    ({"git.sr.ht": ["promote: konpaku promoted"]}, None, {"exactly one": True, "writes": False}),   # never
+])
+def test_unattended_promote_judges_one_promotion_and_writes_back_within_10_s_of_the_kill(
+        promotions, writes_from, passed):
+    facts = {Fact.CRASH_AT: 10.0, Fact.FAILOVER_AT: 11.0, Fact.PROMOTED_AT: 14.0, Fact.STANDBY_RECEIVED: None,
+             Fact.PROMOTIONS: promotions}
+    # A write refused before the kill's outage ended, then acknowledged writes from ``writes_from`` on.
+    events = _reads((0.0, 10.0), (11.2, 30.0)) + [ev("write", 11.5, 11.6, EXPLAINED, write=True, service="database")]
+    if writes_from is not None:
+        events += [ev("write", writes_from, writes_from + 0.01, write=True, service="database")]
+    checks = verdicts.database("unattended-promote", _recorder(events), facts, LedgerResult(10, []))
+    (one,) = [c for c in checks if c.text.startswith("exactly one agent promoted")]
+    (writes,) = [c for c in checks if c.text.startswith("writes restored within 10 s of the kill")]
+    assert one.passed is passed["exactly one"], one.observed
+    assert writes.passed is passed["writes"], writes.observed

@@ -18,7 +18,7 @@ settings form, a new repository by form and one by the JSON API. What the user s
 
 Each worker logs every view it runs and every change of its read-only monitor to
 ``web/views.log`` (``integrations.gitsrht.viewlog``). Besides what every service owes
-(``verdicts.common``), the web front is judged in ``primary-crash``, ``unattended-crash`` and
+(``verdicts.common``), the web front is judged in ``primary-crash``, the two ``unattended-*`` and
 ``readonly-failover`` on what transparent re-runs and the shared state promise (docs/drill.md,
 "The web front"):
 

@@ -80,8 +80,10 @@ def drill(ctx: click.Context, scenarios: tuple[str, ...], duration: float, load_
     processes throttled with cgroups: slow, not down; nodes on this machine only); last, major-upgrade
     (upgrade --major, 15 to 18 on the lab; the lab ends on the new major). Only when named:
     rolling-restart (upgrade --minor, same binaries); unattended-crash (an agent beside every
-    PgBouncer, kill -9 of the primary, no operator step until the promotion). Each starts from,
-    and ends with, a primary with a streaming standby and every PgBouncer on the primary.
+    PgBouncer, kill -9 of the primary, no operator step until the promotion); unattended-promote
+    (the same with the agents' --auto-promote 3: no operator step at all; embedded lab only, where
+    the drill starts an etcd and writes the fence). Each starts from, and ends with, a primary with
+    a streaming standby and every PgBouncer on the primary.
 
     Writes a report (index.html with a timeline per scenario, report.json, drill.log) and
     prints a summary. Exit 0 when every expectation held, 1 when some did not, 2 when the
@@ -176,7 +178,8 @@ def _play(where: contextlib.AbstractContextManager[Setting], names: list[str], *
         live.say(f"drill on {setting.environment}")
         if not names:
             names = default_scenarios(setting.major_bin, setting.past, setting.throttle)
-            live.say("rolling-restart and unattended-crash are played only when named (--scenario)")
+            live.say("rolling-restart, unattended-crash and unattended-promote are played only when named "
+                     "(--scenario)")
             if "past-data" not in names:
                 live.say("past-data left out: no backup engine ([backup] in the inventory)")
             if "soft-outage" not in names:

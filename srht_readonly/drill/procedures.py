@@ -51,8 +51,10 @@ class InventoryProcedures:
     """
 
     def __init__(self, cluster: Cluster, *, sabotage: str | None = None, major_bin: str | None = None,
-                 drop_column_options: tuple[str, ...] | bool = (), app_dsn: str | None = None) -> None:
+                 drop_column_options: tuple[str, ...] | bool = (), app_dsn: str | None = None,
+                 own_etcd: bool = False) -> None:
         self.cluster = cluster
+        self.own_etcd = own_etcd  # the embedded lab: the drill may start an etcd of its own for the agents
         self.app_dsn = app_dsn  # where the services' data lives, through a PgBouncer (past-data's writes)
         self.sabotage = sabotage
         self.major_bin = major_bin
@@ -184,13 +186,17 @@ class InventoryProcedures:
                 out[name] = {"version": None, "role": "down", "error": str(exc)}
         return out
 
-    # --- the agents (unattended-crash) -------------------------------------------------------
+    # --- the agents (unattended-crash, unattended-promote) ----------------------------------
 
     @contextlib.contextmanager
-    def agents(self) -> Iterator[Any]:
+    def agents(self, *, auto_promote: float | None = None) -> Iterator[Any]:
         """An ``srht-readonly agent`` process beside every PgBouncer of the inventory while the block runs
         (``testing.agents.Agents``: ``wait_for``, ``lines``), each once it expects the primary; all
-        stopped at the end, whatever happened."""
+        stopped at the end, whatever happened.
+
+        ``auto_promote``: the agents run with ``--auto-promote AFTER``, which needs ``[etcd]`` and ``[agent]``.
+        On the embedded lab (``own_etcd``) the drill provides both (``_promoting_inventory``).
+        """
         from ..testing.agents import Agents
 
         directory = Path(tempfile.mkdtemp(prefix="srht-drill-agents-"))
@@ -198,19 +204,41 @@ class InventoryProcedures:
         if self.cluster.ssh_config:
             env["SRHT_READONLY_SSH_CONFIG"] = str(self.cluster.ssh_config)
         try:
-            running = Agents(Path(self.cluster.inventory.path), directory, env=env)
-            try:
-                running.wait_for("expect:", timeout=30)
-                yield running
-            except BaseException:  # the scenario's own error (or Ctrl-C) is what the report must show
+            with contextlib.ExitStack() as provided:
+                inventory, args = Path(self.cluster.inventory.path), []
+                if auto_promote is not None:
+                    inventory = self._promoting_inventory(directory, provided)
+                    args = ["--auto-promote", f"{auto_promote:g}"]
+                running = Agents(inventory, directory, *args, env=env)
                 try:
-                    running.stop()
-                except AssertionError as exc:
-                    logger.warning("stopping the agents after a failure: %s", exc)
-                raise
-            running.stop()
+                    running.wait_for("expect:", timeout=30)
+                    yield running
+                except BaseException:  # the scenario's own error (or Ctrl-C) is what the report must show
+                    try:
+                        running.stop()
+                    except AssertionError as exc:
+                        logger.warning("stopping the agents after a failure: %s", exc)
+                    raise
+                running.stop()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+    def _promoting_inventory(self, directory: Path, stack: contextlib.ExitStack) -> Path:
+        """The inventory ``agent --auto-promote`` runs with, on the embedded lab: a copy of the lab's with a
+        one-member etcd (stopped with ``stack``) and the lab's fence. Against an inventory the drill holds
+        the fleet lock the whole time, and an automatic promotion waits while an operator's command does."""
+        if not self.own_etcd:
+            raise OpsError("the agents' automatic promotion is drilled on the embedded lab only: against an "
+                           "inventory the drill holds the fleet lock, which --auto-promote waits for")
+        from ..testing.agents import write_fence
+        from ..testing.etcd import EtcdCluster
+
+        etcd = stack.enter_context(EtcdCluster(directory / "etcd"))
+        fence = write_fence(directory / "fence")
+        path = directory / "inventory.ini"
+        lab = Path(self.cluster.inventory.path).read_text()
+        path.write_text(f"{lab}\n[etcd]\nendpoints = {', '.join(etcd.endpoints)}\n\n[agent]\nfence = {fence}\n")
+        return path
 
     # --- soft outage -------------------------------------------------------------------------
 

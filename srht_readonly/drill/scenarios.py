@@ -68,6 +68,7 @@ class Fact(StrEnum):
     COMMITS = "commits"
     PROMTOOL = "promtool"
     AGENTS = "agents"  # unattended-crash: what each agent logged when it moved its PgBouncer
+    PROMOTIONS = "promotions"  # unattended-promote: each agent's log lines saying it promoted
 
 
 #: Seconds a scenario may hold a state beyond ``duration`` until every kind of operation met it ...
@@ -103,7 +104,7 @@ class Procedures(Protocol):
     def throttle(self, node: str) -> contextlib.AbstractContextManager[dict[str, Any]]: ...
     def timed_commits(self, node: str) -> contextlib.AbstractContextManager[Callable[[], float]]: ...
     def observe_slow_primary(self) -> dict[str, Any]: ...
-    def agents(self) -> contextlib.AbstractContextManager[Any]: ...
+    def agents(self, *, auto_promote: float | None = None) -> contextlib.AbstractContextManager[Any]: ...
 
 
 class Progress(Protocol):
@@ -279,6 +280,36 @@ def unattended_crash(s: Step) -> None:
     s.hold(0.5)
 
 
+#: unattended-promote: the agents' ``--auto-promote AFTER``, in seconds of the primary's silence.
+AUTO_PROMOTE_AFTER = 3.0
+
+
+def unattended_promote(s: Step) -> None:
+    """As ``unattended_crash``, with the agents' ``--auto-promote``: no operator step at all. The agents
+    point every PgBouncer at the standby, then one of them (the lease holder, once a majority saw the
+    primary silent for ``AUTO_PROMOTE_AFTER`` s) fences the old primary and promotes the standby; the
+    others adopt it. The agents are stopped before the old primary rejoins with pg_rewind."""
+    p = s.procedures
+    old, new = p.primary(), p.standby()
+    with p.agents(auto_promote=AUTO_PROMOTE_AFTER) as agents:
+        s.hold()
+        s.enter(State.UNAVAILABLE, noted=Fact.CRASH_AT)
+        s.do(f"kill -9 {old} (no operator from here on)", lambda: p.kill(old))
+        time.sleep(0.5)
+        s.facts[Fact.STANDBY_RECEIVED] = p.receive_lsn(new)
+        s.do("the agents point every PgBouncer at the standby", lambda: agents.wait_for("away:", timeout=15))
+        s.enter(State.READ_ONLY, noted=Fact.FAILOVER_AT)
+        s.facts[Fact.AGENTS] = agents.lines("away:")
+        s.do(f"an agent fences {old} and promotes {new} (--auto-promote {AUTO_PROMOTE_AFTER:g})",
+             lambda: agents.wait_for_any("promote:", timeout=60))
+        s.enter(None)
+        s.note(Fact.PROMOTED_AT, Fact.BACK_AT)
+        s.hold_until("worked-again")
+        s.facts[Fact.PROMOTIONS] = {n: lines for n, lines in agents.lines("promote:").items() if lines}
+    s.do(f"rejoin {old} (pg_rewind)", lambda: p.demote(old, new))
+    s.hold(0.5)
+
+
 def standby_crash(s: Step) -> None:
     """kill -9 the standby; services keep using the primary; bring it back up to date."""
     p = s.procedures
@@ -440,6 +471,12 @@ SCENARIOS = [
              "the agents point every PgBouncer at the standby (read-only) within about a second; then promote "
              "(the agents adopt the new primary) and the old primary rejoins with pg_rewind.",
              False, unattended_crash, default=False),
+    Scenario("unattended-promote", "Primary killed, the agents fail over and promote by themselves",
+             "As unattended-crash, with the agents' --auto-promote: no operator step at all. The agents point every "
+             f"PgBouncer at the standby; once a majority saw the primary silent for {AUTO_PROMOTE_AFTER:g} s, the "
+             "agent holding the etcd lease fences the old primary and promotes the standby; the old primary then "
+             "rejoins with pg_rewind. On the embedded lab the drill starts the etcd and writes the fence.",
+             False, unattended_promote, default=False),
     Scenario("standby-crash", "Standby killed, brought back up to date",
              "kill -9 the standby; it restarts and catches up while the primary serves.", False, standby_crash),
     Scenario("host-os-upgrade", "Host OS upgrade, one node after the other (the plan's Alpine upgrade)",

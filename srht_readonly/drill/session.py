@@ -63,7 +63,7 @@ def local(*, load_name: str, duration: float, services: bool = True, sabotage: s
             cluster = stack.enter_context(Cluster(load(lab.write_inventory(scratch / "inventory.ini"))))
             assert lab.pgbouncer is not None
             procedures = InventoryProcedures(cluster, sabotage=sabotage, major_bin=major_bin,
-                                             drop_column_options=True, app_dsn=lab.pgbouncer.dsn)
+                                             drop_column_options=True, app_dsn=lab.pgbouncer.dsn, own_etcd=True)
             fleet = Fleet(procedures, [lab.pgbouncer.dsn], lambda node: lab.node(node).dsn)
             sources: list[TrafficSource] = []
             if services:

@@ -24,10 +24,12 @@ fetch that worked), the state at its start. Two sets follow from that:
   judged as read-only was refused with the explanation or dropped; every kind met the
   read-only state; from ``GRACE`` after the promotion (or the fleet's return to the upgraded
   primary) everything works again, every kind at least once, with no restart;
-* ``primary-crash`` and ``unattended-crash`` (``CRASHES``; in the second the agents do the
-  failover): errors only from operations under way while the primary was dead and PgBouncer
-  still pointed at it (``crash_at`` to ``failover_at`` + ``GRACE``); from ``promoted_at`` +
-  ``GRACE`` on, everything works again, every kind at least once.
+* ``primary-crash``, ``unattended-crash`` and ``unattended-promote`` (``CRASHES``; in the second
+  the agents do the failover, in the third the promotion too): errors only from operations under
+  way while the primary was dead and PgBouncer still pointed at it (``crash_at`` to
+  ``failover_at`` + ``GRACE``); from ``promoted_at`` + ``GRACE`` on, everything works again, every
+  kind at least once. ``unattended-promote`` also: exactly one agent promoted, and writes worked
+  again within ``WRITES_BACK`` s of the kill.
 
 Operations still in flight longer than ``GRACE`` when the traffic stops are errors (the
 recorder's ``close``), so hung work fails every one of these. ``database(...)`` judges the
@@ -72,8 +74,11 @@ UNDISTURBED = ("switchover", "standby-crash", "host-os-upgrade", "rolling-restar
 #: Scenarios that switch the primary with the writes paused, not refused: judged on the write gap.
 PLANNED_SWITCHES = ("switchover", "host-os-upgrade", "rolling-restart")
 #: Scenarios in which the primary is killed, the fleet fails over to the standby, which is then promoted:
-#: by an operator's commands, or by the agents (``unattended-crash``: no operator until the promotion).
-CRASHES = ("primary-crash", "unattended-crash")
+#: by an operator's commands, or by the agents (``unattended-crash``: no operator until the promotion;
+#: ``unattended-promote``: none at all, the agents promote too).
+CRASHES = ("primary-crash", "unattended-crash", "unattended-promote")
+#: unattended-promote: seconds from the kill within which writes must work again (the agents' promotion).
+WRITES_BACK = 10.0
 #: Scenarios with a planned read-only window (the fleet on the standby), then writable again.
 READ_ONLY_WINDOW = ("readonly-failover", "major-upgrade")
 
@@ -308,6 +313,8 @@ def database(scenario: str, recorder: Recorder, facts: dict[str, Any], ledger: L
             steps.insert(0, ("reads", False, Fact.FAILOVER_AT, "failover"))
         else:  # unattended: nobody runs the failover, so reads are judged from the kill itself
             checks.append(_reads_back_after_the_kill(events, facts))
+        if scenario == "unattended-promote":
+            checks += _promoted_by_the_agents(events, facts)
         for what, write, since, step in steps:
             back = first(events, lambda e, w=write, t=facts[since]: e.t >= t and e.write == w  # type: ignore[misc]
                          and e.outcome is Outcome.OK)
@@ -341,6 +348,23 @@ def _reads_back_after_the_kill(events: list[Event], facts: dict[str, Any]) -> Ex
     return Expectation(f"reads restored within {GRACE:g} s of the kill, with no operator (the agents' failover)",
                        took is not None and took <= GRACE, "never" if took is None else f"{took:.2f} s",
                        [back] if back else [])
+
+
+def _promoted_by_the_agents(events: list[Event], facts: dict[str, Any]) -> list[Expectation]:
+    """``unattended-promote``: exactly one agent promoted (two would be two primaries), and a write begun
+    after the agents' failover (so not one the dying primary still took) was acknowledged within
+    ``WRITES_BACK`` s of the kill."""
+    promotions = facts.get(Fact.PROMOTIONS) or {}
+    lines = [line for said in promotions.values() for line in said]
+    crash, failover = facts[Fact.CRASH_AT], facts[Fact.FAILOVER_AT]
+    back = first(events, lambda e: e.write and e.started >= failover and e.outcome is Outcome.OK)
+    took = None if back is None else back.t - crash
+    return [Expectation("exactly one agent promoted the standby", len(lines) == 1,
+                        f"{len(lines)} promotion(s)" + "".join(f"; {n}: {line[line.find('promote:'):][:200]}"
+                                                               for n, said in promotions.items() for line in said)),
+            Expectation(f"writes restored within {WRITES_BACK:g} s of the kill, with no operator (the agents' "
+                        "promotion)", took is not None and took <= WRITES_BACK,
+                        "never" if took is None else f"{took:.2f} s", [back] if back else [])]
 
 
 def _p95(lane: dict[str, dict[str, Any]], phase: str) -> float | None:

@@ -2,9 +2,10 @@
 
 ``Agents(fleet, directory, *args)`` starts one agent per PgBouncer of the fleet's inventory (the
 installed console script, as an operator's unit file runs it), each logging to
-``directory/NAME.log``; ``wait_for(text)`` waits until every log says ``text``; ``stop()`` sends
-SIGTERM and checks each exited 0. ``reads_restored(probe, since)``: per PgBouncer, how long after
-``since`` reads worked again after stopping; ``start_again(node)`` starts a killed node.
+``directory/NAME.log``; ``wait_for(text)`` waits until every log says ``text`` (``wait_for_any``: one
+of them); ``stop()`` sends SIGTERM and checks each exited 0. ``reads_restored(probe, since)``: per
+PgBouncer, how long after ``since`` reads worked again after stopping; ``start_again(node)`` starts a
+killed node.
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ class Agents:
             if time.monotonic() > deadline:
                 raise AssertionError(f"not every agent said {text!r} {times} time(s) within {timeout} s:\n"
                                      f"{self.logs()}")
+            time.sleep(0.05)
+
+    def wait_for_any(self, text: str, *, timeout: float) -> str:
+        """Until some agent's log holds ``text``; that agent's name. ``AssertionError`` as ``wait_for``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            said = [n for n, c in self.count(text).items() if c]
+            if said:
+                return said[0]
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+            if dead:
+                raise AssertionError(f"agents exited {dead}:\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no agent said {text!r} within {timeout} s:\n{self.logs()}")
             time.sleep(0.05)
 
     def stop(self) -> None:
