@@ -47,7 +47,7 @@ def test_auto_promote_fences_the_dead_primary_and_promotes_once_writes_back_with
                 time.sleep(1.0)
                 killed = time.monotonic()
                 remilia.kill()
-                agents.wait_for("adopt:", timeout=20)
+                agents.wait_for("on konpaku (primary", timeout=20)  # adopted, or converged to the new state
                 time.sleep(1.0)
             back = writes_restored(load, killed)
     print(f"\nauto-promote 3 s: writes back through every PgBouncer {back} s after the kill")
@@ -104,7 +104,7 @@ def test_while_an_operator_holds_the_fleet_lock_nothing_is_promoted_then_it_is(f
                 assert roles(fleet)["konpaku"] == "standby" and not fenced.exists(), agents.logs()
             finally:
                 lock.release()
-            agents.wait_for("adopt:", timeout=20)
+            agents.wait_for("on konpaku (primary", timeout=20)  # adopted, or converged to the new state
     logs = agents.logs()
     assert "`demote remilia --primary konpaku`" in logs and sum(agents.count("promote:").values()) == 1, logs
     assert roles(fleet)["konpaku"] == "primary"

@@ -59,6 +59,7 @@ import psycopg2
 
 from .autopromote import AutoPromoter, Candidate
 from .cluster import Cluster
+from .desired import FleetState, Follower
 from .errors import OpsError
 from .etcd import Heartbeat
 from .failover import LOGIN_RETRY, FailoverPlan, run_failover
@@ -78,6 +79,8 @@ DWELL = 10.0
 PROBE_TIMEOUT = 1.0
 #: Failed probes in a row, at least, before a primary is taken as gone (with ``CONFIRM``).
 MIN_FAILURES = 3
+#: Seconds before a repoint for the fleet's desired state (``ops.desired``) that failed is tried again.
+CONVERGE_RETRY = 2.0
 #: With ``[etcd]``: seconds without etcd taking a heartbeat (a put needs the quorum) after which the agent
 #: freezes. An agent beats every second, and losing one member of three costs one beat at most.
 FREEZE_AFTER = 3.0
@@ -206,7 +209,7 @@ class Expected:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "stay", "away", "back", "adopt", "follow", "hands-off", "resume", "relearn"
+    action: str  # "stay", "away", "back", "adopt", "follow", "hands-off", "resume", "relearn", "converge"
     why: str
     quiet: bool = False  # a "stay" of the normal course (the primary answers): not logged
 
@@ -298,6 +301,11 @@ class Agent:
         self._stayed: str | None = None  # the last reason to stay that was logged
         etcd = self.cluster.inventory.etcd
         self.heartbeat = Heartbeat(etcd, self.pgbouncer) if etcd is not None else None
+        self.follower = Follower(etcd) if etcd is not None else None  # the fleet's desired state (ops.desired)
+        # The desired state's generation the agent follows: the one it found at its start (0: none), or when
+        # etcd first answered if it did not then; only a later one is carried out, never one written before.
+        self.generation: int | None = None if etcd is not None else 0
+        self._converge_retry_at = 0.0  # after a repoint for the fleet's state failed: when to try again
         self._next_beat = 0.0
         self._target: str | None = None  # where the PgBouncer pointed at the last look
         self.frozen: str | None = None  # why the agent changes nothing now (etcd takes no heartbeat), or None
@@ -308,6 +316,9 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set: learn what to expect, then probe and decide every ``interval``."""
         try:
+            if self.follower is not None and self.follower.start().wait_read(2.0):
+                baseline = self.follower.latest()
+                self.generation = baseline.generation if baseline is not None else 0
             waiting = None
             while not stop.is_set() and self.expected is None:
                 try:
@@ -330,6 +341,8 @@ class Agent:
                     stop.wait(1.0)
                 stop.wait(self.interval)
         finally:
+            if self.follower is not None:
+                self.follower.stop()
             if self.promoter is not None:
                 self.promoter.close()
             for prober in self.probers.values():
@@ -365,6 +378,7 @@ class Agent:
                 "sees": {e.primary: seen(e.primary), e.standby: seen(e.standby)},
                 "primary_silent_for": silent,
                 "primary_lsn": primary.last_ok.lsn if primary.last_ok is not None else None,
+                "generation": self.generation,
                 "why": e.hands_off or self.frozen or (e.switched_why if e.away and d.quiet else d.why)}
 
     def learn(self, target: str | None = None) -> Expected:
@@ -408,6 +422,17 @@ class Agent:
             if self.promoter is not None:
                 self.promoter.want(False)
             return Decision("stay", frozen, quiet=True)
+        if self.follower is not None and self.generation is None:
+            if self.follower.wait_read(0):  # the baseline, not carried out
+                baseline = self.follower.latest()
+                self.generation = baseline.generation if baseline is not None else 0
+        elif self.follower is not None and self.generation is not None:
+            latest = self.follower.latest()
+            if (latest is not None and latest.generation > self.generation and not bouncer.paused
+                    and time.monotonic() >= self._converge_retry_at):  # paused: a procedure under way, later
+                if self.promoter is not None:
+                    self.promoter.want(False)
+                return self._converge(latest, bouncer.target)
         d = decide(e, self.probers[e.primary].seen(), self.probers[e.standby].seen(), bouncer, time.monotonic(),
                    confirm=self.confirm, dwell=self.dwell)
         if d.action != "stay" or d.quiet:
@@ -453,6 +478,73 @@ class Agent:
                     e.hands_off = str(exc)
                     self._record("hands-off", str(exc))
         return d
+
+    def _converge(self, state: FleetState, target: str | None) -> Decision:
+        """A new generation of the fleet's desired state: point the PgBouncer where it says, then expect
+        that node as the primary, or, where it is not one (an operator's read-only window), keep hands
+        off until the PgBouncer points at a primary. Never at a node that does not answer, nor at a
+        primary the state does not name (or on an older timeline than it says): the agent then keeps
+        hands off and says why. The generation counts as followed once done (or refused); a repoint
+        that failed is tried again ``CONVERGE_RETRY`` s later."""
+        assert self.expected is not None
+        to = state.pgbouncers.get(self.pgbouncer)
+        origin = f"the fleet's state, generation {state.generation}, by {state.by}"
+        if to is None or to not in self.cluster.inventory.nodes:
+            self.generation = state.generation
+            why = f"{origin}, names {'no node' if to is None else 'unknown node ' + to} for {self.pgbouncer}"
+            self._record("converge", f"{why}: nothing to do")
+            return Decision("converge", why)
+        once = Prober(self.cluster.node(to), timeout=self.timeout)
+        try:
+            look = once.look()
+        finally:
+            once.close()
+        unsafe = (f"{to} does not answer ({look.error})" if look.role is None else
+                  f"{to} answers as a primary, but the state names {state.primary or 'no primary'}"
+                  if look.role == "primary" and to != state.primary else
+                  f"{to} is on timeline {look.timeline}, older than the state's {state.timeline}"
+                  if look.role == "primary" and state.timeline is not None and (look.timeline or 0) < state.timeline
+                  else None)
+        if unsafe is not None:
+            self.generation = state.generation
+            self.expected.hands_off = f"{origin}, points {self.pgbouncer} at {to}, but {unsafe}: the agent leaves it"
+            self._record("hands-off", self.expected.hands_off)
+            return Decision("converge", self.expected.hands_off)
+        if target != to and not self._point(to, look.role == "primary"):
+            self._converge_retry_at = time.monotonic() + CONVERGE_RETRY
+            return Decision("converge", f"{origin}: pointing at {to} failed, tried again in {CONVERGE_RETRY:g} s")
+        self.generation = state.generation
+        why = f"{self.pgbouncer} -> {to}: {origin}" if target != to else f"{self.pgbouncer} already on {to}: {origin}"
+        self._record("converge", why)
+        if look.role == "primary":
+            try:
+                self.expected = self.learn(to)
+                return Decision("converge", why)
+            except OpsError as exc:
+                unsafe = str(exc)
+        # An operator's read-only window (or a node that stopped being a primary since): not "away" (the
+        # agent did not move it, and must not point back), hands off until it points at a primary.
+        held = (f"{origin}, points {self.pgbouncer} at {to}, {'a standby' if unsafe is None else unsafe}: the agent "
+                "keeps it there until it points at a primary")
+        self.expected = Expected(state.primary or self.expected.primary, state.timeline, to, hands_off=held)
+        self._record("hands-off", held)
+        return Decision("converge", why)
+
+    def _point(self, to: str, writable: bool) -> bool:
+        """Repoint the PgBouncer at ``to`` for the fleet's state, as the failover command would; whether it
+        points there now."""
+        try:
+            spec = self.cluster.node(to)
+            m = self.fleet.members[self.pgbouncer]
+            retry = ({self.pgbouncer: m.config.get("server_login_retry", "?")}
+                     if seconds_setting(m.config.get("server_login_retry")) > LOGIN_RETRY else {})
+            plan = FailoverPlan(to, "primary" if writable else "standby", self.fleet.plan_repoint(spec), {}, retry)
+            run_failover(self.cluster, self.fleet, plan)
+        except Exception as exc:  # noqa: BLE001 - OpsError, or a config that could not be read: tried again later
+            self._record("failed", f"pointing {self.pgbouncer} at {to} for the fleet's state failed: {exc}")
+        self._reopen()
+        self._target = self._bouncer().target
+        return self._target == to
 
     def _consider_promotion(self, e: Expected) -> None:
         """Away, the primary still not back: ``--auto-promote`` may promote the standby (``ops.autopromote``)."""

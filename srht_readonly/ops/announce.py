@@ -6,6 +6,12 @@ The file format is the services' own (``srht_readonly._announcement``, stdlib on
 definition of the format both sides share). Files are replaced atomically on each host (mode
 0644, ``Host.write_text_atomic``), every host in parallel; a host that cannot be written is
 named, the others keep what they got (exit 3, and running the same command again is safe).
+
+With an inventory ``[etcd]`` section the announcement is also kept in etcd, under
+``PREFIX/announcement`` (removed by ``clear``), as part of the fleet's state: ``read_all`` lists it
+beside the hosts (as ``etcd``), so ``announce --list`` shows it and ``status`` warns when a host's
+file differs from it. The services themselves read only their host's file: etcd is never on
+their path.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from datetime import datetime
 from .._announcement import Announcement
 from .cluster import Cluster
 from .errors import OpsError, PartlyDone, Refused
-from .inventory import ServiceSpec
+from .inventory import EtcdSpec, ServiceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +93,32 @@ def publish(cluster: Cluster, announcement: Announcement) -> AnnounceResult:
                       f"before any service saw it")
     text = announcement.to_json() + "\n"
     hosts = _each(cluster, lambda host, spec: host.write_text_atomic(spec.announcement, text, mode=0o644))
-    return AnnounceResult("announced", hosts, announcement)
+    return AnnounceResult("announced", _in_etcd(cluster.inventory.etcd, hosts, text), announcement)
 
 
 def clear(cluster: Cluster) -> AnnounceResult:
     """Remove the announcement file on every service host (services turn writable within ``recheck``)."""
-    return AnnounceResult("cleared", _each(cluster, lambda host, spec: host.remove(spec.announcement)))
+    hosts = _each(cluster, lambda host, spec: host.remove(spec.announcement))
+    return AnnounceResult("cleared", _in_etcd(cluster.inventory.etcd, hosts, None))
+
+
+def _in_etcd(spec: EtcdSpec | None, hosts: dict[str, str], text: str | None) -> dict[str, str]:
+    """With ``[etcd]``: ``text`` as ``PREFIX/announcement`` (None: removed); ``hosts`` with ``etcd``'s outcome.
+    The hosts are done by then: a failure here is ``PartlyDone`` (running the command again is safe)."""
+    if spec is None:
+        return hosts
+    from .etcd import client, why
+
+    try:
+        etcd = client(spec)
+        if text is None:
+            etcd.delete(f"{spec.prefix}/announcement")
+        else:
+            etcd.put(f"{spec.prefix}/announcement", text)
+    except Exception as exc:  # noqa: BLE001 - Refused, or etcd3gw's own errors
+        raise PartlyDone(f"every service host is done, but etcd's copy of the announcement is not: {why(exc)}",
+                         {**hosts, "etcd": f"failed: {why(exc)}"}) from exc
+    return {**hosts, "etcd": "ok"}
 
 
 def read_all(cluster: Cluster) -> list[HostAnnouncement]:
@@ -114,7 +140,23 @@ def read_all(cluster: Cluster) -> list[HostAnnouncement]:
     if not services:
         return []
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(services)) as pool:
-        return list(pool.map(one, services))
+        seen = list(pool.map(one, services))
+    return seen if cluster.inventory.etcd is None else [*seen, _from_etcd(cluster.inventory.etcd)]
+
+
+def _from_etcd(spec: EtcdSpec) -> HostAnnouncement:
+    """etcd's copy (``PREFIX/announcement``), as one more host."""
+    from .etcd import client, why
+
+    seen = HostAnnouncement("etcd", f"{spec.prefix}/announcement")
+    try:
+        values = client(spec).get(seen.path)
+        if values:
+            raw = values[0].decode() if isinstance(values[0], bytes) else str(values[0])
+            seen.announcement = Announcement.parse(raw)
+    except Exception as exc:  # noqa: BLE001 - status and --list show it, never fail on it
+        seen.error = why(exc)
+    return seen
 
 
 def in_effect(seen: list[HostAnnouncement], now: float) -> Announcement | None:

@@ -30,17 +30,17 @@ when every one of these holds, checked in this order each time:
    primary's postmaster still runs (looked at over the node's ``ssh =``, or on this machine),
    whatever the fence command said.
 
-Then ``run_promote`` (as ``srht-readonly promote`` does), and ``PREFIX/state`` records the new
-primary and its timeline. Every agent (this one included) then sees the standby answer as a
-primary and adopts it (``follow`` for one whose PgBouncer had stayed on the old primary). The
-old primary stays stopped until an operator rejoins it (``srht-readonly demote``). Whatever
+Then ``run_promote`` (as ``srht-readonly promote`` does), and the fleet's desired state
+(``ops.desired``) records the new primary, its timeline, and every PgBouncer on it. Every agent
+(this one included) then sees the standby answer as a primary, and the new generation, and
+adopts it (``follow`` for one whose PgBouncer had stayed on the old primary). The old primary
+stays stopped until an operator rejoins it (``srht-readonly demote``). Whatever
 fails on the way (etcd, a query, ssh) is logged and tried again later; it never ends the agent.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -53,7 +53,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cluster import Cluster
-from .errors import OpsError
+from .desired import publish
+from .errors import OpsError, Refused
 from .etcd import REQUEST_TIMEOUT, FleetLock, agents, client, why
 from .inventory import AgentSpec, EtcdSpec
 from .promote import check_promote, run_promote
@@ -329,9 +330,10 @@ class AutoPromoter:
         return None
 
     def _record_state(self, primary: str, timeline: int) -> None:
-        """``PREFIX/state``: the primary the fleet should follow now (best effort: the promotion is done)."""
+        """The fleet's desired state (``ops.desired``): ``primary`` on ``timeline``, every PgBouncer on it
+        (best effort: the promotion is done, and every agent also adopts a standby it sees promoted)."""
         try:
-            client(self.etcd).put(f"{self.etcd.prefix}/state", json.dumps(
-                {"primary": primary, "timeline": timeline, "by": f"agent {self.name}", "time": time.time()}))
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("could not record the new primary in etcd: %s", why(exc))
+            publish(self.etcd, f"agent {self.name} --auto-promote", primary=primary, timeline=timeline,
+                    pgbouncers={name: primary for name in self.cluster.inventory.pgbouncers})
+        except Refused as exc:
+            logger.warning("could not record the new primary in etcd: %s", exc)

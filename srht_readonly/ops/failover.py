@@ -8,15 +8,21 @@ file's value where lower): measured here, reads came back 6 ms after the RELOAD 
 with 1 s alone.
 
 Re-running is safe: files already right are not rewritten, every PgBouncer is reloaded again.
+
+With an inventory ``[etcd]`` section, ``run_failover_with_agents`` goes through the agents
+instead: the fleet's new desired state in one etcd transaction (``ops.desired``), each agent
+repoints its own PgBouncer, all in parallel; the command repoints itself, as above, any PgBouncer
+whose agent does not beat or did not report the new state within ``AGENTS_TIMEOUT`` s.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import interrupts
+from . import desired, interrupts
 from .cluster import Cluster
 from .errors import PartlyDone, Refused
 from .fleet import Change, Fleet, seconds_setting
@@ -26,6 +32,8 @@ from .sql import parse_lsn
 logger = logging.getLogger(__name__)
 
 LOGIN_RETRY = 1
+#: Seconds ``run_failover_with_agents`` waits for the agents to report the new state.
+AGENTS_TIMEOUT = 5.0
 
 
 @dataclass
@@ -38,9 +46,14 @@ class FailoverPlan:
     targets_now: dict[str, str | None]
     login_retry: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    through_agents: bool = False  # [etcd]: run_failover_with_agents
 
     def steps(self) -> list[str]:
         steps = []
+        if self.through_agents:
+            steps.append(f"write the fleet's desired state in etcd (every PgBouncer -> {self.target}); each "
+                         f"PgBouncer's agent repoints it, all in parallel; for any whose agent does not report it "
+                         f"within {AGENTS_TIMEOUT:g} s, this command does what follows")
         for name, change in self.changes.items():
             now = self.targets_now.get(name) or "?"
             verb = "rewrite" if change.changed else "keep (already right)"
@@ -65,13 +78,22 @@ class FailoverResult:
     login_retry_set: list[str]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    by_agents: dict[str, float] = field(default_factory=dict)  # with [etcd]: {name: seconds its agent took}
+    generation: int | None = None  # with [etcd]: the fleet state's generation written
 
     def text(self) -> str:
         mode = (f" (a standby: read-only until `srht-readonly promote {self.target}`)"
                 if self.target_role == "standby" else "")
         lowered = f"; server_login_retry lowered on {', '.join(self.login_retry_set)}" if self.login_retry_set else ""
-        return (f"every PgBouncer points at {self.target}{mode}: {len(self.written)} config(s) rewritten, "
-                f"{len(self.reloaded)} reloaded, in {self.seconds:.2f} s{lowered}")
+        if self.generation is None:
+            return (f"every PgBouncer points at {self.target}{mode}: {len(self.written)} config(s) rewritten, "
+                    f"{len(self.reloaded)} reloaded, in {self.seconds:.2f} s{lowered}")
+        agents = (f"by its agent: {', '.join(f'{n} ({t:.2f} s)' for n, t in self.by_agents.items())}"
+                  if self.by_agents else "no agent reported it")
+        own = (f"; by this command (no agent reported it): {', '.join(self.reloaded)}{lowered}"
+               if self.reloaded else "")
+        return (f"every PgBouncer points at {self.target}{mode}, fleet state generation {self.generation}, in "
+                f"{self.seconds:.2f} s; {agents}{own}")
 
 
 def fleet_refusal(states: dict[str, NodeState], to: str) -> str | None:
@@ -158,3 +180,52 @@ def run_failover(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, *, verify_t
         plan.target, plan.target_role, written, [n for n, o in reloaded.items() if o.ok],
         list(plan.login_retry) if login_retry is not None else [], time.monotonic() - start, plan.warnings,
     )
+
+
+def run_failover_with_agents(cluster: Cluster, fleet: Fleet, plan: FailoverPlan, command: str, *,
+                             timeout: float = AGENTS_TIMEOUT, say: Callable[[str], None] = logger.info,
+                             ) -> FailoverResult:
+    """``[etcd]``: write the fleet's new desired state (every PgBouncer on ``plan.target``), wait until each
+    live agent reports it, then repoint the rest as ``run_failover`` does, and verify every PgBouncer."""
+    spec = cluster.inventory.etcd
+    assert spec is not None, "run_failover_with_agents needs [etcd]"
+    start = time.monotonic()
+    live = desired.live_agents(spec)
+    states = observe_nodes(cluster.inventory)
+    live_primaries = primaries(states)
+    primary = plan.target if plan.target_role == "primary" else (live_primaries[0] if live_primaries else None)
+    timeline = states[primary].timeline if primary is not None else None
+    state = desired.publish(spec, command, primary=primary, timeline=timeline,
+                            pgbouncers={name: plan.target for name in plan.changes})
+    waiting = [name for name in plan.changes if name in live]
+    say(f"fleet state generation {state.generation} written; waiting for the agents of "
+        f"{', '.join(waiting) or 'no PgBouncer (none beats)'}")
+    by_agents = desired.wait_converged(spec, state, waiting, timeout=timeout) if waiting else {}
+    rest = [name for name in plan.changes if name not in by_agents]
+    own: FailoverResult | None = None
+    if rest:
+        say("repointing from here: " + "; ".join(
+            f"{n} ({'its agent did not report the new state' if n in live else 'no agent beats for it'})"
+            for n in rest))
+        try:
+            with Fleet(cluster, rest) as others:
+                others.open()
+                others.require_all()
+                changes = others.plan_repoint(cluster.node(plan.target))
+                retry = {n: v for n, v in plan.login_retry.items() if n in rest}
+                own = run_failover(cluster, others, FailoverPlan(plan.target, plan.target_role, changes,
+                                                                 {}, retry))
+        except Refused as exc:  # the state is written and agents moved theirs: no longer "nothing changed"
+            raise PartlyDone(f"the fleet state (generation {state.generation}) says every PgBouncer points at "
+                             f"{plan.target}, and its agents moved these; the others could not be repointed from "
+                             f"here ({exc}); run the same command again once they are reachable:",
+                             {**{n: f"switched to {plan.target} by its agent" for n in by_agents},
+                              **dict.fromkeys(rest, "not switched")}) from exc
+    wrong = fleet.verify(cluster.node(plan.target))
+    if wrong:
+        raise PartlyDone(f"the fleet state says every PgBouncer points at {plan.target}, but not all of them do; "
+                         "run the same command again once they are reachable:",
+                         {**{n: f"switched to {plan.target}" for n in plan.changes if n not in wrong}, **wrong})
+    return FailoverResult(plan.target, plan.target_role, own.written if own else [], own.reloaded if own else [],
+                          own.login_retry_set if own else [], time.monotonic() - start, plan.warnings,
+                          by_agents, state.generation)

@@ -76,6 +76,10 @@ def status_text(status: Status) -> str:
     if status.etcd is not None:
         healthy = sum(1 for e in status.etcd if e["healthy"])
         lines += [f"etcd: {healthy} of {len(status.etcd)} endpoint(s) healthy", ""]
+    if status.fleet_state:
+        f = status.fleet_state
+        lines += [f"fleet state in etcd: generation {f['generation']}, primary {f['primary'] or 'none'} on timeline "
+                  f"{f['timeline'] if f['timeline'] is not None else '?'}, by {f['by']}", ""]
     if status.agents:
         rows = [["AGENT", "STATE", "POINTS AT", "SEES", "HEARTBEAT", "HOST"]]
         for name, a in sorted(status.agents.items()):

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import announce, etcd
+from . import announce, desired, etcd
 from .backup import Barman
 from .cluster import Cluster
 from .errors import OpsError
@@ -77,6 +77,9 @@ class Status:
     #: PgBouncer (``etcd.agents``: ``state``, ``points_at``, ``sees``, ``age``...); None without ``[etcd]``.
     etcd: list[dict[str, Any]] | None = None
     agents: dict[str, dict[str, Any]] | None = None
+    #: With ``[etcd]``: the fleet's desired state (``ops.desired``: ``generation``, ``primary``, ``timeline``,
+    #: ``pgbouncers``, ``by``, ``time``); None without ``[etcd]`` or before any procedure wrote one.
+    fleet_state: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``status --json`` document (``nodes[].role``, ``pgbouncers[].target``... see docs/cli.md)."""
@@ -108,6 +111,9 @@ def collect(cluster: Cluster) -> Status:
     if cluster.inventory.etcd is not None:
         status.etcd, status.agents, found = fleet_in_etcd(cluster.inventory.etcd, list(bouncers))
         status.problems += found
+        if status.agents is not None:  # etcd answers
+            status.fleet_state, found = desired_state(cluster.inventory.etcd, status.pgbouncers, status.agents)
+            status.problems += found
     status.problems.sort(key=lambda p: ("critical", "warning", "info").index(p.severity))
     return status
 
@@ -168,6 +174,27 @@ def fleet_in_etcd(spec: EtcdSpec, pgbouncers: list[str]) -> tuple[list[dict[str,
                 found.append(Problem("warning", f"agent {name}", "no heartbeat: its agent is not running, or cannot "
                                                                  "reach etcd; that PgBouncer fails over only by hand"))
     return endpoints, beats, found
+
+
+def desired_state(spec: EtcdSpec, bouncers: list[BouncerState], beats: Beats) -> tuple[dict[str, Any] | None,
+                                                                                      list[Problem]]:
+    """The fleet's desired state in etcd, and a warning for each PgBouncer that points elsewhere than it
+    says (except one its agent moved to the standby: that is the agent's own failover, reported above)."""
+    try:
+        state, _ = desired.read(spec)
+    except OpsError as exc:
+        return None, [Problem("warning", "etcd", str(exc))]
+    if state is None:
+        return None, []
+    found = []
+    for b in bouncers:
+        want = state.pgbouncers.get(b.name)
+        if want and b.target and b.target != want and beats.get(b.name, {}).get("state") != "away":
+            found.append(Problem("warning", f"pgbouncer {b.name}", f"points at {b.target}, but the fleet's state in "
+                                                                   f"etcd (generation {state.generation}, by "
+                                                                   f"{state.by}) says {want}: run `srht-readonly "
+                                                                   f"failover --to NODE` to set where it must point"))
+    return dataclasses.asdict(state), found
 
 
 def commit_problems(node: str, seconds: float, threshold: float) -> list[Problem]:
@@ -242,11 +269,14 @@ def problems(status: Status) -> list[Problem]:
         found += _node_problems(node, live[0] if len(live) == 1 else None)
     announced = bool(status.announcement and status.announcement["in_effect"])
     for service, error in status.announcement_errors.items():
-        found.append(Problem("warning", f"service {service}", f"its announcement file cannot be read: {error}"))
+        found.append(Problem("warning", "etcd", f"its copy of the announcement cannot be read: {error}")
+                     if service == "etcd" else  # announce.read_all lists etcd's copy as one more host
+                     Problem("warning", f"service {service}", f"its announcement file cannot be read: {error}"))
     if status.announcements_differ:
-        found.append(Problem("warning", "announcement", "the service hosts' announcement files differ (a partly "
-                                                        "done announce?); srht-readonly announce --list shows each, "
-                                                        "announce again or --clear"))
+        found.append(Problem("warning", "announcement", "the service hosts' announcement files (and etcd's copy, "
+                                                        "with [etcd]) differ (a partly done announce?); "
+                                                        "srht-readonly announce --list shows each, announce again "
+                                                        "or --clear"))
     for bouncer in status.pgbouncers:
         found += _bouncer_problems(bouncer, nodes, live, announced)
     found.sort(key=lambda p: ("critical", "warning", "info").index(p.severity))

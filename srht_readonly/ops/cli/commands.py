@@ -13,20 +13,21 @@ from typing import Any
 
 import click
 
-from .. import interrupts, render
+from .. import desired, interrupts, render
 from ..cluster import Cluster
 from ..demote import check_demote, run_demote
+from ..errors import Refused
 from ..etcd import FleetLock
-from ..failover import check_failover, run_failover
+from ..failover import FailoverPlan, FailoverResult, check_failover, run_failover, run_failover_with_agents
 from ..fleet import Fleet
 from ..hooks import Hooks
 from ..inventory import load, resolve_path
 from ..lock import OperatorLock, lock_path
 from ..procedure import Plan, Result
-from ..promote import check_promote, run_promote
+from ..promote import PromoteResult, check_promote, run_promote
 from ..standby import PreparePlan, PrepareResult, check_prepare, run_prepare
 from ..status import CHECK_UNKNOWN, check_exit, collect
-from ..switchover import MAX_LAG, PAUSE_LIMIT, check_switchover, run_switchover
+from ..switchover import MAX_LAG, PAUSE_LIMIT, SwitchoverResult, check_switchover, run_switchover
 from .options import EXIT_REFUSED, changing, failures, following, option_json
 
 
@@ -208,14 +209,28 @@ def failover(ctx: click.Context, to: str, force: bool, dry_run: bool, yes: bool,
     switch. server_login_retry is lowered to 1 s on each console, so reads come back within
     a second of a crash instead of 15 s. Then promote NODE to bring writes back.
 
+    With [etcd] in the inventory: the fleet's desired state is written in etcd in one
+    transaction, each PgBouncer's agent (srht-readonly agent) repoints its own PgBouncer, all
+    in parallel, and this command repoints as above any whose agent does not report it within
+    5 s (docs/agent.md).
+
     \b
     Example:
       srht-readonly failover --to konpaku --dry-run
       srht-readonly failover --to konpaku --yes && srht-readonly promote konpaku --yes
     """
-    carry_out(ctx, f"failover --to {to}", as_json=as_json, dry_run=dry_run, yes=yes, fleet=True,
-              check=lambda cluster, fleet: check_failover(cluster, _the(fleet), to, force=force),
-              run=lambda cluster, fleet, plan: run_failover(cluster, _the(fleet), plan))
+    def check(cluster: Cluster, fleet: Fleet | None) -> FailoverPlan:
+        plan = check_failover(cluster, _the(fleet), to, force=force)
+        plan.through_agents = cluster.inventory.etcd is not None
+        return plan
+
+    def run(cluster: Cluster, fleet: Fleet | None, plan: FailoverPlan) -> FailoverResult:
+        if plan.through_agents:
+            return run_failover_with_agents(cluster, _the(fleet), plan, f"failover --to {to}", say=say)
+        return run_failover(cluster, _the(fleet), plan)
+
+    carry_out(ctx, f"failover --to {to}", as_json=as_json, dry_run=dry_run, yes=yes, fleet=True, check=check,
+              run=run)
 
 
 @click.command()
@@ -237,9 +252,14 @@ def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, d
       srht-readonly promote konpaku --dry-run
       srht-readonly promote konpaku --yes
     """
-    carry_out(ctx, f"promote {node}", as_json=as_json, dry_run=dry_run, yes=yes,
-              check=lambda cluster, _: check_promote(cluster, node, force=force, replay_timeout=replay_timeout),
-              run=lambda cluster, _, plan: run_promote(cluster, plan))
+    def run(cluster: Cluster, _: Fleet | None, plan: Any) -> PromoteResult:
+        result = run_promote(cluster, plan)
+        _record_primary(cluster, f"promote {node}", node, result.timeline_after,
+                        {name: node for name in cluster.inventory.pgbouncers})
+        return result
+
+    carry_out(ctx, f"promote {node}", as_json=as_json, dry_run=dry_run, yes=yes, run=run,
+              check=lambda cluster, _: check_promote(cluster, node, force=force, replay_timeout=replay_timeout))
 
 
 @click.command()
@@ -290,10 +310,31 @@ def switchover(ctx: click.Context, to: str, pause_timeout: float, pause_limit: f
       srht-readonly switchover --to konpaku --dry-run
       srht-readonly switchover --to konpaku --yes
     """
-    carry_out(ctx, f"switchover --to {to}", as_json=as_json, dry_run=dry_run, yes=yes, fleet=True,
+    def run(cluster: Cluster, fleet: Fleet | None, plan: Any) -> SwitchoverResult:
+        result = run_switchover(cluster, _the(fleet), plan, say=say)
+        _record_primary(cluster, f"switchover --to {to}", to, result.timeline_after,
+                        {name: to for name in cluster.inventory.pgbouncers})
+        return result
+
+    carry_out(ctx, f"switchover --to {to}", as_json=as_json, dry_run=dry_run, yes=yes, fleet=True, run=run,
               check=lambda cluster, fleet: check_switchover(cluster, _the(fleet), to, max_lag=max_lag * 2**20,
-                                                            pause_timeout=pause_timeout, pause_limit=pause_limit),
-              run=lambda cluster, fleet, plan: run_switchover(cluster, _the(fleet), plan, say=say))
+                                                            pause_timeout=pause_timeout, pause_limit=pause_limit))
+
+
+def _record_primary(cluster: Cluster, command: str, primary: str, timeline: int,
+                    pgbouncers: dict[str, str] | None = None) -> None:
+    """With ``[etcd]``: the fleet's desired state after ``command`` made ``primary`` the primary (``ops.desired``).
+    A failure is a warning: the procedure is done, and the agents also learn from what they see."""
+    spec = cluster.inventory.etcd
+    if spec is None:
+        return
+    try:
+        state = desired.publish(spec, command, primary=primary, timeline=timeline, pgbouncers=pgbouncers)
+    except Refused as exc:
+        with contextlib.suppress(OSError):
+            click.echo(f"warning: the fleet's state in etcd still names the old primary: {exc}", err=True)
+        return
+    say(f"fleet state generation {state.generation} written: primary {primary} on timeline {timeline}")
 
 
 def _the(fleet: Fleet | None) -> Fleet:

@@ -169,7 +169,9 @@ def agent(ctx: click.Context, pgbouncer: str, interval: float, confirm: float, d
     on its timeline (it was not replaced) for --confirm seconds, it is pointed back. It does not
     promote (run `srht-readonly promote` for that; the agent then expects the new primary) unless
     started with --auto-promote, and leaves the PgBouncer alone while it is paused or an operator
-    has pointed it elsewhere. With [etcd], it freezes while etcd has lost its quorum.
+    has pointed it elsewhere. With [etcd], it beats there, freezes while etcd has lost its
+    quorum, and carries out on its PgBouncer each new fleet state that failover, switchover and
+    promote write there (so a failover moves every PgBouncer in parallel).
     Runs in the foreground until SIGTERM or Ctrl-C; logs each decision to stderr and sends it to
     the [hooks] command (event "agent"). One agent per PgBouncer host (docs/agent.md has a
     systemd unit and an OpenRC script).
