@@ -301,7 +301,8 @@ class Agent:
         self._stayed: str | None = None  # the last reason to stay that was logged
         etcd = self.cluster.inventory.etcd
         self.heartbeat = Heartbeat(etcd, self.pgbouncer) if etcd is not None else None
-        self.follower = Follower(etcd) if etcd is not None else None  # the fleet's desired state (ops.desired)
+        self._wake = threading.Event()  # set by the follower on a new generation: step now, not after interval
+        self.follower = Follower(etcd, on_change=self._wake.set) if etcd is not None else None  # ops.desired
         # The desired state's generation the agent follows: the one it found at its start (0: none), or when
         # etcd first answered if it did not then; only a later one is carried out, never one written before.
         self.generation: int | None = None if etcd is not None else 0
@@ -339,7 +340,8 @@ class Agent:
                         self.promoter.want(False)
                     self._record("error", f"this step failed and is tried again: {exc!r}")
                     stop.wait(1.0)
-                stop.wait(self.interval)
+                self._wake.wait(self.interval)
+                self._wake.clear()
         finally:
             if self.follower is not None:
                 self.follower.stop()
