@@ -144,6 +144,7 @@ def test_switchover_and_promote_write_the_new_primary_and_every_agent_follows_it
             timeline = q(lab.nodes["konpaku"].dsn, "SELECT timeline_id FROM pg_control_checkpoint()")[0][0]
             assert state.timeline == timeline and state.pgbouncers == dict.fromkeys(agents.names, "konpaku")
             assert "fleet state generation 1 written: primary konpaku" in proc.stderr, out(proc)
+            assert desired.paused(spec) is None  # its pause flag was lowered after the RESUME
             _wait_beats(spec, agents.names, lambda b: b.get("generation") == 1 and b.get("state") == "home"
                         and b.get("points_at") == "konpaku" and b.get("primary") == "konpaku")
             # A crash: the agents move every PgBouncer to remilia (read-only), then the operator promotes it.
@@ -234,3 +235,29 @@ def test_with_etcd_the_announcement_is_kept_there_too_listed_compared_and_cleare
         assert cleared.returncode == 0 and "etcd: ok" in cleared.stdout, out(cleared)
         from srht_readonly.ops.etcd import client
         assert client(spec).get(f"{spec.prefix}/announcement") == []
+
+
+def test_the_pause_flag_is_shown_while_up_lowered_by_its_holder_and_gone_with_its_lease(fleet, tmp_path):
+    with EtcdCluster(tmp_path / "etcd") as etcd:
+        spec = _with_etcd(fleet, etcd)
+        flag = desired.PauseFlag(spec, "switchover --to konpaku", 30)
+        flag.raise_()
+        up = desired.paused(spec)
+        assert up is not None and up["by"].startswith("switchover --to konpaku (") and up["limit"] == 30, up
+        seen = status(fleet)
+        assert seen["pause"]["by"] == up["by"]
+        assert [p for p in seen["problems"] if p["subject"] == "fleet" and "paused by switchover" in p["message"]]
+        flag.lower()
+        assert desired.paused(spec) is None
+        assert not [p for p in status(fleet)["problems"] if p["subject"] == "fleet"]
+        dead = desired.PauseFlag(spec, "switchover --to konpaku", 2)  # its holder dies: never lowered
+        dead.raise_()
+        assert desired.paused(spec) is not None
+        deadline = time.monotonic() + 10
+        while desired.paused(spec) is not None:
+            assert time.monotonic() < deadline, "the flag outlived its lease"
+            time.sleep(0.2)
+        # A switchover raises it before its PAUSE and lowers it after the RESUME.
+        proc = fleet.cli("switchover", "--to", "konpaku", "--yes")
+        assert proc.returncode == 0 and "PAUSE 3 PgBouncer(s) (pause flag up in etcd)" in proc.stderr, out(proc)
+        assert desired.paused(spec) is None

@@ -18,6 +18,9 @@ reloaded on its own host by its agent (the command still reaches every console f
 checks). The agent's heartbeat (``ops.etcd.Heartbeat``) then says
 which generation it follows, and ``failover`` waits for that (``wait_converged``); a PgBouncer
 whose agent does not beat, is frozen, or does not answer in time, the command repoints itself.
+
+``PauseFlag``: ``PREFIX/paused`` while a switchover holds every PgBouncer paused (on a lease of
+its dead-man limit), which ``status`` shows.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .lock import _user
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FleetState", "Follower", "live_agents", "publish", "read", "wait_converged"]
+__all__ = ["FleetState", "Follower", "PauseFlag", "live_agents", "paused", "publish", "read", "wait_converged"]
 
 #: Seconds between two reads of the state by an agent (one small range read each).
 FOLLOW_INTERVAL = 0.1
@@ -194,3 +197,54 @@ class Follower:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+class PauseFlag:
+    """``PREFIX/paused`` while a procedure holds the fleet's PgBouncers paused: who, since when, and the
+    dead-man limit. The key lives on a lease of that limit, so a procedure that dies takes it away when
+    its dead-man timers RESUME the PgBouncers. Best effort both ways: the pause itself never waits on it
+    (the fleet lock already made sure etcd answered)."""
+
+    def __init__(self, spec: EtcdSpec, command: str, limit: float) -> None:
+        self.spec, self.command, self.limit = spec, command, limit
+        self._lease: Any = None
+
+    def raise_(self) -> bool:
+        """Whether the flag is up now."""
+        try:
+            etcd = client(self.spec)
+            lease = etcd.lease(max(1, round(self.limit)))
+            etcd.put(f"{self.spec.prefix}/paused", json.dumps(
+                {"by": f"{self.command} ({_user()}@{socket.gethostname()}, pid {os.getpid()})", "since": time.time(),
+                 "limit": self.limit}), lease=lease)
+            self._lease = lease
+            return True
+        except Exception as exc:  # noqa: BLE001 - the pause goes on without its flag
+            logger.warning("could not raise the pause flag in etcd: %s", why(exc))
+            return False
+
+    def lower(self) -> None:
+        if self._lease is None:
+            return
+        try:
+            self._lease.revoke()
+        except Exception as exc:  # noqa: BLE001 - it expires with its lease
+            logger.warning("could not lower the pause flag in etcd (it expires within %g s): %s", self.limit, why(exc))
+        self._lease = None
+
+
+def paused(spec: EtcdSpec) -> dict[str, Any] | None:
+    """The pause flag (``by``, ``since``, ``limit``), or None; ``Refused`` when etcd cannot be read."""
+    from etcd3gw import exceptions
+
+    try:
+        values = client(spec).get(f"{spec.prefix}/paused")
+    except (exceptions.Etcd3Exception, OSError) as exc:
+        raise Refused(f"cannot read the pause flag from etcd: {why(exc)}") from exc
+    if not values:
+        return None
+    try:
+        flag = json.loads(values[0])
+    except ValueError:
+        return None
+    return flag if isinstance(flag, dict) else None

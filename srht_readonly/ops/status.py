@@ -80,6 +80,8 @@ class Status:
     #: With ``[etcd]``: the fleet's desired state (``ops.desired``: ``generation``, ``primary``, ``timeline``,
     #: ``pgbouncers``, ``by``, ``time``); None without ``[etcd]`` or before any procedure wrote one.
     fleet_state: dict[str, Any] | None = None
+    #: With ``[etcd]``: the pause flag of a switchover under way (``by``, ``since``, ``limit``), or None.
+    pause: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``status --json`` document (``nodes[].role``, ``pgbouncers[].target``... see docs/cli.md)."""
@@ -113,6 +115,8 @@ def collect(cluster: Cluster) -> Status:
         status.problems += found
         if status.agents is not None:  # etcd answers
             status.fleet_state, found = desired_state(cluster.inventory.etcd, status.pgbouncers, status.agents)
+            status.problems += found
+            status.pause, found = pause_flag(cluster.inventory.etcd, time.time())
             status.problems += found
     status.problems.sort(key=lambda p: ("critical", "warning", "info").index(p.severity))
     return status
@@ -195,6 +199,21 @@ def desired_state(spec: EtcdSpec, bouncers: list[BouncerState], beats: Beats) ->
                                                                    f"{state.by}) says {want}: run `srht-readonly "
                                                                    f"failover --to NODE` to set where it must point"))
     return dataclasses.asdict(state), found
+
+
+def pause_flag(spec: EtcdSpec, now: float) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """The pause flag in etcd (``desired.PauseFlag``), and a warning while it is up."""
+    try:
+        flag = desired.paused(spec)
+    except OpsError as exc:
+        return None, [Problem("warning", "etcd", str(exc))]
+    if flag is None:
+        return None, []
+    since = float(flag.get("since", now))
+    return flag, [Problem("warning", "fleet", f"every PgBouncer paused by {flag.get('by')} for {now - since:.0f} s "
+                                               f"(dead-man limit {flag.get('limit')} s): a switchover under way, or "
+                                               f"one that died, whose timers RESUME the PgBouncers within the "
+                                               f"limit; the flag goes with the pause")]
 
 
 def commit_problems(node: str, seconds: float, threshold: float) -> list[Problem]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from . import deadman, interrupts, replication, sql
+from . import deadman, desired, interrupts, replication, sql
 from .cluster import Cluster
 from .demote import DemoteResult, check_demote, run_demote
 from .errors import OpsError, PartlyDone, Refused, Timeout
@@ -226,6 +226,7 @@ class _Switchover:
         self.written = False
         self.slot_created = False
         self.timers: dict[str, deadman.Timer] = {}
+        self.flag: desired.PauseFlag | None = None
         self.phases: dict[str, float] = {}
         self.lsn = ""
         self.t0 = time.monotonic()
@@ -246,9 +247,13 @@ class _Switchover:
         armed = time.monotonic()
         self.timers = fleet.arm_timers(plan.pause_limit)
         self.deadline = armed + plan.pause_limit - DEADMAN_MARGIN
+        flagged = ""
+        if self.cluster.inventory.etcd is not None:  # status shows who paused the fleet, until when at most
+            self.flag = desired.PauseFlag(self.cluster.inventory.etcd, f"switchover --to {new}", plan.pause_limit)
+            flagged = " (pause flag up in etcd)" if self.flag.raise_() else ""
 
         self.stage = Stage.PAUSE
-        say(f"PAUSE {len(fleet.members)} PgBouncer(s)")
+        say(f"PAUSE {len(fleet.members)} PgBouncer(s){flagged}")
         self.t0 = time.monotonic()
         paused = fleet.pause(timeout=self.remaining(plan.pause_timeout))
         self.phases["paused"] = time.monotonic() - self.t0
@@ -384,6 +389,8 @@ class _Switchover:
         stuck = {n: f"RESUME failed, clients are still waiting: {o.error}" for n, o in resumed.items() if not o.ok}
         # A PgBouncer that did not take the RESUME keeps its timer: it RESUMEs it if nobody does first.
         fired = self.fleet.disarm_timers({n: t for n, t in self.timers.items() if n not in stuck})
+        if self.flag is not None and not stuck:
+            self.flag.lower()
         for name, record in fired.items():
             self.say(f"PgBouncer {name}: {record}")
         if stuck:
