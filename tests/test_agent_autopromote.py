@@ -54,6 +54,9 @@ def test_auto_promote_fences_the_dead_primary_and_promotes_once_writes_back_with
     logs = agents.logs()
     assert back is not None and 3.0 < back < 10.0, (back, logs)  # not before AFTER: nothing promotes sooner
     assert sum(agents.count("promote:").values()) == 1, logs  # one leader, one promotion
+    # The promotion was recorded in the fleet's state (generation 1), and every agent followed it.
+    assert agents.count("converge:") == dict.fromkeys(agents.names, 1), logs
+    assert all("generation 1, by agent " in agents.log(n).split("converge:")[1] for n in agents.names), logs
     assert roles(fleet) == {"remilia": "down", "konpaku": "primary"}
     assert fenced.read_text().split() == ["remilia"], logs
     q(konpaku.dsn, f"INSERT INTO {TABLE} (client, seq) VALUES (99, 1)")

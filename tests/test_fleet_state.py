@@ -149,6 +149,7 @@ def test_switchover_and_promote_write_the_new_primary_and_every_agent_follows_it
                         and b.get("points_at") == "konpaku" and b.get("primary") == "konpaku")
             # A crash: the agents move every PgBouncer to remilia (read-only), then the operator promotes it.
             # The state names every PgBouncer on remilia; none is sent back to the dead konpaku.
+            time.sleep(1.5)  # the agents' probes see remilia stream from konpaku (the refusal's condition)
             lab.nodes["konpaku"].kill()
             agents.wait_for("away:", timeout=10)
             proc = fleet.cli("promote", "remilia", "--yes")
@@ -261,3 +262,32 @@ def test_the_pause_flag_is_shown_while_up_lowered_by_its_holder_and_gone_with_it
         proc = fleet.cli("switchover", "--to", "konpaku", "--yes")
         assert proc.returncode == 0 and "PAUSE 3 PgBouncer(s) (pause flag up in etcd)" in proc.stderr, out(proc)
         assert desired.paused(spec) is None
+
+
+def test_a_state_towards_a_node_that_does_not_answer_waits_and_a_stale_one_is_left(fleet, tmp_path):
+    lab = fleet.lab
+    with EtcdCluster(tmp_path / "etcd") as etcd:
+        spec = _with_etcd(fleet, etcd)
+        with Agents(fleet, tmp_path, "--dwell", "0") as agents:
+            agents.wait_for("expect:", timeout=30)
+            _wait_beats(spec, agents.names, lambda b: b.get("state") == "home")
+            # A stale state: konpaku named the primary while it is a standby. Left; nothing moves.
+            stale = desired.publish(spec, "a stale writer", primary="konpaku", timeline=1,
+                                    pgbouncers=dict.fromkeys(agents.names, "konpaku"))
+            agents.wait_for("(a stale state): left", timeout=10)
+            _wait_beats(spec, agents.names, lambda b: b.get("generation") == stale.generation)
+            assert set(_targets(fleet).values()) == {"remilia"} and "converge:" not in agents.logs(), agents.logs()
+            # Towards konpaku while it does not answer: the agents wait, then carry it out once it does.
+            lab.nodes["konpaku"].stop("fast")
+            down = desired.publish(spec, "failover --to konpaku --force", primary="remilia", timeline=1,
+                                   pgbouncers=dict.fromkeys(agents.names, "konpaku"))
+            agents.wait_for("which does not answer", timeout=10)
+            time.sleep(2.5)  # at least one retry, still down
+            assert set(_targets(fleet).values()) == {"remilia"} and "converge:" not in agents.logs(), agents.logs()
+            lab.nodes["konpaku"].start()
+            agents.wait_for("converge:", timeout=20)
+            _wait_beats(spec, agents.names, lambda b: b.get("generation") == down.generation
+                        and b.get("points_at") == "konpaku" and b.get("state") == "hands-off")
+            assert set(_targets(fleet).values()) == {"konpaku"}
+            back = fleet.cli("failover", "--to", "remilia", "--yes")
+            assert back.returncode == 0 and "by its agent: " in back.stdout, out(back)

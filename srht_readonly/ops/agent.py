@@ -307,6 +307,7 @@ class Agent:
         # etcd first answered if it did not then; only a later one is carried out, never one written before.
         self.generation: int | None = None if etcd is not None else 0
         self._converge_retry_at = 0.0  # after a repoint for the fleet's state failed: when to try again
+        self._deferred: int | None = None  # the generation last deferred (its reason logged once)
         self._next_beat = 0.0
         self._target: str | None = None  # where the PgBouncer pointed at the last look
         self.frozen: str | None = None  # why the agent changes nothing now (etcd takes no heartbeat), or None
@@ -483,11 +484,14 @@ class Agent:
 
     def _converge(self, state: FleetState, target: str | None) -> Decision:
         """A new generation of the fleet's desired state: point the PgBouncer where it says, then expect
-        that node as the primary, or, where it is not one (an operator's read-only window), keep hands
-        off until the PgBouncer points at a primary. Never at a node that does not answer, nor at a
-        primary the state does not name (or on an older timeline than it says): the agent then keeps
-        hands off and says why. The generation counts as followed once done (or refused); a repoint
-        that failed is tried again ``CONVERGE_RETRY`` s later."""
+        that node as the primary, or, where it is a standby (an operator's read-only window), keep hands
+        off until the PgBouncer points at a primary.
+
+        Never towards a node that does not answer (tried again ``CONVERGE_RETRY`` s later, as a repoint
+        that failed), nor a primary the state does not name (or on an older timeline than it says), nor
+        a standby the state names as the primary (a stale state): those generations are left, said once,
+        and the agent goes on deciding alone. A generation counts as followed once carried out or left.
+        """
         assert self.expected is not None
         to = state.pgbouncers.get(self.pgbouncer)
         origin = f"the fleet's state, generation {state.generation}, by {state.by}"
@@ -501,36 +505,55 @@ class Agent:
             look = once.look()
         finally:
             once.close()
-        unsafe = (f"{to} does not answer ({look.error})" if look.role is None else
-                  f"{to} answers as a primary, but the state names {state.primary or 'no primary'}"
+        if look.role is None:
+            return self._later(state, f"{origin}, points {self.pgbouncer} at {to}, which does not answer "
+                                      f"({look.error})")
+        unsafe = (f"{to} answers as a primary, but the state names {state.primary or 'no primary'}"
                   if look.role == "primary" and to != state.primary else
                   f"{to} is on timeline {look.timeline}, older than the state's {state.timeline}"
                   if look.role == "primary" and state.timeline is not None and (look.timeline or 0) < state.timeline
-                  else None)
+                  else f"{to} is a standby, but the state names it the primary (a stale state)"
+                  if look.role != "primary" and to == state.primary else None)
         if unsafe is not None:
             self.generation = state.generation
-            self.expected.hands_off = f"{origin}, points {self.pgbouncer} at {to}, but {unsafe}: the agent leaves it"
-            self._record("hands-off", self.expected.hands_off)
-            return Decision("converge", self.expected.hands_off)
+            self._record("stay", f"{origin}, points {self.pgbouncer} at {to}, but {unsafe}: left, the agent goes on "
+                                 "deciding alone")
+            return Decision("converge", unsafe)
         if target != to and not self._point(to, look.role == "primary"):
-            self._converge_retry_at = time.monotonic() + CONVERGE_RETRY
-            return Decision("converge", f"{origin}: pointing at {to} failed, tried again in {CONVERGE_RETRY:g} s")
-        self.generation = state.generation
+            return self._later(state, f"{origin}: pointing {self.pgbouncer} at {to} failed")
         why = f"{self.pgbouncer} -> {to}: {origin}" if target != to else f"{self.pgbouncer} already on {to}: {origin}"
-        self._record("converge", why)
+        e = self.expected
+        if look.role == "primary" and target == to and (e.primary, e.away, e.hands_off) == (to, False, None):
+            self.generation = state.generation  # already what the agent expects: its probes go on as they were
+            self._record("converge", f"{why} (already expected)")
+            return Decision("converge", why)
         if look.role == "primary":
             try:
-                self.expected = self.learn(to)
-                return Decision("converge", why)
+                expected = self.learn(to)
             except OpsError as exc:
-                unsafe = str(exc)
-        # An operator's read-only window (or a node that stopped being a primary since): not "away" (the
-        # agent did not move it, and must not point back), hands off until it points at a primary.
-        held = (f"{origin}, points {self.pgbouncer} at {to}, {'a standby' if unsafe is None else unsafe}: the agent "
-                "keeps it there until it points at a primary")
-        self.expected = Expected(state.primary or self.expected.primary, state.timeline, to, hands_off=held)
+                return self._later(state, f"{origin}: {exc}")
+            self.generation, self.expected = state.generation, expected
+            self._record("converge", why)
+            return Decision("converge", why)
+        # An operator's read-only window: not "away" (the agent did not move it, and must not point back),
+        # hands off until the PgBouncer points at a primary again.
+        self.generation = state.generation
+        self._record("converge", why)
+        primary = state.primary if state.primary not in (None, to) else next(
+            n for n in self.cluster.inventory.nodes if n != to)
+        held = f"{origin}, points {self.pgbouncer} at {to}, a standby: the agent keeps it there until it points at a " \
+               "primary"
+        self.expected = Expected(primary, state.timeline, to, hands_off=held)
         self._record("hands-off", held)
         return Decision("converge", why)
+
+    def _later(self, state: FleetState, why: str) -> Decision:
+        """A generation not carried out yet: tried again ``CONVERGE_RETRY`` s later; logged once."""
+        self._converge_retry_at = time.monotonic() + CONVERGE_RETRY
+        if self._deferred != state.generation:
+            self._deferred = state.generation
+            self._record("stay", f"{why}; tried again every {CONVERGE_RETRY:g} s")
+        return Decision("stay", why, quiet=True)
 
     def _point(self, to: str, writable: bool) -> bool:
         """Repoint the PgBouncer at ``to`` for the fleet's state, as the failover command would; whether it

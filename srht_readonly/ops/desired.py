@@ -11,7 +11,7 @@ generation in one etcd transaction (``publish``: compare the document read, put 
 writer that got in between makes it fail, and nothing is written). ``primary`` is the node that
 takes writes (None when none answered as one), ``pgbouncers`` where each PgBouncer should point.
 
-Each agent (``ops.agent``) reads the document ten times a second (``Follower``). A generation
+Each agent (``ops.agent``) reads the document four times a second (``Follower``). A generation
 it has not seen that points its PgBouncer elsewhere, it carries out on its own PgBouncer, as its
 own failover does: so ``failover`` moves the whole fleet in parallel, each config written and
 reloaded on its own host by its agent (the command still reaches every console first, for its
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import Refused
+from .errors import PartlyDone, Refused
 from .etcd import agents, client, why
 from .inventory import EtcdSpec
 from .lock import _user
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FleetState", "Follower", "PauseFlag", "live_agents", "paused", "publish", "read", "wait_converged"]
 
 #: Seconds between two reads of the state by an agent (one small range read each).
-FOLLOW_INTERVAL = 0.1
+FOLLOW_INTERVAL = 0.25
 #: A heartbeat younger than this counts as an agent that will converge (agents beat every second).
 LIVE_AGE = 2.5
 
@@ -108,10 +108,13 @@ def publish(spec: EtcdSpec, command: str, *, primary: str | None, timeline: int 
         done = etcd.create(_key(spec), value) if raw is None else etcd.replace(_key(spec), raw, value)
     except (exceptions.Etcd3Exception, OSError) as exc:  # a timeout may hide a write that went through
         try:
-            done = read(spec)[1] == value
-        except Refused:
-            done = False
-        if not done:
+            now = read(spec)[1]
+        except Refused as unknown:
+            raise PartlyDone(f"etcd did not answer the write of the fleet's state ({why(exc)}), nor the read that "
+                             f"would tell whether it went through ({unknown}): the agents may carry it out or not; "
+                             f"check `srht-readonly status` and run the command again",
+                             {"etcd": "unknown"}) from exc
+        if now != value:
             raise Refused(f"could not write the fleet's state to etcd: {why(exc)}") from exc
     if not done:
         raise Refused("the fleet's state in etcd changed while this command wrote it (another writer); nothing "

@@ -109,8 +109,14 @@ def _fleet_not_on(cluster: Cluster, node: str) -> list[str]:
     warnings = [f"could not look at PgBouncer {name}: {why}" for name, why in unreached.items()]
     if elsewhere:
         where = ", ".join(sorted(set(elsewhere.values())))
-        warnings.append(f"PgBouncers {', '.join(elsewhere)} point at {where}, not {node}: their services will not "
-                        f"use it; run `srht-readonly failover --to {node}`")
+        if cluster.inventory.etcd is not None:
+            warnings.append(f"PgBouncers {', '.join(elsewhere)} point at {where}, not {node}: once {node} is promoted "
+                            f"the fleet's state in etcd names it for every PgBouncer and their agents repoint them "
+                            f"(unless another node still answers as a primary); for one without a running agent, "
+                            f"run `srht-readonly failover --to {node}`")
+        else:
+            warnings.append(f"PgBouncers {', '.join(elsewhere)} point at {where}, not {node}: their services will "
+                            f"not use it; run `srht-readonly failover --to {node}`")
     return warnings
 
 

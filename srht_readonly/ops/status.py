@@ -265,7 +265,9 @@ def check_exit(status: Status) -> int:
 
 
 def _announcement(seen: list[announce.HostAnnouncement], now: float) -> dict[str, Any] | None:
-    current = announce.in_effect(seen, now) or next((h.announcement for h in seen if h.announcement), None)
+    # What the services see is their hosts' files: etcd's copy (listed as "etcd") never makes one in effect.
+    hosts = [h for h in seen if h.service != "etcd"]
+    current = announce.in_effect(hosts, now) or next((h.announcement for h in hosts if h.announcement), None)
     if current is None:
         return None
     return {"message": current.message, "starts": current.starts.isoformat() if current.starts else None,

@@ -23,6 +23,7 @@ from ..fleet import Fleet
 from ..hooks import Hooks
 from ..inventory import load, resolve_path
 from ..lock import OperatorLock, lock_path
+from ..observe import observe_nodes, primaries
 from ..procedure import Plan, Result
 from ..promote import PromoteResult, check_promote, run_promote
 from ..standby import PreparePlan, PrepareResult, check_prepare, run_prepare
@@ -254,8 +255,12 @@ def promote(ctx: click.Context, node: str, force: bool, replay_timeout: float, d
     """
     def run(cluster: Cluster, _: Fleet | None, plan: Any) -> PromoteResult:
         result = run_promote(cluster, plan)
-        _record_primary(cluster, f"promote {node}", node, result.timeline_after,
-                        {name: node for name in cluster.inventory.pgbouncers})
+        if cluster.inventory.etcd is not None:
+            # Every PgBouncer on the new primary, unless another node still answers as one (a forced promote
+            # in a split brain): then the targets stay as they were, and the operator decides with failover.
+            others = [n for n in primaries(observe_nodes(cluster.inventory)) if n != node]
+            _record_primary(cluster, f"promote {node}", node, result.timeline_after,
+                            None if others else {name: node for name in cluster.inventory.pgbouncers})
         return result
 
     carry_out(ctx, f"promote {node}", as_json=as_json, dry_run=dry_run, yes=yes, run=run,
