@@ -7,6 +7,7 @@ real sshd), a real one-member etcd, an ``srht-readonly agent`` process beside ea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -49,6 +50,17 @@ def _wait_beats(spec, names, predicate, timeout: float = 10) -> dict[str, dict]:
             return beats
         assert time.monotonic() < deadline, beats
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _agents_on_etcd(fleet, tmp_path, only=None):
+    """A real etcd in the inventory and an agent beside every PgBouncer (or ``only`` these), each home."""
+    with EtcdCluster(tmp_path / "etcd") as etcd:
+        spec = _with_etcd(fleet, etcd)
+        with Agents(fleet, tmp_path, "--dwell", "0", only=only) as agents:
+            agents.wait_for("expect:", timeout=30)
+            _wait_beats(spec, agents.names, lambda b: b.get("state") == "home")
+            yield spec, agents
 
 
 def test_failover_goes_through_every_agent_at_once_they_stay_there_then_follow_it_back(fleet, tmp_path):
@@ -105,22 +117,18 @@ def lab_names(fleet) -> list[str]:
 
 
 def test_a_pgbouncer_whose_agent_does_not_run_is_repointed_by_the_command_itself(fleet, tmp_path):
-    with EtcdCluster(tmp_path / "etcd") as etcd:
-        spec = _with_etcd(fleet, etcd)
-        names = lab_names(fleet)
-        alone, helped = names[-1], names[:-1]
-        with Agents(fleet, tmp_path, "--dwell", "0", only=helped) as agents:
-            agents.wait_for("expect:", timeout=30)
-            _wait_beats(spec, helped, lambda b: b.get("state") == "home")
-            proc = fleet.cli("failover", "--to", "konpaku", "--yes")
-            assert proc.returncode == 0, out(proc)
-            assert f"by this command (no agent reported it): {alone}" in proc.stdout, out(proc)
-            assert f"{alone} (no agent beats for it)" in proc.stderr, out(proc)
-            assert all(f"{n} (" in proc.stdout.split("by its agent: ")[1] for n in helped), out(proc)
-            assert set(_targets(fleet).values()) == {"konpaku"}
-            back = fleet.cli("failover", "--to", "remilia", "--yes")
-            assert back.returncode == 0, out(back)
-            assert set(_targets(fleet).values()) == {"remilia"}
+    names = lab_names(fleet)
+    alone, helped = names[-1], names[:-1]
+    with _agents_on_etcd(fleet, tmp_path, only=helped) as (_, agents):
+        proc = fleet.cli("failover", "--to", "konpaku", "--yes")
+        assert proc.returncode == 0, out(proc)
+        assert f"by this command (no agent reported it): {alone}" in proc.stdout, out(proc)
+        assert f"{alone} (no agent beats for it)" in proc.stderr, out(proc)
+        assert all(f"{n} (" in proc.stdout.split("by its agent: ")[1] for n in helped), out(proc)
+        assert set(_targets(fleet).values()) == {"konpaku"}
+        back = fleet.cli("failover", "--to", "remilia", "--yes")
+        assert back.returncode == 0, out(back)
+        assert set(_targets(fleet).values()) == {"remilia"}
 
 
 def test_without_etcd_failover_is_the_command_s_own_and_names_no_agent(fleet):
@@ -168,23 +176,19 @@ def test_an_operators_failover_over_the_agents_own_holds_them_there_when_the_pri
     """The agents moved every PgBouncer to the standby after a crash; the operator then runs the read-only
     failover themselves (the plan's path): the agents no longer go back when the old primary returns."""
     lab = fleet.lab
-    with EtcdCluster(tmp_path / "etcd") as etcd:
-        spec = _with_etcd(fleet, etcd)
-        with Agents(fleet, tmp_path, "--dwell", "0") as agents:
-            agents.wait_for("expect:", timeout=30)
-            _wait_beats(spec, agents.names, lambda b: b.get("state") == "home")
-            lab.nodes["remilia"].kill()
-            agents.wait_for("away:", timeout=10)
-            proc = fleet.cli("failover", "--to", "konpaku", "--yes")
-            assert proc.returncode == 0 and "by its agent: " in proc.stdout, out(proc)
-            assert all("already on konpaku" in agents.log(n).split("converge:")[-1] for n in agents.names), \
-                agents.logs()
-            start_again(lab.nodes["remilia"])
-            time.sleep(4.0)  # --confirm 1 and --dwell 0: an agent still "away" would have gone back by now
-            assert set(_targets(fleet).values()) == {"konpaku"} and "back:" not in agents.logs(), agents.logs()
-            proc = fleet.cli("failover", "--to", "remilia", "--yes")
-            assert proc.returncode == 0 and "by its agent: " in proc.stdout, out(proc)
-            _wait_beats(spec, agents.names, lambda b: b.get("state") == "home" and b.get("points_at") == "remilia")
+    with _agents_on_etcd(fleet, tmp_path) as (spec, agents):
+        lab.nodes["remilia"].kill()
+        agents.wait_for("away:", timeout=10)
+        proc = fleet.cli("failover", "--to", "konpaku", "--yes")
+        assert proc.returncode == 0 and "by its agent: " in proc.stdout, out(proc)
+        assert all("already on konpaku" in agents.log(n).split("converge:")[-1] for n in agents.names), \
+            agents.logs()
+        start_again(lab.nodes["remilia"])
+        time.sleep(4.0)  # --confirm 1 and --dwell 0: an agent still "away" would have gone back by now
+        assert set(_targets(fleet).values()) == {"konpaku"} and "back:" not in agents.logs(), agents.logs()
+        proc = fleet.cli("failover", "--to", "remilia", "--yes")
+        assert proc.returncode == 0 and "by its agent: " in proc.stdout, out(proc)
+        _wait_beats(spec, agents.names, lambda b: b.get("state") == "home" and b.get("points_at") == "remilia")
     assert roles(fleet) == {"remilia": "primary", "konpaku": "standby"}
 
 
@@ -266,28 +270,24 @@ def test_the_pause_flag_is_shown_while_up_lowered_by_its_holder_and_gone_with_it
 
 def test_a_state_towards_a_node_that_does_not_answer_waits_and_a_stale_one_is_left(fleet, tmp_path):
     lab = fleet.lab
-    with EtcdCluster(tmp_path / "etcd") as etcd:
-        spec = _with_etcd(fleet, etcd)
-        with Agents(fleet, tmp_path, "--dwell", "0") as agents:
-            agents.wait_for("expect:", timeout=30)
-            _wait_beats(spec, agents.names, lambda b: b.get("state") == "home")
-            # A stale state: konpaku named the primary while it is a standby. Left; nothing moves.
-            stale = desired.publish(spec, "a stale writer", primary="konpaku", timeline=1,
-                                    pgbouncers=dict.fromkeys(agents.names, "konpaku"))
-            agents.wait_for("(a stale state): left", timeout=10)
-            _wait_beats(spec, agents.names, lambda b: b.get("generation") == stale.generation)
-            assert set(_targets(fleet).values()) == {"remilia"} and "converge:" not in agents.logs(), agents.logs()
-            # Towards konpaku while it does not answer: the agents wait, then carry it out once it does.
-            lab.nodes["konpaku"].stop("fast")
-            down = desired.publish(spec, "failover --to konpaku --force", primary="remilia", timeline=1,
-                                   pgbouncers=dict.fromkeys(agents.names, "konpaku"))
-            agents.wait_for("which does not answer", timeout=10)
-            time.sleep(2.5)  # at least one retry, still down
-            assert set(_targets(fleet).values()) == {"remilia"} and "converge:" not in agents.logs(), agents.logs()
-            lab.nodes["konpaku"].start()
-            agents.wait_for("converge:", timeout=20)
-            _wait_beats(spec, agents.names, lambda b: b.get("generation") == down.generation
-                        and b.get("points_at") == "konpaku" and b.get("state") == "hands-off")
-            assert set(_targets(fleet).values()) == {"konpaku"}
-            back = fleet.cli("failover", "--to", "remilia", "--yes")
-            assert back.returncode == 0 and "by its agent: " in back.stdout, out(back)
+    with _agents_on_etcd(fleet, tmp_path) as (spec, agents):
+        # A stale state: konpaku named the primary while it is a standby. Left; nothing moves.
+        stale = desired.publish(spec, "a stale writer", primary="konpaku", timeline=1,
+                                pgbouncers=dict.fromkeys(agents.names, "konpaku"))
+        agents.wait_for("(a stale state): left", timeout=10)
+        _wait_beats(spec, agents.names, lambda b: b.get("generation") == stale.generation)
+        assert set(_targets(fleet).values()) == {"remilia"} and "converge:" not in agents.logs(), agents.logs()
+        # Towards konpaku while it does not answer: the agents wait, then carry it out once it does.
+        lab.nodes["konpaku"].stop("fast")
+        down = desired.publish(spec, "failover --to konpaku --force", primary="remilia", timeline=1,
+                               pgbouncers=dict.fromkeys(agents.names, "konpaku"))
+        agents.wait_for("which does not answer", timeout=10)
+        time.sleep(2.5)  # at least one retry, still down
+        assert set(_targets(fleet).values()) == {"remilia"} and "converge:" not in agents.logs(), agents.logs()
+        lab.nodes["konpaku"].start()
+        agents.wait_for("converge:", timeout=20)
+        _wait_beats(spec, agents.names, lambda b: b.get("generation") == down.generation
+                    and b.get("points_at") == "konpaku" and b.get("state") == "hands-off")
+        assert set(_targets(fleet).values()) == {"konpaku"}
+        back = fleet.cli("failover", "--to", "remilia", "--yes")
+        assert back.returncode == 0 and "by its agent: " in back.stdout, out(back)

@@ -555,16 +555,20 @@ class Agent:
             self._record("stay", f"{why}; tried again every {CONVERGE_RETRY:g} s")
         return Decision("stay", why, quiet=True)
 
+    def _run_failover(self, to: str, writable: bool, *, keep_pools: bool = False) -> None:
+        """``failover``'s own repoint, for this agent's PgBouncer alone (``server_login_retry`` lowered)."""
+        m = self.fleet.members[self.pgbouncer]
+        retry = ({self.pgbouncer: m.config.get("server_login_retry", "?")}
+                 if seconds_setting(m.config.get("server_login_retry")) > LOGIN_RETRY else {})
+        plan = FailoverPlan(to, "primary" if writable else "standby",
+                            self.fleet.plan_repoint(self.cluster.node(to)), {}, retry)
+        run_failover(self.cluster, self.fleet, plan, keep_pools=keep_pools)
+
     def _point(self, to: str, writable: bool) -> bool:
         """Repoint the PgBouncer at ``to`` for the fleet's state, as the failover command would; whether it
         points there now."""
         try:
-            spec = self.cluster.node(to)
-            m = self.fleet.members[self.pgbouncer]
-            retry = ({self.pgbouncer: m.config.get("server_login_retry", "?")}
-                     if seconds_setting(m.config.get("server_login_retry")) > LOGIN_RETRY else {})
-            plan = FailoverPlan(to, "primary" if writable else "standby", self.fleet.plan_repoint(spec), {}, retry)
-            run_failover(self.cluster, self.fleet, plan)
+            self._run_failover(to, writable)
         except Exception as exc:  # noqa: BLE001 - OpsError, or a config that could not be read: tried again later
             self._record("failed", f"pointing {self.pgbouncer} at {to} for the fleet's state failed: {exc}")
         self._reopen()
@@ -633,13 +637,8 @@ class Agent:
     def _repoint(self, to: str, why: str, *, back: bool, action: str | None = None) -> None:
         assert self.expected is not None
         started = time.monotonic()
-        spec = self.cluster.node(to)
-        m = self.fleet.members[self.pgbouncer]
-        retry = ({self.pgbouncer: m.config.get("server_login_retry", "?")}
-                 if seconds_setting(m.config.get("server_login_retry")) > LOGIN_RETRY else {})
-        plan = FailoverPlan(to, "primary" if back else "standby", self.fleet.plan_repoint(spec), {}, retry)
         try:
-            run_failover(self.cluster, self.fleet, plan, keep_pools=back)
+            self._run_failover(to, back, keep_pools=back)
         except OpsError as exc:
             self._record("failed", f"pointing {self.pgbouncer} at {to} failed: {exc}")
             self._reopen()

@@ -135,12 +135,14 @@ def wait_converged(spec: EtcdSpec, state: FleetState, names: list[str], *, timeo
     one) with its PgBouncer where ``state`` says, within ``timeout`` s."""
     started = time.monotonic()
     done: dict[str, float] = {}
+    etcd = None  # one client for every poll, made again after a failure
     while True:
         try:
-            beats = agents(spec)
+            etcd = etcd or client(spec)
+            beats = agents(spec, etcd=etcd)
         except Refused as exc:
             logger.warning("%s", exc)
-            beats = {}
+            etcd, beats = None, {}
         for name in names:
             beat = beats.get(name, {})
             if (name not in done and int(beat.get("generation") or 0) >= state.generation

@@ -285,13 +285,13 @@ class Heartbeat:
             self._lease = None
 
 
-def agents(spec: EtcdSpec, *, endpoints: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+def agents(spec: EtcdSpec, *, endpoints: tuple[str, ...] | None = None, etcd: Any = None) -> dict[str, dict[str, Any]]:
     """Every agent's last heartbeat, by PgBouncer name, with ``age`` (seconds since it beat, by this
     machine's clock; a heartbeat is gone ``HEARTBEAT_TTL`` s after its agent stopped beating);
     ``Refused`` when etcd cannot be read."""
     from etcd3gw import exceptions
 
-    etcd = client(spec, endpoints=endpoints)
+    etcd = etcd or client(spec, endpoints=endpoints)  # a caller that polls passes its own client
     prefix = f"{spec.prefix}/agents/"
     try:
         values = etcd.get_prefix(prefix)
